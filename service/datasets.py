@@ -1,0 +1,154 @@
+"""Dataset configuration: create, update (re-queueing records whose text changes), describe, delete."""
+
+from __future__ import annotations
+
+from sqlalchemy import delete, func, insert, null, select, update
+from sqlalchemy.orm import Session
+
+from encoder_worker.encoders.registry import EncoderPool, EncoderUnavailableError, UnknownEncoderError
+from llmatch.models import PENDING, RECORD_STATUSES, Calibration, Dataset, IndexChange, Record
+from llmatch.vectors import delete_orphaned_embeddings
+from service.errors import NotFound, Unprocessable
+from service.schemas import CalibrationOut, DatasetConfigIn, DatasetOut, StatusCounts
+
+TEXT_FIELDS = ("encoder", "serialization", "attributes", "instruction")
+
+
+def get_dataset(session: Session, name: str, *, lock: bool = False) -> Dataset:
+    """The dataset called ``name``; 404 with how to create it when there is none."""
+    query = select(Dataset).where(Dataset.name == name)
+    dataset = session.scalar(query.with_for_update() if lock else query)
+    if dataset is None:
+        raise NotFound(f"Unknown dataset {name!r}; create it with PUT /datasets/{name}.")
+    return dataset
+
+
+def check_encoder(pool: EncoderPool, name: str) -> None:
+    try:
+        spec = pool.spec(name)
+    except UnknownEncoderError as error:
+        raise Unprocessable(f"{str(error).capitalize()}.") from None
+    if not spec.available:
+        hint = " (run `llmatch fetch-smollm2`)" if name == "smollm2" else ""
+        raise Unprocessable(
+            f"Encoder {name!r} is configured but its model folder {spec.model} does not exist{hint}."
+        ) from EncoderUnavailableError(name)
+
+
+def put_dataset(
+    session: Session, pool: EncoderPool, name: str, body: DatasetConfigIn, default_encoder: str
+) -> tuple[Dataset, bool]:
+    """Create or update a dataset; returns (dataset, created). Text changes re-queue its records."""
+    given = body.model_dump(include=body.model_fields_set)
+    if given.get("encoder") is None and "encoder" in given:
+        del given["encoder"]
+    if given.get("serialization") is None and "serialization" in given:
+        del given["serialization"]
+    if "encoder" in given:
+        check_encoder(pool, given["encoder"])
+    dataset = session.scalar(select(Dataset).where(Dataset.name == name).with_for_update())
+    if dataset is None:
+        encoder = given.get("encoder", default_encoder)
+        check_encoder(pool, encoder)
+        dataset = Dataset(
+            name=name,
+            encoder=encoder,
+            serialization=given.get("serialization", "tagged"),
+            attributes=given.get("attributes"),
+            instruction=given.get("instruction"),
+            seen_attributes=[],
+        )
+        session.add(dataset)
+        session.flush()
+        return dataset, True
+    changed = {field: value for field, value in given.items() if getattr(dataset, field) != value}
+    for field, value in changed.items():
+        setattr(dataset, field, value)
+    if changed.keys() & set(TEXT_FIELDS):
+        requeue_dataset(session, dataset)
+    session.flush()
+    return dataset, False
+
+
+def requeue_dataset(session: Session, dataset: Dataset) -> None:
+    """Send every record of the dataset back to the queue and drop its now stale calibration."""
+    session.execute(
+        update(Record)
+        .where(Record.dataset_id == dataset.id)
+        .values(status=PENDING, embedding_id=None, claim_token=None, lease_until=None, attempts=0, error=None)
+    )
+    # Logged after the update so the log ends with the removal even if a worker encoded a record meanwhile.
+    session.execute(
+        insert(IndexChange).from_select(
+            ["dataset_id", "source", "record_id", "embedding_id"],
+            select(Record.dataset_id, Record.source, Record.id, null()).where(Record.dataset_id == dataset.id),
+        )
+    )
+    session.execute(delete(Calibration).where(Calibration.dataset_id == dataset.id))
+    session.expire(dataset, ["calibration"])
+
+
+def delete_dataset(session: Session, name: str) -> int:
+    """Delete a dataset with its records, their vectors and its calibration; returns its id."""
+    dataset = get_dataset(session, name, lock=True)
+    embedding_ids = session.scalars(select(Record.embedding_id).where(Record.dataset_id == dataset.id)).all()
+    session.execute(delete(Record).where(Record.dataset_id == dataset.id))
+    session.execute(delete(Calibration).where(Calibration.dataset_id == dataset.id))
+    session.execute(delete(Dataset).where(Dataset.id == dataset.id))
+    delete_orphaned_embeddings(session, embedding_ids)
+    return dataset.id
+
+
+def describe(session: Session, dataset: Dataset) -> DatasetOut:
+    counts: dict[str, StatusCounts] = {}
+    rows = session.execute(
+        select(Record.source, Record.status, func.count())
+        .where(Record.dataset_id == dataset.id)
+        .group_by(Record.source, Record.status)
+    )
+    totals = StatusCounts()
+    for source, status, count in rows:
+        per_source = counts.setdefault(source, StatusCounts())
+        if status in RECORD_STATUSES:
+            setattr(per_source, status, getattr(per_source, status) + count)
+            setattr(totals, status, getattr(totals, status) + count)
+        per_source.total += count
+        totals.total += count
+    calibration = session.scalar(select(Calibration).where(Calibration.dataset_id == dataset.id))
+    return DatasetOut(
+        name=dataset.name,
+        encoder=dataset.encoder,
+        serialization=dataset.serialization,
+        attributes=dataset.attributes,
+        instruction=dataset.instruction,
+        seen_attributes=dataset.seen_attributes,
+        records=dict(sorted(counts.items())),
+        totals=totals,
+        calibration=calibration_out(calibration),
+        created_at=dataset.created_at,
+        updated_at=dataset.updated_at,
+    )
+
+
+def calibration_out(calibration: Calibration | None) -> CalibrationOut | None:
+    if calibration is None:
+        return None
+    return CalibrationOut(
+        threshold=calibration.threshold,
+        precision=calibration.precision,
+        recall=calibration.recall,
+        f1=calibration.f1,
+        pairs=calibration.pairs,
+        positives=calibration.positives,
+        objective=calibration.objective,
+        created_at=calibration.created_at,
+    )
+
+
+def sources(session: Session, dataset_id: int) -> list[str]:
+    """The sources that hold at least one record of the dataset."""
+    return sorted(session.scalars(select(Record.source).where(Record.dataset_id == dataset_id).distinct()))
+
+
+def all_datasets(session: Session) -> list[Dataset]:
+    return list(session.scalars(select(Dataset).order_by(Dataset.name)))
