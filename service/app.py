@@ -6,13 +6,13 @@ import json
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
-from fastapi import FastAPI
+from fastapi import FastAPI, HTTPException
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from encoder_worker.encoders.registry import EncoderPool, EncoderUnavailableError
 from llmatch.settings import Settings, get_settings
 from service import metrics
-from service.errors import ApiError, PayloadTooLarge, install_error_handlers
+from service.errors import ApiError, install_error_handlers
 from service.routes import datasets, decisions, ops, records
 from service.state import ServiceState
 
@@ -83,7 +83,8 @@ def _limited(receive: Receive, max_bytes: int) -> Receive:
         if message["type"] == "http.request":
             seen += len(message.get("body", b""))
             if seen > max_bytes:
-                raise PayloadTooLarge(_too_large_detail(max_bytes))
+                # An HTTPException passes through FastAPI's body parsing unchanged (anything else becomes 400).
+                raise HTTPException(status_code=413, detail=_too_large_detail(max_bytes))
         return message
 
     return wrapped

@@ -27,7 +27,8 @@ def check_encoder(pool: EncoderPool, name: str) -> None:
     try:
         spec = pool.spec(name)
     except UnknownEncoderError as error:
-        raise Unprocessable(f"{str(error).capitalize()}.") from None
+        message = str(error)
+        raise Unprocessable(f"{message[:1].upper()}{message[1:]}.") from None
     if not spec.available:
         hint = " (run `llmatch fetch-smollm2`)" if name == "smollm2" else ""
         raise Unprocessable(

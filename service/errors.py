@@ -53,8 +53,12 @@ def _sentence(errors: list[dict[str, Any]]) -> tuple[int, str]:
     if first.get("type") == "json_invalid":
         reason = first.get("ctx", {}).get("error", "malformed JSON")
         return 400, f"The request body is not valid JSON ({reason}); send a JSON object."
-    where = _location(tuple(first.get("loc", ())))
+    loc = tuple(first.get("loc", ()))
     message = str(first.get("msg", "invalid value")).removeprefix("Value error, ")
+    if "[key]" in loc:  # pydantic's marker for a bad dictionary key: here, an attribute name
+        loc = loc[: loc.index("[key]") - 1]
+        message = f"attribute names must have 1 to 256 characters ({message[:1].lower()}{message[1:]})"
+    where = _location(loc)
     if not where and first.get("type") == "missing":
         return 422, "The request body is missing; send a JSON object as the contract describes."
     if not where and first.get("type") in ("model_attributes_type", "dict_type", "model_type"):

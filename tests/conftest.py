@@ -76,8 +76,14 @@ def database_url(request: pytest.FixtureRequest) -> str:
 
 @pytest.fixture
 def settings(database_url: str, tmp_path: Path) -> Settings:
-    return Settings(database_url=database_url, data_dir=tmp_path / "data", worker_batch_size=16,
-                    worker_poll_seconds=0.05, index_sync_seconds=0.1, device="cpu")
+    return Settings(
+        database_url=database_url,
+        data_dir=tmp_path / "data",
+        worker_batch_size=16,
+        worker_poll_seconds=0.05,
+        index_sync_seconds=0.1,
+        device="cpu",
+    )
 
 
 @pytest.fixture(scope="session")
@@ -134,7 +140,7 @@ PRODUCTS_A = [
     ("a4", {"name": "bose quietcomfort 45 headphones black", "price": 329.0}),
 ]
 PRODUCTS_B = [
-    ("b1", {"name": "Sony KD55X85J Bravia 55\" 4K Ultra HD Smart TV", "price": "899.99"}),
+    ("b1", {"name": 'Sony KD55X85J Bravia 55" 4K Ultra HD Smart TV', "price": "899.99"}),
     ("b2", {"name": "Canon EOS R6 Full-Frame Mirrorless Camera (Body Only)", "price": "2,499"}),
     ("b3", {"name": "AirPods Pro (2nd gen) by Apple", "price": None}),
     ("b4", {"name": "Bose QC45 wireless noise cancelling headphones", "price": "329"}),

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
-from conftest import PRODUCTS_A, PRODUCTS_B, records_body
+from conftest import PRODUCTS_A
 
 
 def test_dataset_lifecycle(client):
@@ -39,17 +39,20 @@ def test_get_record_shows_rendered_text_and_status(products, client):
 
 
 def test_match_of_stored_records(products, client):
-    same = client.get("/match", params=dict(dataset="shop", left_source="a", left_id="a2", right_source="b",
-                                            right_id="b2")).json()
-    other = client.get("/match", params=dict(dataset="shop", left_source="a", left_id="a2", right_source="b",
-                                             right_id="b5")).json()
+    same = client.get(
+        "/match", params=dict(dataset="shop", left_source="a", left_id="a2", right_source="b", right_id="b2")
+    ).json()
+    other = client.get(
+        "/match", params=dict(dataset="shop", left_source="a", left_id="a2", right_source="b", right_id="b5")
+    ).json()
     assert same["score"] > other["score"]
     assert same["threshold"] is None and same["match"] is None and same["probability"] is None
 
 
 def test_match_score_is_the_cosine_of_the_two_embeddings(products, client, pool):
-    score = client.get("/match", params=dict(dataset="shop", left_source="a", left_id="a1", right_source="b",
-                                             right_id="b1")).json()["score"]
+    score = client.get(
+        "/match", params=dict(dataset="shop", left_source="a", left_id="a1", right_source="b", right_id="b1")
+    ).json()["score"]
     left = client.get("/records/shop/a/a1").json()["text"]
     right = client.get("/records/shop/b/b1").json()["text"]
     from encoder_worker.encoders.base import EncoderInput
@@ -59,8 +62,11 @@ def test_match_score_is_the_cosine_of_the_two_embeddings(products, client, pool)
 
 
 def test_post_match_inline_and_ref(products, client, counting_pool):
-    body = {"dataset": "shop", "left": {"attributes": {"name": "canon r6 body only"}},
-            "right": {"source": "b", "id": "b2"}}
+    body = {
+        "dataset": "shop",
+        "left": {"attributes": {"name": "canon r6 body only"}},
+        "right": {"source": "b", "id": "b2"},
+    }
     response = client.post("/match", json=body)
     assert response.status_code == 200 and response.json()["score"] > 0.5
     assert client.get("/records/shop/b/b2").status_code == 200
@@ -70,8 +76,11 @@ def test_post_match_inline_and_ref(products, client, counting_pool):
 def test_post_match_reuses_the_vector_of_a_stored_identical_text(products, client, counting_pool):
     calls = len(counting_pool.calls)
     name, price = PRODUCTS_A[0][1]["name"], PRODUCTS_A[0][1]["price"]
-    body = {"dataset": "shop", "left": {"attributes": {"name": name, "price": price}},
-            "right": {"source": "a", "id": "a1"}}
+    body = {
+        "dataset": "shop",
+        "left": {"attributes": {"name": name, "price": price}},
+        "right": {"source": "a", "id": "a1"},
+    }
     assert abs(client.post("/match", json=body).json()["score"] - 1.0) < 1e-5
     assert len(counting_pool.calls) == calls
 
@@ -85,8 +94,9 @@ def test_candidates_of_stored_record(products, client):
 
 
 def test_candidates_in_own_source_never_return_the_query(products, client):
-    candidates = client.get("/candidates", params=dict(dataset="shop", source="a", id="a1", k=10,
-                                                       target_source="a")).json()["candidates"]
+    candidates = client.get(
+        "/candidates", params=dict(dataset="shop", source="a", id="a1", k=10, target_source="a")
+    ).json()["candidates"]
     assert {c["id"] for c in candidates} == {"a2", "a3", "a4"}
 
 
@@ -100,8 +110,11 @@ def test_post_candidates_inline(products, client):
 def _pairs():
     positives = [("a1", "b1"), ("a2", "b2"), ("a3", "b3"), ("a4", "b4")]
     negatives = [("a1", "b2"), ("a2", "b3"), ("a3", "b4"), ("a4", "b5"), ("a1", "b5"), ("a2", "b1")]
-    return [{"left_source": "a", "left_id": l, "right_source": "b", "right_id": r, "label": 1} for l, r in positives] + [
-        {"left_source": "a", "left_id": l, "right_source": "b", "right_id": r, "label": 0} for l, r in negatives]
+    labelled = [(pair, 1) for pair in positives] + [(pair, 0) for pair in negatives]
+    return [
+        {"left_source": "a", "left_id": left, "right_source": "b", "right_id": right, "label": label}
+        for (left, right), label in labelled
+    ]
 
 
 def test_calibrate_then_decide(products, client):
@@ -111,11 +124,13 @@ def test_calibrate_then_decide(products, client):
     assert result["pairs"] == 10 and result["positives"] == 4
     assert result["f1"] == 1.0, "these product pairs are separable for MiniLM"
     assert client.get("/datasets/shop").json()["calibration"]["threshold"] == result["threshold"]
-    match = client.get("/match", params=dict(dataset="shop", left_source="a", left_id="a2", right_source="b",
-                                             right_id="b2")).json()
+    match = client.get(
+        "/match", params=dict(dataset="shop", left_source="a", left_id="a2", right_source="b", right_id="b2")
+    ).json()
     assert match["match"] is True and match["threshold"] == result["threshold"] and match["probability"] > 0.5
-    miss = client.get("/match", params=dict(dataset="shop", left_source="a", left_id="a2", right_source="b",
-                                            right_id="b5")).json()
+    miss = client.get(
+        "/match", params=dict(dataset="shop", left_source="a", left_id="a2", right_source="b", right_id="b5")
+    ).json()
     assert miss["match"] is False and miss["probability"] < match["probability"]
     candidates = client.get("/candidates", params=dict(dataset="shop", source="a", id="a2", k=2)).json()
     assert [c["match"] for c in candidates["candidates"]] == [True, False]
@@ -168,5 +183,3 @@ def test_operations_endpoints(products, client):
     assert "llmatch_http_requests_total" in metrics and "llmatch_records_encoded_total" in metrics
     assert client.get("/openapi.json").json()["info"]["title"] == "llmatch"
     assert client.get("/docs").status_code == 200
-
-

@@ -36,8 +36,9 @@ def test_every_subcommand_has_help(command):
 
 
 def test_serve_refuses_an_unmigrated_database(tmp_path):
-    result = subprocess.run([*LLMATCH, "serve"], capture_output=True, text=True, cwd=REPO, env=_env(tmp_path),
-                            timeout=120)
+    result = subprocess.run(
+        [*LLMATCH, "serve"], capture_output=True, text=True, cwd=REPO, env=_env(tmp_path), timeout=120
+    )
     assert result.returncode == 2 and "run `llmatch migrate` first" in result.stderr
 
 
@@ -50,17 +51,32 @@ def test_ingest_csv_into_a_running_service(tmp_path):
         writer.writerow(["id", "title", "price"])
         writer.writerows([[i, f"product number {i}", "" if i % 2 else f"{i}.99"] for i in range(120)])
     port = _free_port()
-    server = subprocess.Popen([*LLMATCH, "serve", "--port", str(port)], env=env, cwd=REPO,
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    server = subprocess.Popen(
+        [*LLMATCH, "serve", "--port", str(port)],
+        env=env,
+        cwd=REPO,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     url = f"http://127.0.0.1:{port}"
     try:
         _wait_ready(url)
-        refused = subprocess.run([*LLMATCH, "ingest", "shop", "a", str(table), "--url", url], env=env, cwd=REPO,
-                                 capture_output=True, text=True)
+        refused = subprocess.run(
+            [*LLMATCH, "ingest", "shop", "a", str(table), "--url", url],
+            env=env,
+            cwd=REPO,
+            capture_output=True,
+            text=True,
+        )
         assert refused.returncode == 1 and "PUT /datasets/shop" in refused.stderr
         assert httpx.put(f"{url}/datasets/shop", json={}).status_code == 201
-        result = subprocess.run([*LLMATCH, "ingest", "shop", "a", str(table), "--url", url, "--batch-size", "50"],
-                                env=env, cwd=REPO, capture_output=True, text=True)
+        result = subprocess.run(
+            [*LLMATCH, "ingest", "shop", "a", str(table), "--url", url, "--batch-size", "50"],
+            env=env,
+            cwd=REPO,
+            capture_output=True,
+            text=True,
+        )
         assert result.returncode == 0, result.stderr
         assert "accepted 120, created 120" in result.stdout
         _wait_encoded(url, 120)

@@ -83,10 +83,21 @@ def test_vector_from_another_process_is_searchable_within_a_second(client, setti
     client.put("/datasets/shop", json={})
     client.post("/records", json=records_body("shop", "a", [("a1", {"name": "sony bravia tv"})]))
     client.post("/records", json=records_body("shop", "b", [("b1", {"name": "Sony Bravia television"})]))
-    env = dict(os.environ, LLMATCH_DATABASE_URL=settings.resolved_database_url,
-               LLMATCH_DATA_DIR=str(settings.data_dir), HF_HUB_OFFLINE="1", LLMATCH_DEVICE="cpu")
-    worker = subprocess.run([sys.executable, "-m", "llmatch.cli", "worker", "--drain"], env=env, cwd=REPO,
-                            capture_output=True, text=True, timeout=300)
+    env = dict(
+        os.environ,
+        LLMATCH_DATABASE_URL=settings.resolved_database_url,
+        LLMATCH_DATA_DIR=str(settings.data_dir),
+        HF_HUB_OFFLINE="1",
+        LLMATCH_DEVICE="cpu",
+    )
+    worker = subprocess.run(
+        [sys.executable, "-m", "llmatch.cli", "worker", "--drain"],
+        env=env,
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert worker.returncode == 0, worker.stderr
     with client.app.state.service.session_factory() as session:
         assert set(session.scalars(select(Record.status))) == {ENCODED}

@@ -14,8 +14,9 @@ def test_ingest_counts_created_updated_unchanged(client):
     first = client.post("/records", json=records_body("shop", "a", [("1", {"t": "x"}), ("2", {"t": "y"})]))
     assert first.status_code == 202
     assert first.json() == {"accepted": 2, "created": 2, "updated": 0, "unchanged": 0}
-    again = client.post("/records", json=records_body("shop", "a", [("1", {"t": "x"}), ("2", {"t": "z"}),
-                                                                     ("3", {"t": "w"})]))
+    again = client.post(
+        "/records", json=records_body("shop", "a", [("1", {"t": "x"}), ("2", {"t": "z"}), ("3", {"t": "w"})])
+    )
     assert again.json() == {"accepted": 3, "created": 1, "updated": 1, "unchanged": 1}
 
 
@@ -71,7 +72,10 @@ def test_attribute_order_first_seen_is_the_default(client):
     client.post("/records", json=records_body("shop", "a", [("1", {"name": "tv", "brand": "sony"})]))
     client.post("/records", json=records_body("shop", "b", [("2", {"brand": "lg", "price": 3, "name": "oled"})]))
     assert client.get("/datasets/shop").json()["seen_attributes"] == ["name", "brand", "price"]
-    assert client.get("/records/shop/b/2").json()["text"] == "[name] oled [\\name] [brand] lg [\\brand] [price] 3 [\\price]"
+    assert (
+        client.get("/records/shop/b/2").json()["text"]
+        == "[name] oled [\\name] [brand] lg [\\brand] [price] 3 [\\price]"
+    )
 
 
 def test_fixed_attributes_select_and_order(client):
@@ -83,7 +87,9 @@ def test_fixed_attributes_select_and_order(client):
 def test_unchanged_records_log_no_index_change(products, client):
     with client.app.state.service.session_factory() as session:
         before = session.scalar(select(func.count()).select_from(IndexChange))
-    client.post("/records", json=records_body("shop", "a", [("a1", {"name": "sony bravia 55 inch 4k tv kd55x85j",
-                                                                      "price": 899.0})]))
+    client.post(
+        "/records",
+        json=records_body("shop", "a", [("a1", {"name": "sony bravia 55 inch 4k tv kd55x85j", "price": 899.0})]),
+    )
     with client.app.state.service.session_factory() as session:
         assert session.scalar(select(func.count()).select_from(IndexChange)) == before

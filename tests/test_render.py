@@ -7,7 +7,10 @@ from encoder_worker.render import RenderConfig, content_hash, input_hash, render
 
 def test_tagged_and_plain():
     record = {"title": "iPhone 12", "brand": "Apple", "price": 799.0, "note": None, "empty": ""}
-    assert render(record, RenderConfig("tagged")) == "[title] iPhone 12 [\\title] [brand] Apple [\\brand] [price] 799 [\\price]"
+    assert (
+        render(record, RenderConfig("tagged"))
+        == "[title] iPhone 12 [\\title] [brand] Apple [\\brand] [price] 799 [\\price]"
+    )
     assert render(record, RenderConfig("plain")) == "iPhone 12 Apple 799"
 
 

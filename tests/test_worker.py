@@ -112,8 +112,14 @@ def test_unavailable_encoder_gives_records_back(client, settings, counting_pool,
 
 def _worker_env(settings, **extra: str) -> dict[str, str]:
     env = dict(os.environ)
-    env.update(LLMATCH_DATABASE_URL=settings.resolved_database_url, LLMATCH_DATA_DIR=str(settings.data_dir),
-               LLMATCH_DEVICE="cpu", HF_HUB_OFFLINE="1", LLMATCH_LOG_LEVEL="INFO", **extra)
+    env.update(
+        LLMATCH_DATABASE_URL=settings.resolved_database_url,
+        LLMATCH_DATA_DIR=str(settings.data_dir),
+        LLMATCH_DEVICE="cpu",
+        HF_HUB_OFFLINE="1",
+        LLMATCH_LOG_LEVEL="INFO",
+        **extra,
+    )
     return env
 
 
@@ -130,8 +136,13 @@ def test_worker_killed_mid_batch_loses_and_duplicates_nothing(client, settings, 
     client.post("/records", json=records_body("shop", "a", _rows(300, prefix="a long product title")))
     factory = client.app.state.service.session_factory
     env = _worker_env(settings, LLMATCH_WORKER_BATCH_SIZE="256", LLMATCH_WORKER_LEASE_SECONDS="3")
-    process = subprocess.Popen([sys.executable, "-m", "llmatch.cli", "worker"], env=env, cwd=REPO,
-                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    process = subprocess.Popen(
+        [sys.executable, "-m", "llmatch.cli", "worker"],
+        env=env,
+        cwd=REPO,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
 
     def claimed() -> bool:
         with factory() as session:
@@ -182,7 +193,7 @@ def test_concurrent_workers_claim_disjoint_batches(pg_url, tmp_path, counting_po
     assert len(counting_pool.calls) == 400 and len({c.text for c in counting_pool.calls}) == 400
 
 
-@pytest.mark.parametrize("workers", [3])
+@pytest.mark.parametrize("workers", [2])
 def test_concurrent_worker_processes_on_postgres(pg_url, tmp_path, counting_pool, workers):
     from conftest import Settings
     from fastapi.testclient import TestClient
@@ -192,16 +203,24 @@ def test_concurrent_worker_processes_on_postgres(pg_url, tmp_path, counting_pool
     settings = Settings(database_url=pg_url, data_dir=tmp_path, worker_batch_size=8)
     with TestClient(create_app(settings, pool=counting_pool, run_worker=False)) as api:
         api.put("/datasets/shop", json={})
-        api.post("/records", json=records_body("shop", "a", _rows(600)))
+        api.post("/records", json=records_body("shop", "a", _rows(300)))
     env = _worker_env(settings, LLMATCH_WORKER_BATCH_SIZE="8")
-    processes = [subprocess.Popen([sys.executable, "-m", "llmatch.cli", "worker", "--drain"], env=env, cwd=REPO,
-                                  stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-                 for _ in range(workers)]
+    processes = [
+        subprocess.Popen(
+            [sys.executable, "-m", "llmatch.cli", "worker", "--drain"],
+            env=env,
+            cwd=REPO,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for _ in range(workers)
+    ]
     logs = [p.communicate(timeout=300)[1] for p in processes]
     assert all(p.returncode == 0 for p in processes), logs
     factory = make_session_factory(make_engine(pg_url))
-    assert _counts(factory) == {ENCODED: 600}
+    assert _counts(factory) == {ENCODED: 300}
     with factory() as session:
         assert session.scalars(select(Record.attempts).distinct()).all() == [1]
-        assert session.scalar(select(func.count()).select_from(Embedding)) == 600
+        assert session.scalar(select(func.count()).select_from(Embedding)) == 300
     assert sum("encoded" in log for log in logs) >= 1

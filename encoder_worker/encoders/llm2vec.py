@@ -61,14 +61,25 @@ class LLM2VecEncoder:
         self.dim = int(self.model.model.config.hidden_size)
 
     def encode(self, inputs: Sequence[EncoderInput], batch_size: int = 8) -> np.ndarray:
-        if not inputs:
-            return np.zeros((0, self.dim), dtype=np.float32)
-        pairs = [[_clean(item.instruction or ""), _clean(item.text)] for item in inputs]
-        vectors = self.model.encode(
-            pairs, batch_size=batch_size, show_progress_bar=False, convert_to_numpy=True, device=self.device
-        )
-        # An empty text pools over no tokens (NaN): it becomes the zero vector, similar to nothing.
+        """Embed ``[instruction, text]`` pairs; a text without tokens is the zero vector (similar to nothing)."""
+        vectors = np.zeros((len(inputs), self.dim), dtype=np.float32)
+        pairs = [[_clean(item.instruction or ""), self._truncate(_clean(item.text))] for item in inputs]
+        # llm2vec pools a text without tokens over the whole row (or fails on an all-empty batch): skip them.
+        keep = [i for i, (_, text) in enumerate(pairs) if text.strip()]
+        if keep:
+            vectors[keep] = self.model.encode(
+                [pairs[i] for i in keep], batch_size=batch_size, show_progress_bar=False, convert_to_numpy=True,
+                device=self.device,
+            )
         return l2_normalise(np.nan_to_num(vectors, nan=0.0))
+
+    def _truncate(self, text: str) -> str:
+        """Cut a text to llm2vec's ``doc_max_length`` tokens by token offsets (llm2vec itself cuts by
+        whitespace-separated words, which empties a long text without spaces)."""
+        limit = self.model.doc_max_length
+        encoded = self.model.tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+        offsets = encoded["offset_mapping"]
+        return text if len(offsets) <= limit else text[: offsets[limit - 1][1]]
 
 
 def _clean(text: str) -> str:
