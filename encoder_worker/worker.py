@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 from sqlalchemy import func, select
-from sqlalchemy.exc import DBAPIError, IntegrityError
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
 from encoder_worker import metrics
@@ -76,8 +76,8 @@ class EncoderWorker:
         while not self.stop_event.is_set():
             try:
                 result = self.run_once()
-            except DBAPIError as error:
-                log.warning("database error, retrying: %s", error.__class__.__name__)
+            except Exception:  # noqa: BLE001 - the loop survives; claimed records come back when their lease ends
+                log.exception("batch failed; its records will be claimed again after their lease")
                 result = BatchResult()
                 self.stop_event.wait(self.settings.worker_poll_seconds * 4)
             self._log_progress(result)

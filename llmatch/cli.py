@@ -54,6 +54,22 @@ def build_parser() -> argparse.ArgumentParser:
     fetch.add_argument("--out", type=Path, default=None)
     fetch.add_argument("--force", action="store_true")
     fetch.set_defaults(handler=run_fetch_smollm2)
+
+    evaluate = commands.add_parser(
+        "evaluate",
+        help="measure matching quality on a DeepMatcher-layout benchmark",
+        description="Ingest tableA/tableB through the service, calibrate on valid.csv, report on test.csv.",
+    )
+    evaluate.add_argument("dataset_dir", type=Path, metavar="DATASET_DIR")
+    evaluate.add_argument("--encoder", default=None, help="encoder name (default: the default encoder)")
+    evaluate.add_argument("--serialization", choices=("tagged", "plain"), default="tagged")
+    evaluate.add_argument("--instruction", default=None)
+    evaluate.add_argument(
+        "--grid", action="store_true", help="try tagged/plain x the two reference instructions, select on valid F1"
+    )
+    evaluate.add_argument("--out", type=Path, default=None, help="report folder (default: eval-out/<dataset>)")
+    evaluate.add_argument("--database-url", default=None, help="default: a fresh SQLite file, removed afterwards")
+    evaluate.set_defaults(handler=run_evaluate)
     return parser
 
 
@@ -154,6 +170,12 @@ def run_ingest(args: argparse.Namespace, _settings: Settings) -> int:
         return 1
     print(", ".join(f"{key} {value}" for key, value in totals.items()))
     return 0
+
+
+def run_evaluate(args: argparse.Namespace, settings: Settings) -> int:
+    from evaluation.command import run
+
+    return run(args, settings)
 
 
 def run_fetch_smollm2(args: argparse.Namespace, settings: Settings) -> int:

@@ -18,6 +18,7 @@ class Settings(BaseSettings):
 
     data_dir: Path = Field(default=Path(".data"), description="Index files, caches and the SQLite file.")
     database_url: str | None = Field(default=None, description="SQLAlchemy URL; default: a SQLite file under data_dir.")
+    index_directory: Path | None = Field(default=None, description="Index files; default: data_dir/indexes.")
     default_encoder: str = "minilm"
     encoders: dict[str, dict[str, Any]] = Field(
         default_factory=dict,
@@ -50,7 +51,7 @@ class Settings(BaseSettings):
 
     @property
     def index_dir(self) -> Path:
-        return self.data_dir / "indexes"
+        return self.index_directory or self.data_dir / "indexes"
 
     @property
     def models_dir(self) -> Path:

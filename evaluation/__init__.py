@@ -1,0 +1,1 @@
+"""`llmatch evaluate`: matching quality on DeepMatcher-layout benchmarks, measured through the service."""

@@ -1,0 +1,140 @@
+"""Writing an evaluation: report.json, report.md and one PNG figure per dataset."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+from evaluation.runner import RECALL_KS, ConfigResult  # noqa: E402
+from service.calibration import decision_metrics  # noqa: E402
+
+
+def report_dict(
+    dataset: str, selected: ConfigResult, tried: list[ConfigResult], meta: dict[str, Any]
+) -> dict[str, Any]:
+    report = {"dataset": dataset, **selected.summary(), **meta}
+    if len(tried) > 1:
+        report["selection"] = "configuration with the highest valid F1 (test figures never used to choose)"
+        report["tried"] = [result.summary() for result in tried]
+    return report
+
+
+def write(out: Path, report: dict[str, Any], selected: ConfigResult) -> list[Path]:
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
+    (out / "report.md").write_text(markdown(report))
+    figure = out / f"{report['dataset']}.png"
+    plot(selected, report["dataset"], figure)
+    return [out / "report.json", out / "report.md", figure]
+
+
+def _config_text(config: dict[str, Any]) -> str:
+    instruction = config.get("instruction")
+    return f"{config['encoder']}, {config['serialization']}, " + (
+        f'"{instruction}"' if instruction else "no instruction"
+    )
+
+
+def markdown(report: dict[str, Any]) -> str:
+    blocking = report["blocking"]
+    lines = [
+        f"# Evaluation: {report['dataset']}",
+        "",
+        f"Configuration: {_config_text(report['config'])}. Threshold chosen on valid: **{report['threshold']:.4f}**.",
+        "",
+        "| split | precision | recall | F1 |",
+        "|---|---:|---:|---:|",
+        *(
+            "| {} | {precision:.3f} | {recall:.3f} | {f1:.3f} |".format(split, **report[split])
+            for split in ("valid", "test")
+        ),
+        "",
+        f"Blocking: recall of the {blocking['positives']} test matches among the k nearest `b` records of their "
+        f"`a` record ({blocking['queries']} queries over {blocking['table_b_records']:,} `b` records).",
+        "",
+        "| k | " + " | ".join(str(k) for k in RECALL_KS) + " |",
+        "|---|" + "---:|" * len(RECALL_KS),
+        "| recall@k | " + " | ".join(f"{blocking['recall_at_k'][str(k)]:.3f}" for k in RECALL_KS) + " |",
+        "| candidate pairs | " + " | ".join(f"{blocking['candidates'][str(k)]:,}" for k in RECALL_KS) + " |",
+    ]
+    if blocking.get("note"):
+        lines += ["", f"**Note:** {blocking['note']}."]
+    encoding = report["encoding"]
+    lines += [
+        "",
+        f"Encoding: {encoding['records']:,} records in {encoding['seconds']:.1f} s "
+        f"({encoding['records_per_second']:.1f} records/s, {encoding['from_cache']:,} from the cache).",
+    ]
+    if "tried" in report:
+        lines += [
+            "",
+            "## Configurations tried (selected on valid F1)",
+            "",
+            "| serialization | instruction | threshold | valid F1 | test F1 |",
+            "|---|---|---:|---:|---:|",
+        ]
+        for tried in report["tried"]:
+            config = tried["config"]
+            lines.append(
+                f"| {config['serialization']} | {config['instruction'] or '-'} | {tried['threshold']:.4f} "
+                f"| {tried['valid']['f1']:.3f} | {tried['test']['f1']:.3f} |"
+            )
+    return "\n".join(lines) + "\n"
+
+
+def plot(result: ConfigResult, dataset: str, path: Path) -> None:
+    """Test precision/recall/F1 against the threshold (valid's choice marked) and the score distributions."""
+    scores = np.array(result.scores["test"]["scores"])
+    labels = np.array(result.scores["test"]["labels"])
+    thresholds = np.linspace(max(scores.min() - 0.02, -1), min(scores.max() + 0.02, 1), 300)
+    curves = [decision_metrics(scores, labels, float(t)) for t in thresholds]
+    figure, (left, right) = plt.subplots(1, 2, figsize=(12, 4.5))
+    for name, color in (("precision", "tab:blue"), ("recall", "tab:orange"), ("f1", "tab:green")):
+        left.plot(thresholds, [getattr(c, name) for c in curves], label=name if name != "f1" else "F1", color=color)
+    left.axvline(
+        result.threshold,
+        color="black",
+        linestyle="--",
+        label=f"threshold from valid = {result.threshold:.3f}\n(test F1 {result.test['f1']:.3f})",
+    )
+    left.set(xlabel="cosine threshold", ylabel="test metric", ylim=(0, 1.02), title="Test: decisions by threshold")
+    left.legend(loc="lower left", fontsize=8)
+    bins = np.linspace(thresholds[0], thresholds[-1], 50)
+    right.hist(
+        scores[labels == 0],
+        bins=bins,
+        alpha=0.6,
+        density=True,
+        label=f"non-matches ({(labels == 0).sum()})",
+        color="tab:red",
+    )
+    right.hist(
+        scores[labels == 1],
+        bins=bins,
+        alpha=0.6,
+        density=True,
+        label=f"matches ({(labels == 1).sum()})",
+        color="tab:green",
+    )
+    right.axvline(result.threshold, color="black", linestyle="--")
+    right.set(xlabel="cosine similarity", ylabel="density", title="Test: score distributions")
+    right.legend(fontsize=8)
+    figure.suptitle(f"{dataset}: {_config_text(asdict_config(result))}", fontsize=10)
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+
+
+def asdict_config(result: ConfigResult) -> dict[str, Any]:
+    return {
+        "encoder": result.config.encoder,
+        "serialization": result.config.serialization,
+        "instruction": result.config.instruction,
+    }

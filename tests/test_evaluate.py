@@ -1,0 +1,99 @@
+"""`llmatch evaluate` on a small DeepMatcher slice: reports, figures, valid-only selection, bad folders."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+from evaluation import deepmatcher
+from llmatch.cli import main
+
+SMALL = Path(__file__).resolve().parent / "data" / "abt_buy_small"
+
+
+@pytest.fixture
+def env(tmp_path, monkeypatch):
+    monkeypatch.setenv("LLMATCH_DATA_DIR", str(tmp_path / "data"))
+    from llmatch.settings import get_settings
+
+    get_settings.cache_clear()
+    yield
+    get_settings.cache_clear()
+
+
+def test_evaluate_writes_report_markdown_and_figure(env, tmp_path, capsys):
+    out = tmp_path / "out"
+    assert main(["evaluate", str(SMALL), "--out", str(out), "--serialization", "plain"]) == 0
+    report = json.loads((out / "report.json").read_text())
+    assert report["dataset"] == "abt_buy_small"
+    assert report["config"] == {"encoder": "minilm", "serialization": "plain", "instruction": None}
+    for split in ("valid", "test"):
+        assert set(report[split]) == {"precision", "recall", "f1"}
+        assert 0.0 < report[split]["f1"] <= 1.0
+    recall = report["blocking"]["recall_at_k"]
+    assert list(recall) == ["1", "5", "10", "20", "50"]
+    assert [recall[k] for k in recall] == sorted(recall.values()), "recall@k grows with k"
+    assert report["blocking"]["candidates"]["10"] == 10 * report["blocking"]["queries"]
+    assert report["encoding"]["records"] == 197 + 201 and report["encoding"]["records_per_second"] > 0
+    assert (out / f"{report['dataset']}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "| test |" in (out / "report.md").read_text()
+    assert "Threshold chosen on valid" in capsys.readouterr().out
+
+
+def test_grid_selects_on_valid_only(env, tmp_path):
+    out = tmp_path / "grid"
+    assert main(["evaluate", str(SMALL), "--grid", "--out", str(out)]) == 0
+    report = json.loads((out / "report.json").read_text())
+    tried = report["tried"]
+    assert len(tried) == 4
+    assert {(t["config"]["serialization"], t["config"]["instruction"]) for t in tried} == {
+        (s, i)
+        for s in ("tagged", "plain")
+        for i in (
+            "Represent the text for finding another product description for the same product",
+            "Retrieve semantically similar text",
+        )
+    }
+    best = max(tried, key=lambda t: t["valid"]["f1"])
+    assert report["config"] == best["config"] and report["test"] == best["test"]
+    assert sum(t["encoding"]["from_cache"] for t in tried) == 0, "every configuration embeds other texts"
+
+
+def test_missing_file_is_a_clear_error(env, tmp_path, capsys):
+    broken = tmp_path / "broken"
+    shutil.copytree(SMALL, broken)
+    (broken / "test.csv").unlink()
+    assert main(["evaluate", str(broken)]) == 2
+    assert "lacks test.csv" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    ("file", "line", "message"),
+    [
+        ("valid.csv", "1,2,yes\n", "is not 0 or 1"),
+        ("test.csv", "1,999999,0\n", "missing from tableA.csv or tableB.csv"),
+        ("tableA.csv", "5,only two\n", "fields, the header has"),
+    ],
+)
+def test_malformed_files_are_clear_errors(tmp_path, file, line, message):
+    broken = tmp_path / "broken"
+    shutil.copytree(SMALL, broken)
+    with (broken / file).open("a") as handle:
+        handle.write(line)
+    with pytest.raises(deepmatcher.DatasetError, match=message):
+        deepmatcher.load(broken)
+
+
+def test_pair_referenced_subset_is_flagged(tmp_path):
+    subset = tmp_path / "subset"
+    shutil.copytree(SMALL, subset)
+    benchmark = deepmatcher.load(subset)
+    referenced = {p.right_id for pairs in benchmark.splits.values() for p in pairs}
+    lines = (subset / "tableB.csv").read_text().splitlines(keepends=True)
+    kept = [lines[0]] + [line for line in lines[1:] if line.split(",", 1)[0] in referenced]
+    (subset / "tableB.csv").write_text("".join(kept))
+    assert deepmatcher.load(SMALL).subset_note is None
+    assert "pair-referenced subset" in deepmatcher.load(subset).subset_note
