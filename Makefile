@@ -26,3 +26,21 @@ lint: setup
 
 test: setup smollm2 lint
 	$(BIN)/python -m pytest
+
+# The results in docs/results.md: every benchmark with the default encoder (grid, selected on valid F1), and
+# LLM2Vec over SmolLM2-135M (untrained) on two of them.
+DATASETS ?= ../shared/datasets
+BENCHMARKS := abt_buy dirty_itunes_amazon dirty_dblp_acm dirty_dblp_scholar dirty_walmart_amazon
+PRODUCT_INSTRUCTION := Represent the text for finding another product description for the same product
+
+.PHONY: results results-smollm2
+results: setup
+	for name in $(BENCHMARKS); do \
+	  $(BIN)/llmatch evaluate $(DATASETS)/$$name --grid --out eval-out/minilm/$$name || exit 1; done
+	$(BIN)/python -m evaluation.summarize eval-out/minilm/*/report.json
+
+results-smollm2: smollm2
+	for name in abt_buy dirty_dblp_acm; do \
+	  $(BIN)/llmatch evaluate $(DATASETS)/$$name --encoder smollm2 --instruction "$(PRODUCT_INSTRUCTION)" \
+	    --out eval-out/smollm2/$$name || exit 1; done
+	$(BIN)/python -m evaluation.summarize eval-out/smollm2/*/report.json

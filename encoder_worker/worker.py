@@ -193,10 +193,15 @@ class EncoderWorker:
         with self.session_factory() as session:
             return session.scalar(select(func.count()).select_from(Record).where(Record.status == PENDING)) or 0
 
-    def drain(self) -> None:
-        """Process batches until none is left to claim (records leased by others are not waited for)."""
+    def drain(self) -> int:
+        """Process batches until none is left to claim (records leased by others are not waited for);
+        returns how many records this worker encoded."""
+        started, encoded = time.monotonic(), 0
         while not self.stop_event.is_set():
             result = self.run_once()
+            encoded += result.encoded
             self._log_progress(result)
             if result.claimed == 0:
-                return
+                break
+        log.info("drained: encoded %d records in %.1fs", encoded, time.monotonic() - started)
+        return encoded

@@ -28,7 +28,7 @@ class Settings(BaseSettings):
     device: Literal["auto", "cpu", "cuda"] = "auto"
     faiss_gpu: Literal["auto", "off"] = "auto"
 
-    worker_batch_size: int = Field(default=64, ge=1, le=10_000)
+    worker_batch_size: int = Field(default=256, ge=1, le=10_000)
     worker_poll_seconds: float = Field(default=0.5, gt=0)
     worker_lease_seconds: float = Field(default=600.0, gt=0)
     worker_max_attempts: int = Field(default=3, ge=1)

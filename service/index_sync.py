@@ -10,7 +10,7 @@ from collections import defaultdict
 from datetime import datetime, timedelta
 
 import numpy as np
-from sqlalchemy import delete, func, select
+from sqlalchemy import Row, delete, func, select
 from sqlalchemy.orm import Session, sessionmaker
 
 from llmatch.models import ENCODED, Dataset, Embedding, IndexChange, Record
@@ -62,8 +62,16 @@ class IndexSynchronizer:
         with self.session_factory() as session:
             now = _db_now(session)
             since = (self.watermark or now) - OVERLAP
-            changes = session.scalars(
-                select(IndexChange).where(IndexChange.created_at >= since).order_by(IndexChange.id)
+            changes = session.execute(
+                select(
+                    IndexChange.id,
+                    IndexChange.dataset_id,
+                    IndexChange.source,
+                    IndexChange.record_id,
+                    IndexChange.embedding_id,
+                )
+                .where(IndexChange.created_at >= since)
+                .order_by(IndexChange.id)
             ).all()
             fresh = [c for c in changes if c.id not in self._applied]
             vectors = _vectors_by_embedding(session, {c.embedding_id for c in fresh if c.embedding_id})
@@ -91,11 +99,11 @@ class IndexSynchronizer:
             except Exception:  # noqa: BLE001 - keep following the log after a transient database error
                 log.exception("index sync failed; retrying")
 
-    def _apply(self, changes: list[IndexChange], vectors: dict[int, np.ndarray]) -> None:
+    def _apply(self, changes: list[Row], vectors: dict[int, np.ndarray]) -> None:
         """Apply each record's last change (log order is commit order per record), batched per index."""
-        final: dict[int, IndexChange] = {change.record_id: change for change in changes}
+        final: dict[int, Row] = {change.record_id: change for change in changes}
         removals: dict[IndexKey, list[int]] = defaultdict(list)
-        upserts: dict[IndexKey, list[IndexChange]] = defaultdict(list)
+        upserts: dict[IndexKey, list[Row]] = defaultdict(list)
         for change in final.values():
             key = (change.dataset_id, change.source)
             if change.embedding_id in vectors:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -223,4 +224,5 @@ def test_concurrent_worker_processes_on_postgres(pg_url, tmp_path, counting_pool
     with factory() as session:
         assert session.scalars(select(Record.attempts).distinct()).all() == [1]
         assert session.scalar(select(func.count()).select_from(Embedding)) == 300
-    assert sum("encoded" in log for log in logs) >= 1
+    drained = [int(re.search(r"drained: encoded (\d+) records", log).group(1)) for log in logs]
+    assert sum(drained) == 300, f"each record encoded by exactly one process: {drained}"

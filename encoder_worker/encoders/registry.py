@@ -39,7 +39,7 @@ class EncoderSpec:
     model: str
     adapter: str | None = None
     pooling: str = "mean"
-    max_length: int = 512
+    max_length: int | None = None  # tokens; None: the model's own limit (LLM2Vec: 512)
     batch_size: int = 32
 
     @property
@@ -104,7 +104,7 @@ def load_encoder(spec: EncoderSpec, device: str) -> Encoder:
             spec.adapter,
             device=device,
             pooling_mode=spec.pooling,
-            max_length=spec.max_length,
+            max_length=spec.max_length or 512,
         )
     raise UnknownEncoderError(f"encoder {spec.name!r} has unknown kind {spec.kind!r}")
 
