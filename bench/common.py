@@ -353,3 +353,15 @@ def write_report(path: Path, report: dict[str, Any]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(report, indent=2) + "\n")
     print(f"\nwrote {path}")
+
+
+def add_server_arguments(parser: argparse.ArgumentParser) -> None:
+    """Options of the server every benchmark starts."""
+    parser.add_argument(
+        "--database-url",
+        default=None,
+        help="PostgreSQL URL (its database name is the prefix of a fresh one); None: SQLite",
+    )
+    parser.add_argument(
+        "--worker-batch-size", type=int, default=None, help="LLMATCH_WORKER_BATCH_SIZE; None: the service default"
+    )

@@ -29,14 +29,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--records", type=int, default=20_000, help="records to ingest")
     parser.add_argument("--table", type=Path, default=common.DEFAULT_TABLE, help="CSV table, first column the id")
     parser.add_argument("--batch", type=int, default=1000, help="records per POST /records")
-    parser.add_argument(
-        "--database-url",
-        default=None,
-        help="PostgreSQL URL (its database name is the prefix of a fresh one); None: SQLite",
-    )
-    parser.add_argument(
-        "--worker-batch-size", type=int, default=None, help="LLMATCH_WORKER_BATCH_SIZE; None: the service default"
-    )
+    common.add_server_arguments(parser)
     parser.add_argument("--probes", type=int, default=5, help="records checked for searchability")
     parser.add_argument("--timeout", type=float, default=7200.0, help="seconds to wait for searchability")
     parser.add_argument("--poll", type=float, default=0.25, help="seconds between status polls")

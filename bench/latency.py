@@ -58,14 +58,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--table-a", type=Path, default=None, help="source a and inline records; None: tableA.csv beside --table"
     )
     parser.add_argument("--batch", type=int, default=1000, help="records per POST /records while loading")
-    parser.add_argument(
-        "--database-url",
-        default=None,
-        help="PostgreSQL URL (its database name is the prefix of a fresh one); None: SQLite",
-    )
-    parser.add_argument(
-        "--worker-batch-size", type=int, default=None, help="LLMATCH_WORKER_BATCH_SIZE; None: the service default"
-    )
+    common.add_server_arguments(parser)
     parser.add_argument("--timeout", type=float, default=7200.0, help="seconds to wait for the load to be encoded")
     parser.add_argument("--seed", type=int, default=0, help="random choices of records")
     parser.add_argument("--out", type=Path, default=common.default_out(NAME), help="JSON report")

@@ -107,22 +107,9 @@ def plot(result: ConfigResult, dataset: str, path: Path) -> None:
     left.set(xlabel="cosine threshold", ylabel="test metric", ylim=(0, 1.02), title="Test: decisions by threshold")
     left.legend(loc="lower left", fontsize=8)
     bins = np.linspace(thresholds[0], thresholds[-1], 50)
-    right.hist(
-        scores[labels == 0],
-        bins=bins,
-        alpha=0.6,
-        density=True,
-        label=f"non-matches ({(labels == 0).sum()})",
-        color="tab:red",
-    )
-    right.hist(
-        scores[labels == 1],
-        bins=bins,
-        alpha=0.6,
-        density=True,
-        label=f"matches ({(labels == 1).sum()})",
-        color="tab:green",
-    )
+    for label, name, color in ((0, "non-matches", "tab:red"), (1, "matches", "tab:green")):
+        chosen = scores[labels == label]
+        right.hist(chosen, bins=bins, alpha=0.6, density=True, label=f"{name} ({chosen.size})", color=color)
     right.axvline(result.threshold, color="black", linestyle="--")
     right.set(xlabel="cosine similarity", ylabel="density", title="Test: score distributions")
     right.legend(fontsize=8)
