@@ -25,6 +25,7 @@ log = logging.getLogger("llmatch.evaluate")
 
 
 def run(args: argparse.Namespace, settings: Settings) -> int:
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per in-process request is noise here
     try:
         benchmark = deepmatcher.load(args.dataset_dir)
     except deepmatcher.DatasetError as error:

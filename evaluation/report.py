@@ -96,8 +96,11 @@ def plot(result: ConfigResult, dataset: str, path: Path) -> None:
     thresholds = np.linspace(max(scores.min() - 0.02, -1), min(scores.max() + 0.02, 1), 300)
     curves = [decision_metrics(scores, labels, float(t)) for t in thresholds]
     figure, (left, right) = plt.subplots(1, 2, figsize=(12, 4.5))
+    accepting = np.array([(scores >= t).any() for t in thresholds])  # precision is undefined past the top score
     for name, color in (("precision", "tab:blue"), ("recall", "tab:orange"), ("f1", "tab:green")):
-        left.plot(thresholds, [getattr(c, name) for c in curves], label=name if name != "f1" else "F1", color=color)
+        values = np.array([getattr(c, name) for c in curves])
+        values = np.where(accepting, values, np.nan) if name == "precision" else values
+        left.plot(thresholds, values, label=name if name != "f1" else "F1", color=color)
     left.axvline(
         result.threshold,
         color="black",
