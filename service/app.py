@@ -12,13 +12,9 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from encoder_worker.encoders.registry import EncoderPool, EncoderUnavailableError
 from llmatch.settings import Settings, get_settings
 from service import metrics
-from service.errors import ApiError, install_error_handlers
+from service.errors import ApiError, ServiceUnavailable, install_error_handlers
 from service.routes import datasets, decisions, ops, records
 from service.state import ServiceState
-
-
-class EncoderUnavailable(ApiError):
-    status_code = 503
 
 
 def create_app(
@@ -48,7 +44,7 @@ def create_app(
 
     @app.exception_handler(EncoderUnavailableError)
     async def _encoder_unavailable(request, error: EncoderUnavailableError):
-        return await app.exception_handlers[ApiError](request, EncoderUnavailable(f"{error}."))
+        return await app.exception_handlers[ApiError](request, ServiceUnavailable(f"{error}."))
 
     for router in (datasets.router, records.router, decisions.router, ops.router):
         app.include_router(router)

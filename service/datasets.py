@@ -12,6 +12,7 @@ from service.errors import NotFound, Unprocessable
 from service.schemas import CalibrationOut, DatasetConfigIn, DatasetOut, StatusCounts
 
 TEXT_FIELDS = ("encoder", "serialization", "attributes", "instruction")
+NULLABLE = ("attributes", "instruction")
 
 
 def get_dataset(session: Session, name: str, *, lock: bool = False) -> Dataset:
@@ -40,11 +41,8 @@ def put_dataset(
     session: Session, pool: EncoderPool, name: str, body: DatasetConfigIn, default_encoder: str
 ) -> tuple[Dataset, bool]:
     """Create or update a dataset; returns (dataset, created). Text changes re-queue its records."""
-    given = body.model_dump(include=body.model_fields_set)
-    if given.get("encoder") is None and "encoder" in given:
-        del given["encoder"]
-    if given.get("serialization") is None and "serialization" in given:
-        del given["serialization"]
+    # Fields sent are changed; null clears attributes and instruction, and keeps encoder and serialization.
+    given = {k: v for k, v in body.model_dump(exclude_unset=True).items() if v is not None or k in NULLABLE}
     if "encoder" in given:
         check_encoder(pool, given["encoder"])
     dataset = session.scalar(select(Dataset).where(Dataset.name == name).with_for_update())

@@ -36,8 +36,10 @@ class Unprocessable(ApiError):
     status_code = 422
 
 
-class PayloadTooLarge(ApiError):
-    status_code = 413
+class ServiceUnavailable(ApiError):
+    """A configured dependency (e.g. an encoder's model folder) is missing: an operator must act."""
+
+    status_code = 503
 
 
 def _location(loc: tuple[Any, ...]) -> str:

@@ -97,7 +97,8 @@ class CountingPool(EncoderPool):
     """The real pool, recording every input it encodes (to show what was, or was not, encoded)."""
 
     def __init__(self, inner: EncoderPool):
-        self.__dict__.update(inner.__dict__)
+        self.__dict__.update(inner.__dict__)  # shares the loaded models
+        self.specs, self._locks = dict(inner.specs), dict(inner._locks)
         self.calls: list[EncoderInput] = []
 
     def encode(self, name: str, inputs: Sequence[EncoderInput]) -> np.ndarray:

@@ -183,3 +183,17 @@ def test_operations_endpoints(products, client):
     assert "llmatch_http_requests_total" in metrics and "llmatch_records_encoded_total" in metrics
     assert client.get("/openapi.json").json()["info"]["title"] == "llmatch"
     assert client.get("/docs").status_code == 200
+
+
+def test_inline_encoding_with_a_vanished_model_folder_is_503(client, counting_pool, tmp_path):
+    from encoder_worker.encoders.registry import EncoderSpec
+
+    folder = tmp_path / "model"
+    folder.mkdir()
+    counting_pool.add(EncoderSpec("vanishing", "sentence-transformers", str(folder)))
+    assert client.put("/datasets/gone", json={"encoder": "vanishing"}).status_code == 201
+    folder.rmdir()
+    inline = {"attributes": {"name": "tv"}}
+    response = client.post("/match", json={"dataset": "gone", "left": inline, "right": inline})
+    assert response.status_code == 503
+    assert "does not exist" in response.json()["detail"]
