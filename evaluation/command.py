@@ -14,6 +14,7 @@ with warnings.catch_warnings():
     warnings.simplefilter("ignore", DeprecationWarning)  # starlette prefers httpx2; httpx is the pinned client
     from fastapi.testclient import TestClient
 
+from encoder_worker.encoders.manifest import is_trained_folder, read_manifest
 from evaluation import deepmatcher, report
 from evaluation.runner import ConfigResult, EvalConfig, Evaluation, grid
 from llmatch.db import make_engine
@@ -32,7 +33,15 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
         print(f"llmatch evaluate: {error}")
         return 2
     encoder = args.encoder or settings.default_encoder
-    configs = grid(encoder) if args.grid else [EvalConfig(encoder, args.serialization, args.instruction)]
+    serialization, instruction = args.serialization or "tagged", args.instruction
+    if is_trained_folder(encoder):  # a folder from `llmatch train`: embed records as they were trained
+        folder = Path(encoder).expanduser().resolve()
+        encoder = folder.parent.name + "-" + folder.name
+        settings = settings.model_copy(update={"encoders": {**settings.encoders, encoder: str(folder)}})
+        render = read_manifest(folder).get("render", {})
+        serialization = args.serialization or render.get("serialization") or "tagged"
+        instruction = args.instruction if args.instruction is not None else render.get("instruction")
+    configs = grid(encoder) if args.grid else [EvalConfig(encoder, serialization, instruction)]
     out = args.out or Path("eval-out") / benchmark.name
     started = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="llmatch-eval-") as scratch:

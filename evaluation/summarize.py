@@ -28,8 +28,9 @@ def row(report: dict) -> str:
         f"| {report['dataset']} | {config['encoder']} | {config['serialization']} | {instruction} "
         f"| {report['threshold']:.3f} | {report['valid']['f1']:.3f} | {report['test']['precision']:.3f} "
         f"| {report['test']['recall']:.3f} | **{report['test']['f1']:.3f}** "
-        f"| {reference if reference is not None else '-'} | {recall['10']:.3f} | {recall['50']:.3f} "
-        f"| {report['encoding']['records_per_second']:.0f} | {'yes' if report['blocking'].get('note') else ''} |"
+        f"| {reference if reference is not None else '-'} | {recall['1']:.3f} | {recall['10']:.3f} "
+        f"| {recall['50']:.3f} | {report['encoding']['records_per_second']:.0f} | {report['seconds'] / 60:.1f} "
+        f"| {'yes' if report['blocking'].get('note') else ''} |"
     )
 
 
@@ -37,9 +38,9 @@ def table(paths: list[Path]) -> str:
     reports = [json.loads(path.read_text()) for path in paths]
     header = (
         "| dataset | encoder | serialization | instruction | threshold | valid F1 | test P | test R | test F1 "
-        "| reference F1 | recall@10 | recall@50 | records/s | tableB subset |"
+        "| reference F1 | recall@1 | recall@10 | recall@50 | records/s | run (min) | tableB subset |"
     )
-    return "\n".join([header, "|" + "---|" * 14, *(row(r) for r in reports)]) + "\n"
+    return "\n".join([header, "|" + "---|" * 16, *(row(r) for r in reports)]) + "\n"
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""The ``llmatch`` command: serve, worker, migrate, ingest, fetch-smollm2."""
+"""The ``llmatch`` command: serve, worker, migrate, ingest, fetch-smollm2, evaluate, train."""
 
 from __future__ import annotations
 
@@ -61,8 +61,12 @@ def build_parser() -> argparse.ArgumentParser:
         description="Ingest tableA/tableB through the service, calibrate on valid.csv, report on test.csv.",
     )
     evaluate.add_argument("dataset_dir", type=Path, metavar="DATASET_DIR")
-    evaluate.add_argument("--encoder", default=None, help="encoder name (default: the default encoder)")
-    evaluate.add_argument("--serialization", choices=("tagged", "plain"), default="tagged")
+    evaluate.add_argument(
+        "--encoder", default=None, help="encoder name or a folder from `llmatch train` (default: the default encoder)"
+    )
+    evaluate.add_argument(
+        "--serialization", choices=("tagged", "plain"), default=None, help="default: tagged, or as trained"
+    )
     evaluate.add_argument("--instruction", default=None)
     evaluate.add_argument(
         "--grid", action="store_true", help="try tagged/plain x the two reference instructions, select on valid F1"
@@ -70,6 +74,17 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--out", type=Path, default=None, help="report folder (default: eval-out/<dataset>)")
     evaluate.add_argument("--database-url", default=None, help="default: a fresh SQLite file, removed afterwards")
     evaluate.set_defaults(handler=run_evaluate)
+
+    from training.command import add_arguments as add_train_arguments
+
+    train = commands.add_parser(
+        "train",
+        help="train an encoder: LLM2Vec's MNTP and SimCSE, and supervised contrastive fine-tuning on labelled pairs",
+        description="Train on DeepMatcher folders; each stage writes OUT/<stage> with a manifest.json that an "
+        "encoder configuration can name.",
+    )
+    add_train_arguments(train)
+    train.set_defaults(handler=run_train)
     return parser
 
 
@@ -174,6 +189,12 @@ def run_ingest(args: argparse.Namespace, _settings: Settings) -> int:
 
 def run_evaluate(args: argparse.Namespace, settings: Settings) -> int:
     from evaluation.command import run
+
+    return run(args, settings)
+
+
+def run_train(args: argparse.Namespace, settings: Settings) -> int:
+    from training.command import run
 
     return run(args, settings)
 

@@ -20,9 +20,10 @@ class Settings(BaseSettings):
     database_url: str | None = Field(default=None, description="SQLAlchemy URL; default: a SQLite file under data_dir.")
     index_directory: Path | None = Field(default=None, description="Index files; default: data_dir/indexes.")
     default_encoder: str = "minilm"
-    encoders: dict[str, dict[str, Any]] = Field(
+    encoders: dict[str, dict[str, Any] | str] = Field(
         default_factory=dict,
-        description='Extra named encoders, e.g. {"mistral": {"kind": "llm2vec", "model": "/models/m"}}.',
+        description='Extra named encoders, e.g. {"mistral": {"kind": "llm2vec", "model": "/models/m"}}; a name '
+        "may also map to a folder written by `llmatch train`.",
     )
     encoders_file: Path | None = Field(default=None, description="JSON file with more named encoders.")
     device: Literal["auto", "cpu", "cuda"] = "auto"

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from evaluation import deepmatcher
+from evaluation import deepmatcher, summarize
 from llmatch.cli import main
 
 SMALL = Path(__file__).resolve().parent / "data" / "abt_buy_small"
@@ -41,6 +41,10 @@ def test_evaluate_writes_report_markdown_and_figure(env, tmp_path, capsys):
     assert (out / f"{report['dataset']}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "| test |" in (out / "report.md").read_text()
     assert "Threshold chosen on valid" in capsys.readouterr().out
+
+    summary = summarize.table([out / "report.json"]).splitlines()
+    assert len(summary) == 3 and summary[0].count("|") == summary[2].count("|")
+    assert f"**{report['test']['f1']:.3f}**" in summary[2]
 
 
 def test_grid_selects_on_valid_only(env, tmp_path):

@@ -14,6 +14,7 @@ from typing import Any, Literal
 import numpy as np
 
 from encoder_worker.encoders.base import Encoder, EncoderInput
+from encoder_worker.encoders.manifest import encoder_options
 from llmatch.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -37,10 +38,20 @@ class EncoderSpec:
     name: str
     kind: EncoderKind
     model: str
-    adapter: str | None = None
+    adapter: str | tuple[str, ...] | None = None  # a PEFT adapter folder, or several merged in order
     pooling: str = "mean"
     max_length: int | None = None  # tokens; None: the model's own limit (LLM2Vec: 512)
     batch_size: int = 32
+
+    def __post_init__(self) -> None:
+        if isinstance(self.adapter, list):  # JSON configuration gives lists
+            object.__setattr__(self, "adapter", tuple(self.adapter))
+
+    @property
+    def adapters(self) -> tuple[str, ...]:
+        if not self.adapter:
+            return ()
+        return (self.adapter,) if isinstance(self.adapter, str) else tuple(self.adapter)
 
     @property
     def key(self) -> str:
@@ -51,8 +62,12 @@ class EncoderSpec:
     @property
     def available(self) -> bool:
         """False when the model is a local path that does not exist (hub ids are assumed available)."""
-        looks_local = self.model.startswith(("/", ".", "~")) or Path(self.model).exists()
-        return not looks_local or Path(self.model).expanduser().exists()
+        return all(_available(path) for path in (self.model, *self.adapters))
+
+
+def _available(path: str) -> bool:
+    looks_local = path.startswith(("/", ".", "~")) or Path(path).exists()
+    return not looks_local or Path(path).expanduser().exists()
 
 
 def builtin_specs(settings: Settings) -> dict[str, EncoderSpec]:
@@ -67,15 +82,25 @@ def builtin_specs(settings: Settings) -> dict[str, EncoderSpec]:
 
 
 def configured_specs(settings: Settings) -> dict[str, EncoderSpec]:
-    """Built-in encoders plus those named in ``LLMATCH_ENCODERS`` and ``LLMATCH_ENCODERS_FILE``."""
+    """Built-in encoders plus those named in ``LLMATCH_ENCODERS`` and ``LLMATCH_ENCODERS_FILE``.
+
+    A name maps to a specification (``{"kind": ..., "model": ...}``) or to a folder written by ``llmatch train``.
+    """
     specs = builtin_specs(settings)
-    extra: dict[str, dict[str, Any]] = {}
+    extra: dict[str, dict[str, Any] | str] = {}
     if settings.encoders_file:
         extra.update(json.loads(Path(settings.encoders_file).read_text()))
     extra.update(settings.encoders)
     for name, options in extra.items():
-        specs[name] = EncoderSpec(name=name, **options)
+        specs[name] = spec_from_options(name, options)
     return specs
+
+
+def spec_from_options(name: str, options: dict[str, Any] | str | Path) -> EncoderSpec:
+    """A spec from configuration: a dict of EncoderSpec fields, or the path of a trained encoder folder."""
+    if isinstance(options, (str, Path)):
+        options = encoder_options(options)
+    return EncoderSpec(name=name, **options)
 
 
 def resolve_device(setting: str) -> str:
@@ -89,7 +114,8 @@ def resolve_device(setting: str) -> str:
 def load_encoder(spec: EncoderSpec, device: str) -> Encoder:
     """Load the model a spec names (this is the slow part: seconds to minutes)."""
     if not spec.available:
-        raise EncoderUnavailableError(f"encoder {spec.name!r}: model folder {spec.model} does not exist")
+        missing = [path for path in (spec.model, *spec.adapters) if not _available(path)]
+        raise EncoderUnavailableError(f"encoder {spec.name!r}: model folder {missing[0]} does not exist")
     log.info("loading encoder %s (%s, %s) on %s", spec.name, spec.kind, spec.model, device)
     if spec.kind == "sentence-transformers":
         from encoder_worker.encoders.sentence_transformer import SentenceTransformerEncoder
@@ -101,7 +127,7 @@ def load_encoder(spec: EncoderSpec, device: str) -> Encoder:
         return LLM2VecEncoder(
             spec.key,
             spec.model,
-            spec.adapter,
+            spec.adapters,
             device=device,
             pooling_mode=spec.pooling,
             max_length=spec.max_length or 512,

@@ -32,6 +32,11 @@ class SentenceTransformerEncoder:
     def encode(self, inputs: Sequence[EncoderInput], batch_size: int = 32) -> np.ndarray:
         if not inputs:
             return np.zeros((0, self.dim), dtype=np.float32)
-        texts = [f"{item.instruction} {item.text}" if item.instruction else item.text for item in inputs]
+        texts = [sentence_text(item) for item in inputs]
         vectors = self.model.encode(texts, batch_size=batch_size, convert_to_numpy=True, show_progress_bar=False)
         return l2_normalise(vectors)
+
+
+def sentence_text(item: EncoderInput) -> str:
+    """What a sentence-transformers model embeds: the instruction, if any, then the record text."""
+    return f"{item.instruction} {item.text}" if item.instruction else item.text

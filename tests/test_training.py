@@ -1,0 +1,219 @@
+"""`llmatch train` on the CPU: every stage lowers its loss, adapters reload exactly, supervision raises valid F1."""
+
+from __future__ import annotations
+
+import json
+from argparse import Namespace
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from separable import write_separable_benchmark
+from tiny_llama import build_tiny_llama, build_tiny_non_llama
+
+from encoder_worker.encoders.base import EncoderInput
+from encoder_worker.encoders.llm2vec import LLM2VecEncoder
+from encoder_worker.encoders.manifest import read_manifest
+from encoder_worker.encoders.registry import EncoderSpec, configured_specs, load_encoder
+from llmatch.cli import main
+from llmatch.settings import Settings
+from training import data as training_data
+from training import loop
+from training.losses import info_nce
+from training.options import LoraSettings, StageOptions
+from training.stages import BaseEncoder, anchors, run_stage
+from training.trainees import LLM2VecTrainee
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+SMALL_BENCHMARK = REPO_ROOT / "tests" / "data" / "abt_buy_small"
+
+
+@pytest.fixture(scope="module")
+def tiny_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return build_tiny_llama(tmp_path_factory.mktemp("tiny-llama") / "model")
+
+
+@pytest.fixture(scope="module")
+def separable(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return write_separable_benchmark(tmp_path_factory.mktemp("separable") / "separable", lefts=160)
+
+
+def tiny_base(folder: Path) -> BaseEncoder:
+    return BaseEncoder(EncoderSpec("tiny", "llm2vec", str(folder)))
+
+
+def options(**overrides) -> StageOptions:
+    settings = {"batch_size": 8, "learning_rate": 1e-3, "max_length": 64, "lora": LoraSettings(rank=8, alpha=16)}
+    return StageOptions(**(settings | overrides))
+
+
+def test_mntp_then_simcse_lower_their_losses_and_chain_adapters(
+    tiny_folder: Path, separable: Path, tmp_path: Path
+) -> None:
+    data = training_data.load([separable], "tagged", None)
+    mntp = run_stage("mntp", tiny_base(tiny_folder), data, options(max_steps=40), tmp_path / "mntp", "cpu")
+    simcse = run_stage("simcse", mntp, data, options(max_steps=30), tmp_path / "simcse", "cpu")
+
+    first, second = read_manifest(tmp_path / "mntp"), read_manifest(tmp_path / "simcse")
+    assert first["stages"][0]["loss"]["last"] < first["stages"][0]["loss"]["first"]
+    assert second["stages"][1]["loss"]["last"] < second["stages"][1]["loss"]["first"]
+    assert [stage["stage"] for stage in second["stages"]] == ["mntp", "simcse"]
+    assert second["encoder"]["adapter"] == ["../mntp", "."]
+    assert simcse.spec.adapters == (str(tmp_path / "mntp"), str(tmp_path / "simcse"))
+    assert 0.0 <= second["valid_f1"] <= 1.0 and second["stages"][1]["seed"] == 42
+    assert not (tmp_path / "simcse" / loop.CHECKPOINT_FOLDER).exists()
+
+
+def test_supervised_training_raises_valid_f1_and_keeps_the_best_checkpoint(
+    tiny_folder: Path, separable: Path, tmp_path: Path
+) -> None:
+    data = training_data.load([separable], "tagged", None)
+    settings = options(epochs=6, lora=LoraSettings())
+    trained = run_stage("supervised", tiny_base(tiny_folder), data, settings, tmp_path / "sup", "cpu")
+
+    manifest = read_manifest(tmp_path / "sup")
+    evaluations = manifest["stages"][0]["evaluations"]
+    untrained = evaluations[0]["valid_f1"]
+    assert evaluations[0]["step"] == 0
+    assert manifest["valid_f1"] == max(e["valid_f1"] for e in evaluations)
+    assert manifest["valid_f1"] >= untrained + 0.15
+    # What the service loads from the folder scores valid as well as the kept checkpoint did.
+    encoder = load_encoder(trained.spec, "cpu")
+    pairs = data.pairs("valid")
+    left = encoder.encode([data.inputs[p.left] for p in pairs])
+    right = encoder.encode([data.inputs[p.right] for p in pairs])
+    scores = np.sum(left * right, axis=1)
+    from service.calibration import best_f1_threshold
+
+    served = best_f1_threshold(scores, np.array([p.label for p in pairs])).f1
+    assert served == pytest.approx(manifest["valid_f1"], abs=1e-3)
+
+
+def test_saved_adapter_reloads_to_identical_embeddings(tiny_folder: Path, tmp_path: Path) -> None:
+    trainee = LLM2VecTrainee(str(tiny_folder), [], "cpu", 64, LoraSettings(rank=8, alpha=16))
+    inputs = [EncoderInput("find duplicates:", "[title] sony tv [\\title]"), EncoderInput(None, "dell xps laptop")]
+    optimizer = torch.optim.AdamW([p for p in trainee.module.parameters() if p.requires_grad], lr=1e-2)
+    for _ in range(3):
+        first, second = trainee.embed(inputs)
+        loss = -torch.nn.functional.cosine_similarity(first, second, dim=0)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    trainee.module.eval()
+    with torch.no_grad():
+        in_memory = torch.nn.functional.normalize(trainee.embed(inputs), dim=-1).numpy()
+    trainee.save(tmp_path / "adapter")
+
+    reloaded = LLM2VecEncoder("reloaded", tiny_folder, adapter_path=[tmp_path / "adapter"], max_length=64)
+    untrained = LLM2VecEncoder("untrained", tiny_folder, max_length=64)
+    np.testing.assert_allclose(reloaded.encode(inputs), in_memory, atol=1e-5)
+    assert not np.allclose(untrained.encode(inputs), in_memory, atol=1e-3)
+
+
+def test_a_killed_run_resumes_from_its_checkpoint_with_the_same_batches(
+    tiny_folder: Path, separable: Path, tmp_path: Path
+) -> None:
+    data = training_data.load([separable], "tagged", None)
+    items = data.record_inputs()
+    settings = loop.LoopSettings(steps=8, learning_rate=1e-3, checkpoint_every=3)
+
+    def run(folder: Path, fail_at: int | None = None, resume: bool = False) -> loop.LoopResult:
+        loop.seed_everything(0)
+        trainee = LLM2VecTrainee(str(tiny_folder), [], "cpu", 64, LoraSettings(rank=8, alpha=16))
+
+        def step_loss(step: int) -> torch.Tensor:
+            if step == fail_at:
+                raise KeyboardInterrupt  # the process is stopped in the middle of training
+            batch = [items[(step * 4 + i) % len(items)] for i in range(4)]
+            vectors = trainee.embed(batch)
+            return torch.nn.functional.mse_loss(vectors, torch.zeros_like(vectors))
+
+        return loop.run("test", trainee, step_loss, folder, settings, resume=resume)
+
+    uninterrupted = run(tmp_path / "whole")
+    with pytest.raises(KeyboardInterrupt):
+        run(tmp_path / "killed", fail_at=5)
+    assert (tmp_path / "killed" / loop.CHECKPOINT_FOLDER / "state.pt").is_file()
+    resumed = run(tmp_path / "killed", resume=True)
+
+    assert len(resumed.losses) == 8
+    np.testing.assert_allclose(resumed.losses, uninterrupted.losses, rtol=1e-4)
+
+
+def test_anchors_pair_each_match_with_the_left_records_labelled_non_matches() -> None:
+    pairs = [
+        training_data.TextPair("d/a/1", "d/b/1", 1),
+        training_data.TextPair("d/a/1", "d/b/2", 0),
+        training_data.TextPair("d/a/1", "d/b/3", 0),
+        training_data.TextPair("d/a/2", "d/b/2", 1),
+        training_data.TextPair("d/a/3", "d/b/3", 0),
+    ]
+    found = {a.left: a for a in anchors(pairs)}
+    assert set(found) == {"d/a/1", "d/a/2"}
+    assert found["d/a/1"].right == "d/b/1" and found["d/a/1"].hard_negatives == ("d/b/2", "d/b/3")
+    assert found["d/a/2"].hard_negatives == ()
+
+
+def test_train_command_fine_tunes_minilm_and_evaluate_uses_the_folder(tmp_path: Path, capsys) -> None:
+    out = tmp_path / "trained"
+    assert main(["train", str(SMALL_BENCHMARK), "--base", "minilm", "--out", str(out), "--epochs", "1",
+                 "--batch-size", "8", "--serialization", "plain"]) == 0
+    manifest = read_manifest(out / "supervised")
+    assert manifest["encoder"] == {"kind": "sentence-transformers", "model": "."}
+    assert manifest["render"] == {"serialization": "plain", "instruction": None}
+    assert manifest["stages"][0]["data"][0]["dataset"] == "abt_buy_small"
+    settings = Settings(encoders={"abt": str(out / "supervised")})  # LLMATCH_ENCODERS naming the folder
+    assert configured_specs(settings)["abt"].model == str((out / "supervised").resolve())
+
+    report_dir = tmp_path / "report"
+    assert main(["evaluate", str(SMALL_BENCHMARK), "--encoder", str(out / "supervised"), "--out", str(report_dir)]) == 0
+    report = json.loads((report_dir / "report.json").read_text())
+    assert report["selected"]["config"]["encoder"] == "trained-supervised"
+    assert report["selected"]["config"]["serialization"] == "plain"
+
+
+@pytest.mark.parametrize(
+    ("arguments", "message"),
+    [
+        (["--stages", "mntp,finetune"], "--stages takes"),
+        (["--stages", "supervised,supervised"], "names a stage twice"),
+        (["--base", "minilm", "--stages", "mntp"], "is a sentence-transformers model"),
+        (["--base", "no-such-encoder"], "neither a configured encoder"),
+    ],
+)
+def test_train_command_rejects_what_it_cannot_do(arguments: list[str], message: str, tmp_path: Path, capsys) -> None:
+    assert main(["train", str(SMALL_BENCHMARK), "--out", str(tmp_path / "out"), *arguments]) == 2
+    assert message in capsys.readouterr().out
+
+
+def test_train_command_names_an_architecture_llm2vec_cannot_make_bidirectional(tmp_path: Path, capsys) -> None:
+    gpt2 = build_tiny_non_llama(tmp_path / "gpt2")
+    code = main(["train", str(SMALL_BENCHMARK), "--base", str(gpt2), "--stages", "mntp", "--out", str(tmp_path / "o")])
+    assert code == 2
+    assert "only Llama, Mistral, Gemma and Qwen2" in capsys.readouterr().out
+
+
+def test_train_command_reports_a_missing_dataset_folder(tmp_path: Path, capsys) -> None:
+    assert main(["train", str(tmp_path / "nowhere"), "--out", str(tmp_path / "o")]) == 2
+    assert "is not a folder" in capsys.readouterr().out
+
+
+def test_stage_options_shrink_on_a_cpu(tmp_path: Path) -> None:
+    from training.command import stage_options
+
+    spec = EncoderSpec("tiny", "llm2vec", str(tmp_path))
+    args = Namespace(max_length=None, max_steps=None, batch_size=None, learning_rate=None, epochs=None,
+                     seed=1, lora_rank=4, eval_every=None)
+    cpu = stage_options("mntp", spec, args, "cpu")
+    gpu = stage_options("mntp", spec, args, "cuda")
+    assert (cpu.max_length, cpu.max_steps, cpu.batch_size) == (128, 100, 8)
+    assert (gpu.max_length, gpu.max_steps, gpu.gradient_checkpointing) == (None, None, True)
+
+
+def test_info_nce_leaves_out_ignored_cells() -> None:
+    queries = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
+    documents = torch.tensor([[1.0, 0.0], [1.0, 0.0]])  # query 1's positive equals query 0's
+    plain = info_nce(queries, documents)
+    ignored = info_nce(queries, documents, ignore=torch.tensor([[False, True], [True, False]]))
+    assert ignored < plain

@@ -1,0 +1,39 @@
+"""What a training stage is told: the stage names and the options a user chooses (no torch import here)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class LoraSettings:
+    rank: int = 16
+    alpha: int = 32
+    dropout: float = 0.05
+
+
+STAGES = ("mntp", "simcse", "supervised")
+
+
+class StageError(ValueError):
+    """A stage that cannot run on this base model or data (a clear message for the user)."""
+
+
+@dataclass(frozen=True)
+class StageOptions:
+    """What the user chose for a stage (the defaults are sized for a GPU; the command shrinks them on a CPU)."""
+
+    batch_size: int
+    learning_rate: float
+    epochs: float = 1.0
+    max_steps: int | None = None
+    max_length: int | None = None  # tokens; None: the base model's own limit (LLM2Vec: 512)
+    seed: int = 42
+    lora: LoraSettings = LoraSettings()
+    mask_probability: float = 0.2  # MNTP
+    simcse_dropout: float = 0.3  # SimCSE: attention dropout of the LLM (sentence-transformers keep their own)
+    eval_every: int | None = None  # supervised: steps between valid evaluations (None: once per epoch)
+    checkpoint_every: int = 50
+    gradient_checkpointing: bool = False
+
+

@@ -1,0 +1,263 @@
+"""The three training stages. Each reads a base encoder, trains, and writes a stage folder with a manifest."""
+
+from __future__ import annotations
+
+import logging
+import math
+import random
+from collections import defaultdict
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from encoder_worker.encoders.manifest import write_manifest
+from encoder_worker.encoders.registry import EncoderSpec, load_encoder, spec_from_options
+from service.calibration import best_f1_threshold
+from training import loop
+from training.data import TextPair, TrainingData
+from training.losses import info_nce
+from training.options import StageError, StageOptions
+from training.trainees import EmbeddingTrainee, LLM2VecTrainee, MNTPTrainee, SentenceTransformerTrainee
+
+log = logging.getLogger("llmatch.train")
+
+@dataclass(frozen=True)
+class BaseEncoder:
+    """Where a stage starts: an encoder spec, and the stages that produced it (from an earlier manifest)."""
+
+    spec: EncoderSpec
+    history: tuple[dict[str, Any], ...] = ()
+    base_model: str = ""
+
+
+def run_stage(
+    stage: str,
+    base: BaseEncoder,
+    data: TrainingData,
+    options: StageOptions,
+    folder: Path,
+    device: str,
+    resume: bool = False,
+) -> BaseEncoder:
+    """Train one stage from ``base`` into ``folder``; return the trained encoder as the next stage's base."""
+    runners = {"mntp": _mntp, "simcse": _simcse, "supervised": _supervised}
+    loop.seed_everything(options.seed)  # fresh adapter weights are drawn when the trainee is built
+    trainee, result, steps = runners[stage](base, data, options, folder, device, resume)
+    block = trainee.encoder_block(folder)
+    del trainee  # free the training copy before the serving encoder is loaded for validation
+    record = {
+        "stage": stage,
+        "data": data.describe(),
+        "steps": steps,
+        "seed": options.seed,
+        "options": _options_record(stage, options, block["kind"]),
+        "device": device,
+        "seconds": result.seconds,
+        "loss": _loss_summary(result.losses),
+        "best_step": result.best_step,
+        "evaluations": result.evaluations,
+    }
+    base_model = base.base_model or base.spec.model
+    manifest = {
+        "encoder": block,
+        "base_model": base_model,
+        "render": {"serialization": data.serialization, "instruction": data.instruction},
+        "stages": [*base.history, record],
+    }
+    write_manifest(folder, manifest)
+    spec = spec_from_options(folder.name, folder)
+    valid_f1 = result.valid_f1 if result.valid_f1 is not None else validate_encoder(spec, data, device)
+    record["valid_f1"] = manifest["valid_f1"] = round(valid_f1, 4)
+    write_manifest(folder, manifest)
+    log.info("%s: wrote %s (valid F1 %.4f)", stage, folder, valid_f1)
+    return BaseEncoder(spec, tuple(manifest["stages"]), base_model)
+
+
+def _options_record(stage: str, options: StageOptions, kind: str) -> dict[str, Any]:
+    """The options that shaped this stage (those of other stages or model kinds left out)."""
+    record = asdict(options)
+    unused = {"mntp": ("simcse_dropout", "eval_every"), "simcse": ("mask_probability", "eval_every")}.get(
+        stage, ("mask_probability", "simcse_dropout")
+    )
+    for key in (*unused, *(("lora", "gradient_checkpointing") if kind != "llm2vec" else ())):
+        record.pop(key)
+    return record
+
+
+def _loss_summary(losses: Sequence[float]) -> dict[str, float | None]:
+    """Mean loss over the first and the last quarter of the steps (at most 10 steps each)."""
+    window = max(1, min(10, len(losses) // 4))
+    return {"first": _mean(losses[:window]), "last": _mean(losses[-window:])}
+
+
+def _mean(values: Sequence[float]) -> float | None:
+    return round(float(np.mean(values)), 4) if values else None
+
+
+def _steps(count: int, options: StageOptions) -> int:
+    steps = max(1, math.ceil(options.epochs * count / options.batch_size))
+    return min(steps, options.max_steps) if options.max_steps else steps
+
+
+def _batch(items: Sequence[Any], step: int, batch_size: int, seed: int) -> list[Any]:
+    """The batch for a step: epochs walk a fresh seeded permutation, so a resumed run sees the same batches."""
+    per_epoch = max(1, len(items) // batch_size)
+    epoch, offset = divmod(step, per_epoch)
+    order = list(range(len(items)))
+    random.Random(seed * 1_000_003 + epoch).shuffle(order)
+    return [items[i] for i in order[offset * batch_size : (offset + 1) * batch_size]]
+
+
+def _llm2vec_only(stage: str, base: BaseEncoder) -> None:
+    if base.spec.kind != "llm2vec":
+        raise StageError(
+            f"{stage} trains a decoder LLM made bidirectional; {base.spec.name!r} is a {base.spec.kind} model "
+            "(fine-tune it with the supervised stage)"
+        )
+
+
+def _mntp(base: BaseEncoder, data: TrainingData, options: StageOptions, folder: Path, device: str, resume: bool):
+    _llm2vec_only("mntp", base)
+    texts = [item.text for item in data.record_inputs()]
+    trainee = MNTPTrainee(
+        base.spec.model, base.spec.adapters, device, options.max_length or 512, options.lora,
+        options.gradient_checkpointing,
+    )
+    steps = _steps(len(texts), options)
+
+    def step_loss(step: int) -> torch.Tensor:
+        generator = torch.Generator().manual_seed(options.seed * 1_000_003 + step)
+        return trainee.loss(_batch(texts, step, options.batch_size, options.seed), options.mask_probability, generator)
+
+    result = loop.run("mntp", trainee, step_loss, folder, _loop_settings(options, steps), resume=resume)
+    return trainee, result, steps
+
+
+def embedding_trainee(base: BaseEncoder, options: StageOptions, device: str, dropout: float = 0.0) -> EmbeddingTrainee:
+    spec = base.spec
+    if spec.kind == "sentence-transformers":
+        return SentenceTransformerTrainee(spec.model, device, options.max_length or spec.max_length)
+    return LLM2VecTrainee(
+        spec.model, spec.adapters, device, options.max_length or spec.max_length or 512, options.lora, dropout,
+        options.gradient_checkpointing,
+    )
+
+
+def _simcse(base: BaseEncoder, data: TrainingData, options: StageOptions, folder: Path, device: str, resume: bool):
+    """Two dropout views of each record are positives; the other records in the batch are negatives."""
+    inputs = data.record_inputs()
+    trainee = embedding_trainee(base, options, device, dropout=options.simcse_dropout)
+    steps = _steps(len(inputs), options)
+
+    def step_loss(step: int) -> torch.Tensor:
+        batch = _batch(inputs, step, options.batch_size, options.seed)
+        return info_nce(trainee.embed(batch), trainee.embed(batch))
+
+    result = loop.run("simcse", trainee, step_loss, folder, _loop_settings(options, steps), resume=resume)
+    return trainee, result, steps
+
+
+@dataclass(frozen=True)
+class Anchor:
+    """A matching pair from train.csv and the labelled non-matches of its left record."""
+
+    left: str
+    right: str
+    hard_negatives: tuple[str, ...]
+
+
+def anchors(pairs: Sequence[TextPair]) -> list[Anchor]:
+    negatives: dict[str, list[str]] = defaultdict(list)
+    for pair in pairs:
+        if pair.label == 0:
+            negatives[pair.left].append(pair.right)
+    return [Anchor(p.left, p.right, tuple(negatives[p.left])) for p in pairs if p.label == 1]
+
+
+def _supervised(base: BaseEncoder, data: TrainingData, options: StageOptions, folder: Path, device: str, resume: bool):
+    """Contrastive fine-tuning on labelled pairs: each match against the batch's other records and one of the
+    left record's labelled non-matches, in both directions (InfoNCE); the checkpoint with the best valid F1 is
+    kept."""
+    train = data.pairs("train")
+    batch_anchors = anchors(train)
+    if not batch_anchors:
+        raise StageError("supervised training needs train.csv with at least one match (label 1) in the datasets")
+    if not data.pairs("valid"):
+        raise StageError("supervised training selects its checkpoint on valid.csv, which has no pairs")
+    matches = {(p.left, p.right) for p in train if p.label == 1}
+    trainee = embedding_trainee(base, options, device)
+    steps = _steps(len(batch_anchors), options)
+
+    def step_loss(step: int) -> torch.Tensor:
+        batch = _batch(batch_anchors, step, options.batch_size, options.seed)
+        pick = random.Random(options.seed * 1_000_003 + step)
+        negatives = [pick.choice(a.hard_negatives) for a in batch if a.hard_negatives]
+        lefts = trainee.embed([data.inputs[a.left] for a in batch])
+        rights = trainee.embed([data.inputs[key] for key in [a.right for a in batch] + negatives])
+        documents = [a.right for a in batch] + negatives
+        ignore = _known_matches(matches, [a.left for a in batch], documents, device)
+        forward = info_nce(lefts, rights, ignore)
+        backward = info_nce(rights[: len(batch)], lefts, ignore[:, : len(batch)].T)
+        return (forward + backward) / 2
+
+    per_epoch = max(1, len(batch_anchors) // options.batch_size)
+    settings = replace(_loop_settings(options, steps), eval_every=options.eval_every or per_epoch)
+    result = loop.run(
+        "supervised", trainee, step_loss, folder, settings, validate=lambda: valid_f1(trainee, data), resume=resume
+    )
+    return trainee, result, steps
+
+
+def _known_matches(matches: set[tuple[str, str]], lefts: list[str], documents: list[str], device: str) -> torch.Tensor:
+    """Cells (i, j), j != i, where document j is a labelled match of left i: not a negative for it."""
+    ignore = torch.zeros(len(lefts), len(documents), dtype=torch.bool)
+    for i, left in enumerate(lefts):
+        for j, document in enumerate(documents):
+            ignore[i, j] = j != i and (left, document) in matches
+    return ignore.to(device)
+
+
+def valid_f1(trainee: EmbeddingTrainee, data: TrainingData, batch_size: int = 64) -> float:
+    """Best-threshold F1 of cosine scores over valid.csv (mean over datasets), from the trainee's embeddings."""
+    scores = []
+    for pairs in data.splits["valid"].values():
+        keys = sorted({key for pair in pairs for key in (pair.left, pair.right)})
+        vectors: list[torch.Tensor] = []
+        for start in range(0, len(keys), batch_size):
+            vectors.append(trainee.embed([data.inputs[key] for key in keys[start : start + batch_size]]).cpu())
+        matrix = torch.nn.functional.normalize(torch.cat(vectors), dim=-1).numpy()
+        scores.append(_pair_f1(pairs, keys, matrix))
+    return float(np.mean(scores))
+
+
+def validate_encoder(spec: EncoderSpec, data: TrainingData, device: str) -> float:
+    """Valid F1 through the serving encoder (what ``llmatch serve`` would load from the stage folder)."""
+    encoder = load_encoder(spec, device)
+    scores = []
+    for pairs in data.splits["valid"].values():
+        keys = sorted({key for pair in pairs for key in (pair.left, pair.right)})
+        matrix = encoder.encode([data.inputs[key] for key in keys], batch_size=spec.batch_size)
+        scores.append(_pair_f1(pairs, keys, matrix))
+    return float(np.mean(scores))
+
+
+def _pair_f1(pairs: Sequence[TextPair], keys: list[str], matrix: np.ndarray) -> float:
+    row = {key: i for i, key in enumerate(keys)}
+    left = matrix[[row[p.left] for p in pairs]]
+    right = matrix[[row[p.right] for p in pairs]]
+    scores = np.sum(left * right, axis=1)
+    return best_f1_threshold(scores, np.array([p.label for p in pairs])).f1
+
+
+def _loop_settings(options: StageOptions, steps: int) -> loop.LoopSettings:
+    return loop.LoopSettings(
+        steps=steps,
+        learning_rate=options.learning_rate,
+        seed=options.seed,
+        checkpoint_every=options.checkpoint_every,
+        eval_every=options.eval_every,
+    )
