@@ -47,7 +47,7 @@ results-smollm2: smollm2
 
 # Issue-4 results: MiniLM fine-tuned per dataset on its train.csv (checkpoint chosen on valid.csv), then
 # evaluated like the untrained encoder. TRAIN_FLAGS caps the work on a CPU; drop it on a GPU.
-TRAIN_FLAGS ?= --max-steps 150
+TRAIN_FLAGS ?= --max-steps 60
 results-trained: setup
 	for name in $(BENCHMARKS); do \
 	  $(BIN)/llmatch train $(DATASETS)/$$name --base minilm --out trained/minilm/$$name $(TRAIN_FLAGS) || exit 1; \

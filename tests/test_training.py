@@ -169,8 +169,8 @@ def test_train_command_fine_tunes_minilm_and_evaluate_uses_the_folder(tmp_path: 
     report_dir = tmp_path / "report"
     assert main(["evaluate", str(SMALL_BENCHMARK), "--encoder", str(out / "supervised"), "--out", str(report_dir)]) == 0
     report = json.loads((report_dir / "report.json").read_text())
-    assert report["selected"]["config"]["encoder"] == "trained-supervised"
-    assert report["selected"]["config"]["serialization"] == "plain"
+    assert report["config"]["encoder"] == "trained-supervised"
+    assert report["config"]["serialization"] == "plain"
 
 
 @pytest.mark.parametrize(

@@ -25,6 +25,7 @@ from training.trainees import EmbeddingTrainee, LLM2VecTrainee, MNTPTrainee, Sen
 
 log = logging.getLogger("llmatch.train")
 
+
 @dataclass(frozen=True)
 class BaseEncoder:
     """Where a stage starts: an encoder spec, and the stages that produced it (from an earlier manifest)."""
