@@ -349,6 +349,14 @@ def default_out(name: str) -> Path:
     return OUT_DIR / f"{name}.json"
 
 
+def publish(path: Path, report: dict[str, Any], table: str) -> None:
+    """Print the Markdown table and write the report (with the table) as JSON."""
+    report["markdown"] = table
+    print()
+    print(table)
+    write_report(path, report)
+
+
 def write_report(path: Path, report: dict[str, Any]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(report, indent=2) + "\n")

@@ -155,10 +155,7 @@ def main(argv: list[str] | None = None) -> int:
         with common.Server(database_url, args.worker_batch_size, log_copy=log_copy) as server:
             run = measure_ingest(server, table, args)
     report = build_report(args, texts, raw, run)
-    report["markdown"] = markdown(report)
-    print()
-    print(report["markdown"])
-    common.write_report(args.out, report)
+    common.publish(args.out, report, markdown(report))
     return 0
 
 

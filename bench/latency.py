@@ -256,10 +256,7 @@ def main(argv: list[str] | None = None) -> int:
                 load_s = load_server(client, data, args)
                 endpoints = measure_endpoints(client, data, args)
     report = build_report(args, baselines, endpoints, load_s)
-    report["markdown"] = markdown(report)
-    print()
-    print(report["markdown"])
-    common.write_report(args.out, report)
+    common.publish(args.out, report, markdown(report))
     return 0
 
 

@@ -20,7 +20,7 @@ from encoder_worker.encoders.registry import (
 from evaluation.deepmatcher import DatasetError
 from llmatch.settings import Settings
 from training import data as training_data
-from training.options import STAGES, LoraSettings, StageError, StageOptions
+from training.options import STAGES, LoraSettings, StageError, StageOptions, require_llm2vec
 
 log = logging.getLogger("llmatch.train")
 
@@ -122,7 +122,7 @@ def resolve_base(name: str, settings: Settings):
 def stage_options(stage: str, spec: EncoderSpec, args: argparse.Namespace, device: str) -> StageOptions:
     """The user's choices, with defaults by stage, model kind and device (small settings on a CPU)."""
     if (stage, spec.kind) not in DEFAULTS:
-        raise StageError(f"{stage} trains a decoder LLM made bidirectional; {spec.name!r} is a {spec.kind} model")
+        require_llm2vec(stage, spec.name, spec.kind)
     learning_rate, gpu_batch, cpu_batch = DEFAULTS[(stage, spec.kind)]
     on_cpu = not device.startswith("cuda")
     max_length = args.max_length or (CPU_LLM_MAX_LENGTH if on_cpu and spec.kind == "llm2vec" else None)

@@ -6,21 +6,23 @@ import logging
 import math
 import random
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
+from encoder_worker.encoders.base import EncoderInput
 from encoder_worker.encoders.manifest import write_manifest
 from encoder_worker.encoders.registry import EncoderSpec, load_encoder, spec_from_options
 from service.calibration import best_f1_threshold
 from training import loop
 from training.data import TextPair, TrainingData
 from training.losses import info_nce
-from training.options import StageError, StageOptions
+from training.options import StageError, StageOptions, require_llm2vec
 from training.trainees import EmbeddingTrainee, LLM2VecTrainee, MNTPTrainee, SentenceTransformerTrainee
 
 log = logging.getLogger("llmatch.train")
@@ -113,16 +115,8 @@ def _batch(items: Sequence[Any], step: int, batch_size: int, seed: int) -> list[
     return [items[i] for i in order[offset * batch_size : (offset + 1) * batch_size]]
 
 
-def _llm2vec_only(stage: str, base: BaseEncoder) -> None:
-    if base.spec.kind != "llm2vec":
-        raise StageError(
-            f"{stage} trains a decoder LLM made bidirectional; {base.spec.name!r} is a {base.spec.kind} model "
-            "(fine-tune it with the supervised stage)"
-        )
-
-
 def _mntp(base: BaseEncoder, data: TrainingData, options: StageOptions, folder: Path, device: str, resume: bool):
-    _llm2vec_only("mntp", base)
+    require_llm2vec("mntp", base.spec.name, base.spec.kind)
     texts = [item.text for item in data.record_inputs()]
     trainee = MNTPTrainee(
         base.spec.model, base.spec.adapters, device, options.max_length or 512, options.lora,
@@ -224,25 +218,26 @@ def _known_matches(matches: set[tuple[str, str]], lefts: list[str], documents: l
 
 def valid_f1(trainee: EmbeddingTrainee, data: TrainingData, batch_size: int = 64) -> float:
     """Best-threshold F1 of cosine scores over valid.csv (mean over datasets), from the trainee's embeddings."""
-    scores = []
-    for pairs in data.splits["valid"].values():
-        keys = sorted({key for pair in pairs for key in (pair.left, pair.right)})
-        vectors: list[torch.Tensor] = []
-        for start in range(0, len(keys), batch_size):
-            vectors.append(trainee.embed([data.inputs[key] for key in keys[start : start + batch_size]]).cpu())
-        matrix = torch.nn.functional.normalize(torch.cat(vectors), dim=-1).numpy()
-        scores.append(_pair_f1(pairs, keys, matrix))
-    return float(np.mean(scores))
+
+    def embed(inputs: list[EncoderInput]) -> np.ndarray:
+        chunks = [trainee.embed(inputs[i : i + batch_size]).cpu() for i in range(0, len(inputs), batch_size)]
+        return F.normalize(torch.cat(chunks), dim=-1).numpy()
+
+    return _valid_f1(data, embed)
 
 
 def validate_encoder(spec: EncoderSpec, data: TrainingData, device: str) -> float:
     """Valid F1 through the serving encoder (what ``llmatch serve`` would load from the stage folder)."""
     encoder = load_encoder(spec, device)
+    return _valid_f1(data, lambda inputs: encoder.encode(inputs, batch_size=spec.batch_size))
+
+
+def _valid_f1(data: TrainingData, embed: Callable[[list[EncoderInput]], np.ndarray]) -> float:
+    """Mean over datasets of the best-threshold F1 of cosine scores on valid.csv; ``embed`` gives unit rows."""
     scores = []
     for pairs in data.splits["valid"].values():
         keys = sorted({key for pair in pairs for key in (pair.left, pair.right)})
-        matrix = encoder.encode([data.inputs[key] for key in keys], batch_size=spec.batch_size)
-        scores.append(_pair_f1(pairs, keys, matrix))
+        scores.append(_pair_f1(pairs, keys, embed([data.inputs[key] for key in keys])))
     return float(np.mean(scores))
 
 
