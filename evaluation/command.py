@@ -32,6 +32,8 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
     except deepmatcher.DatasetError as error:
         print(f"llmatch evaluate: {error}")
         return 2
+    if args.paired_only:
+        benchmark = deepmatcher.paired_only(benchmark)
     encoder = args.encoder or settings.default_encoder
     serialization, instruction = args.serialization or "tagged", args.instruction
     if is_trained_folder(encoder):  # a folder from `llmatch train`: embed records as they were trained

@@ -71,6 +71,11 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument(
         "--grid", action="store_true", help="try tagged/plain x the two reference instructions, select on valid F1"
     )
+    evaluate.add_argument(
+        "--paired-only",
+        action="store_true",
+        help="embed only the records valid.csv and test.csv reference (same match figures, optimistic blocking)",
+    )
     evaluate.add_argument("--out", type=Path, default=None, help="report folder (default: eval-out/<dataset>)")
     evaluate.add_argument("--database-url", default=None, help="default: a fresh SQLite file, removed afterwards")
     evaluate.set_defaults(handler=run_evaluate)

@@ -101,3 +101,18 @@ def test_pair_referenced_subset_is_flagged(tmp_path):
     (subset / "tableB.csv").write_text("".join(kept))
     assert deepmatcher.load(SMALL).subset_note is None
     assert "pair-referenced subset" in deepmatcher.load(subset).subset_note
+
+
+def test_paired_only_keeps_match_figures_and_flags_blocking(env, tmp_path):
+    full, paired = tmp_path / "full", tmp_path / "paired"
+    assert main(["evaluate", str(SMALL), "--out", str(full)]) == 0
+    assert main(["evaluate", str(SMALL), "--paired-only", "--out", str(paired)]) == 0
+    full_report, paired_report = (json.loads((out / "report.json").read_text()) for out in (full, paired))
+    benchmark = deepmatcher.load(SMALL)
+    referenced = {p.right_id for p in benchmark.valid + benchmark.test}
+    assert paired_report["encoding"]["records"] < full_report["encoding"]["records"]
+    assert paired_report["blocking"]["table_b_records"] == len(referenced)
+    assert "--paired-only" in paired_report["blocking"]["note"] and full_report["blocking"]["note"] is None
+    assert paired_report["threshold"] == pytest.approx(full_report["threshold"], abs=1e-6)
+    for split in ("valid", "test"):
+        assert paired_report[split] == pytest.approx(full_report[split], abs=1e-6)

@@ -199,6 +199,23 @@ def test_train_command_reports_a_missing_dataset_folder(tmp_path: Path, capsys) 
     assert "is not a folder" in capsys.readouterr().out
 
 
+def test_training_on_a_trained_base_renders_records_as_it_was_trained(tmp_path: Path) -> None:
+    from encoder_worker.encoders.manifest import write_manifest
+    from training.command import render_options
+
+    base = tmp_path / "simcse"
+    base.mkdir()
+    render = {"serialization": "plain", "instruction": "Find the same product"}
+    write_manifest(base, {"encoder": {"kind": "llm2vec", "model": "."}, "render": render})
+
+    def options(**given) -> tuple[str, str | None]:
+        return render_options(Namespace(**{"base": str(base), "serialization": None, "instruction": None, **given}))
+
+    assert options() == ("plain", "Find the same product")
+    assert options(serialization="tagged", instruction="") == ("tagged", "")
+    assert options(base="minilm") == ("tagged", None)
+
+
 def test_stage_options_shrink_on_a_cpu(tmp_path: Path) -> None:
     from training.command import stage_options
 

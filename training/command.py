@@ -42,8 +42,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--stages", default="supervised", help=f"comma-separated, in order, from {', '.join(STAGES)}")
     parser.add_argument("--out", type=Path, default=None, help="output folder; each stage writes OUT/<stage>")
-    parser.add_argument("--serialization", choices=("tagged", "plain"), default="tagged")
-    parser.add_argument("--instruction", default=None, help="instruction the records are embedded with")
+    parser.add_argument(
+        "--serialization", choices=("tagged", "plain"), default=None, help="default: as --base was trained, or tagged"
+    )
+    parser.add_argument(
+        "--instruction", default=None, help="instruction the records are embedded with (default: as --base was trained)"
+    )
     parser.add_argument("--epochs", type=float, default=None, help="passes over the data (supervised: 3; else 1)")
     parser.add_argument("--max-steps", type=int, default=None, help="cap on steps per stage (mntp/simcse on CPU: 100)")
     parser.add_argument("--batch-size", type=int, default=None)
@@ -61,7 +65,8 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
     try:
         stages = parse_stages(args.stages)
         base = resolve_base(args.base or settings.default_encoder, settings)
-        data = training_data.load(args.dataset_dirs, args.serialization, args.instruction)
+        serialization, instruction = render_options(args)
+        data = training_data.load(args.dataset_dirs, serialization, instruction)
     except (StageError, DatasetError, ManifestError, UnknownEncoderError, EncoderUnavailableError) as error:
         print(f"llmatch train: {error}")
         return 2
@@ -94,6 +99,14 @@ def parse_stages(text: str) -> list[str]:
     if len(set(stages)) != len(stages):
         raise StageError(f"--stages names a stage twice: {text!r}")
     return stages
+
+
+def render_options(args: argparse.Namespace) -> tuple[str, str | None]:
+    """Serialization and instruction: as given, else as the trained base was trained, else tagged and none."""
+    render = read_manifest(Path(args.base)).get("render", {}) if args.base and is_trained_folder(args.base) else {}
+    serialization = args.serialization or render.get("serialization") or "tagged"
+    instruction = args.instruction if args.instruction is not None else render.get("instruction")
+    return serialization, instruction
 
 
 def resolve_base(name: str, settings: Settings):
