@@ -55,20 +55,30 @@ results-trained: setup
 	    --out eval-out/minilm-trained/$$name || exit 1; done
 	$(BIN)/python -m evaluation.summarize eval-out/minilm-trained/*/report.json
 
-# SmolLM2-135M through the LLM2Vec recipe: MNTP and SimCSE once over the records of both product benchmarks,
-# then the supervised stage per benchmark. The *_FLAGS cap the steps for a CPU; evaluation embeds only the
-# records that valid/test pairs reference (same match figures, fewer records to embed at a few records/s).
+# SmolLM2-135M through the LLM2Vec recipe: MNTP, then SimCSE, once over the records of both product
+# benchmarks; then (second target) the supervised stage per benchmark. The *_FLAGS size the stages for a CPU;
+# evaluation embeds only the records that valid/test pairs reference (same match figures, fewer records).
 SMOLLM2_DATASETS ?= abt_buy dirty_walmart_amazon
-SMOLLM2_FLAGS ?= --max-steps 40
+SMOLLM2_MNTP_FLAGS ?= --max-steps 40 --no-validation
+SMOLLM2_SIMCSE_FLAGS ?= --max-steps 20 --no-validation
 SMOLLM2_SUPERVISED_FLAGS ?= --max-steps 20
+SMOLLM2_RECIPE := trained/smollm2/products
+
+.PHONY: results-smollm2-supervised
 results-smollm2-trained: smollm2
-	$(BIN)/llmatch train $(addprefix $(DATASETS)/,$(SMOLLM2_DATASETS)) --base smollm2 --stages mntp,simcse \
-	  --instruction "$(PRODUCT_INSTRUCTION)" --out trained/smollm2/products $(SMOLLM2_FLAGS)
+	$(BIN)/llmatch train $(addprefix $(DATASETS)/,$(SMOLLM2_DATASETS)) --base smollm2 --stages mntp \
+	  --instruction "$(PRODUCT_INSTRUCTION)" --out $(SMOLLM2_RECIPE) $(SMOLLM2_MNTP_FLAGS)
+	$(BIN)/llmatch train $(addprefix $(DATASETS)/,$(SMOLLM2_DATASETS)) --base $(SMOLLM2_RECIPE)/mntp \
+	  --stages simcse --out $(SMOLLM2_RECIPE) $(SMOLLM2_SIMCSE_FLAGS)
 	for name in $(SMOLLM2_DATASETS); do \
-	  $(BIN)/llmatch evaluate $(DATASETS)/$$name --encoder trained/smollm2/products/simcse --paired-only \
-	    --out eval-out/smollm2-simcse/$$name || exit 1; \
-	  $(BIN)/llmatch train $(DATASETS)/$$name --base trained/smollm2/products/simcse --stages supervised \
+	  $(BIN)/llmatch evaluate $(DATASETS)/$$name --encoder $(SMOLLM2_RECIPE)/simcse --paired-only \
+	    --out eval-out/smollm2-simcse/$$name || exit 1; done
+	$(BIN)/python -m evaluation.summarize eval-out/smollm2-simcse/*/report.json
+
+results-smollm2-supervised: smollm2
+	for name in $(SMOLLM2_DATASETS); do \
+	  $(BIN)/llmatch train $(DATASETS)/$$name --base $(SMOLLM2_RECIPE)/simcse --stages supervised \
 	    --out trained/smollm2/$$name $(SMOLLM2_SUPERVISED_FLAGS) || exit 1; \
 	  $(BIN)/llmatch evaluate $(DATASETS)/$$name --encoder trained/smollm2/$$name/supervised --paired-only \
 	    --out eval-out/smollm2-supervised/$$name || exit 1; done
-	$(BIN)/python -m evaluation.summarize eval-out/smollm2-*/*/report.json
+	$(BIN)/python -m evaluation.summarize eval-out/smollm2-supervised/*/report.json

@@ -64,6 +64,11 @@ def test_mntp_then_simcse_lower_their_losses_and_chain_adapters(
     assert 0.0 <= second["valid_f1"] <= 1.0 and second["stages"][1]["seed"] == 42
     assert not (tmp_path / "simcse" / loop.CHECKPOINT_FOLDER).exists()
 
+    unvalidated = tmp_path / "unvalidated"
+    run_stage("simcse", mntp, data, options(max_steps=2, validate=False), unvalidated, "cpu")
+    manifest = read_manifest(unvalidated)
+    assert manifest["valid_f1"] is None and manifest["stages"][1]["valid_f1"] is None
+
 
 def test_supervised_training_raises_valid_f1_and_keeps_the_best_checkpoint(
     tiny_folder: Path, separable: Path, tmp_path: Path
@@ -221,7 +226,7 @@ def test_stage_options_shrink_on_a_cpu(tmp_path: Path) -> None:
 
     spec = EncoderSpec("tiny", "llm2vec", str(tmp_path))
     args = Namespace(max_length=None, max_steps=None, batch_size=None, learning_rate=None, epochs=None,
-                     seed=1, lora_rank=4, eval_every=None)
+                     seed=1, lora_rank=4, eval_every=None, no_validation=False)
     cpu = stage_options("mntp", spec, args, "cpu")
     gpu = stage_options("mntp", spec, args, "cuda")
     assert (cpu.max_length, cpu.max_steps, cpu.batch_size) == (128, 100, 8)

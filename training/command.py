@@ -55,6 +55,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-length", type=int, default=None, help="tokens per record (LLM on CPU: 128)")
     parser.add_argument("--lora-rank", type=int, default=16)
     parser.add_argument("--eval-every", type=int, default=None, help="supervised: steps between valid evaluations")
+    parser.add_argument(
+        "--no-validation",
+        action="store_true",
+        help="mntp/simcse: skip the valid-F1 measurement (it embeds every valid record; supervised always runs it)",
+    )
     parser.add_argument("--seed", type=int, default=42)
     parser.add_argument("--resume", action="store_true", help="continue from the checkpoints in --out")
 
@@ -149,6 +154,7 @@ def stage_options(stage: str, spec: EncoderSpec, args: argparse.Namespace, devic
         seed=args.seed,
         lora=LoraSettings(rank=args.lora_rank, alpha=2 * args.lora_rank),
         eval_every=args.eval_every,
+        validate=not args.no_validation,
         gradient_checkpointing=not on_cpu and spec.kind == "llm2vec",
     )
 

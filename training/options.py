@@ -33,6 +33,7 @@ class StageOptions:
     mask_probability: float = 0.2  # MNTP
     simcse_dropout: float = 0.3  # SimCSE: attention dropout of the LLM (sentence-transformers keep their own)
     eval_every: int | None = None  # supervised: steps between valid evaluations (None: once per epoch)
+    validate: bool = True  # mntp/simcse: measure valid F1 after training (supervised always does)
     checkpoint_every: int = 50
     gradient_checkpointing: bool = False
 

@@ -14,6 +14,7 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
+from tqdm import tqdm
 
 from encoder_worker.encoders.base import EncoderInput
 from encoder_worker.encoders.manifest import write_manifest
@@ -25,6 +26,7 @@ from training.losses import info_nce
 from training.options import StageError, StageOptions, require_llm2vec
 from training.trainees import EmbeddingTrainee, LLM2VecTrainee, MNTPTrainee, SentenceTransformerTrainee
 
+VALID_CHUNK = 256  # records embedded between progress-bar updates during validation
 log = logging.getLogger("llmatch.train")
 
 
@@ -73,10 +75,12 @@ def run_stage(
     }
     write_manifest(folder, manifest)
     spec = spec_from_options(folder.name, folder)
-    valid_f1 = result.valid_f1 if result.valid_f1 is not None else validate_encoder(spec, data, device)
-    record["valid_f1"] = manifest["valid_f1"] = round(valid_f1, 4)
+    valid_f1 = result.valid_f1
+    if valid_f1 is None and options.validate:
+        valid_f1 = validate_encoder(spec, data, device)
+    record["valid_f1"] = manifest["valid_f1"] = round(valid_f1, 4) if valid_f1 is not None else None
     write_manifest(folder, manifest)
-    log.info("%s: wrote %s (valid F1 %.4f)", stage, folder, valid_f1)
+    log.info("%s: wrote %s (valid F1 %s)", stage, folder, "not measured" if valid_f1 is None else f"{valid_f1:.4f}")
     return BaseEncoder(spec, tuple(manifest["stages"]), base_model)
 
 
@@ -84,7 +88,7 @@ def _options_record(stage: str, options: StageOptions, kind: str) -> dict[str, A
     """The options that shaped this stage (those of other stages or model kinds left out)."""
     record = asdict(options)
     unused = {"mntp": ("simcse_dropout", "eval_every"), "simcse": ("mask_probability", "eval_every")}.get(
-        stage, ("mask_probability", "simcse_dropout")
+        stage, ("mask_probability", "simcse_dropout", "validate")
     )
     for key in (*unused, *(("lora", "gradient_checkpointing") if kind != "llm2vec" else ())):
         record.pop(key)
@@ -235,9 +239,15 @@ def validate_encoder(spec: EncoderSpec, data: TrainingData, device: str) -> floa
 def _valid_f1(data: TrainingData, embed: Callable[[list[EncoderInput]], np.ndarray]) -> float:
     """Mean over datasets of the best-threshold F1 of cosine scores on valid.csv; ``embed`` gives unit rows."""
     scores = []
-    for pairs in data.splits["valid"].values():
+    for dataset, pairs in data.splits["valid"].items():
         keys = sorted({key for pair in pairs for key in (pair.left, pair.right)})
-        scores.append(_pair_f1(pairs, keys, embed([data.inputs[key] for key in keys])))
+        inputs = [data.inputs[key] for key in keys]
+        chunks = []
+        with tqdm(total=len(inputs), desc=f"valid {dataset}", unit=" records", leave=False) as bar:
+            for start in range(0, len(inputs), VALID_CHUNK):
+                chunks.append(embed(inputs[start : start + VALID_CHUNK]))
+                bar.update(len(chunks[-1]))
+        scores.append(_pair_f1(pairs, keys, np.concatenate(chunks)))
     return float(np.mean(scores))
 
 
