@@ -62,6 +62,7 @@ SMOLLM2_DATASETS ?= abt_buy dirty_walmart_amazon
 SMOLLM2_MNTP_FLAGS ?= --max-steps 40 --no-validation
 SMOLLM2_SIMCSE_FLAGS ?= --max-steps 20 --no-validation
 SMOLLM2_SUPERVISED_FLAGS ?= --max-steps 20
+SMOLLM2_EVAL_FLAGS ?= --paired-only
 SMOLLM2_RECIPE := trained/smollm2/products
 
 .PHONY: results-smollm2-supervised
@@ -71,7 +72,7 @@ results-smollm2-trained: smollm2
 	$(BIN)/llmatch train $(addprefix $(DATASETS)/,$(SMOLLM2_DATASETS)) --base $(SMOLLM2_RECIPE)/mntp \
 	  --stages simcse --out $(SMOLLM2_RECIPE) $(SMOLLM2_SIMCSE_FLAGS)
 	for name in $(SMOLLM2_DATASETS); do \
-	  $(BIN)/llmatch evaluate $(DATASETS)/$$name --encoder $(SMOLLM2_RECIPE)/simcse --paired-only \
+	  $(BIN)/llmatch evaluate $(DATASETS)/$$name --encoder $(SMOLLM2_RECIPE)/simcse $(SMOLLM2_EVAL_FLAGS) \
 	    --out eval-out/smollm2-simcse/$$name || exit 1; done
 	$(BIN)/python -m evaluation.summarize eval-out/smollm2-simcse/*/report.json
 
@@ -79,6 +80,6 @@ results-smollm2-supervised: smollm2
 	for name in $(SMOLLM2_DATASETS); do \
 	  $(BIN)/llmatch train $(DATASETS)/$$name --base $(SMOLLM2_RECIPE)/simcse --stages supervised \
 	    --out trained/smollm2/$$name $(SMOLLM2_SUPERVISED_FLAGS) || exit 1; \
-	  $(BIN)/llmatch evaluate $(DATASETS)/$$name --encoder trained/smollm2/$$name/supervised --paired-only \
+	  $(BIN)/llmatch evaluate $(DATASETS)/$$name --encoder trained/smollm2/$$name/supervised $(SMOLLM2_EVAL_FLAGS) \
 	    --out eval-out/smollm2-supervised/$$name || exit 1; done
 	$(BIN)/python -m evaluation.summarize eval-out/smollm2-supervised/*/report.json
