@@ -14,7 +14,7 @@ with warnings.catch_warnings():
     warnings.simplefilter("ignore", DeprecationWarning)  # starlette prefers httpx2; httpx is the pinned client
     from fastapi.testclient import TestClient
 
-from encoder_worker.encoders.manifest import is_trained_folder, read_manifest
+from encoder_worker.encoders.manifest import is_trained_folder, render_options
 from evaluation import deepmatcher, report
 from evaluation.runner import ConfigResult, EvalConfig, Evaluation, grid
 from llmatch.db import make_engine
@@ -35,14 +35,11 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
     if args.paired_only:
         benchmark = deepmatcher.paired_only(benchmark)
     encoder = args.encoder or settings.default_encoder
-    serialization, instruction = args.serialization or "tagged", args.instruction
-    if is_trained_folder(encoder):  # a folder from `llmatch train`: embed records as they were trained
+    serialization, instruction = render_options(encoder, args.serialization, args.instruction)
+    if is_trained_folder(encoder):  # a folder from `llmatch train`: named after its run and stage
         folder = Path(encoder).expanduser().resolve()
         encoder = folder.parent.name + "-" + folder.name
         settings = settings.model_copy(update={"encoders": {**settings.encoders, encoder: str(folder)}})
-        render = read_manifest(folder).get("render", {})
-        serialization = args.serialization or render.get("serialization") or "tagged"
-        instruction = args.instruction if args.instruction is not None else render.get("instruction")
     configs = grid(encoder) if args.grid else [EvalConfig(encoder, serialization, instruction)]
     out = args.out or Path("eval-out") / benchmark.name
     started = time.perf_counter()

@@ -205,8 +205,7 @@ def test_train_command_reports_a_missing_dataset_folder(tmp_path: Path, capsys) 
 
 
 def test_training_on_a_trained_base_renders_records_as_it_was_trained(tmp_path: Path) -> None:
-    from encoder_worker.encoders.manifest import write_manifest
-    from training.command import render_options
+    from encoder_worker.encoders.manifest import render_options, write_manifest
 
     base = tmp_path / "simcse"
     base.mkdir()
@@ -214,7 +213,8 @@ def test_training_on_a_trained_base_renders_records_as_it_was_trained(tmp_path: 
     write_manifest(base, {"encoder": {"kind": "llm2vec", "model": "."}, "render": render})
 
     def options(**given) -> tuple[str, str | None]:
-        return render_options(Namespace(**{"base": str(base), "serialization": None, "instruction": None, **given}))
+        chosen = {"base": str(base), "serialization": None, "instruction": None, **given}
+        return render_options(chosen["base"], chosen["serialization"], chosen["instruction"])
 
     assert options() == ("plain", "Find the same product")
     assert options(serialization="tagged", instruction="") == ("tagged", "")

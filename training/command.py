@@ -8,7 +8,7 @@ import re
 from pathlib import Path
 
 from encoder_worker.encoders.llm2vec import UnsupportedModelError
-from encoder_worker.encoders.manifest import ManifestError, is_trained_folder, read_manifest
+from encoder_worker.encoders.manifest import ManifestError, is_trained_folder, read_manifest, render_options
 from encoder_worker.encoders.registry import (
     EncoderSpec,
     EncoderUnavailableError,
@@ -70,7 +70,7 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
     try:
         stages = parse_stages(args.stages)
         base = resolve_base(args.base or settings.default_encoder, settings)
-        serialization, instruction = render_options(args)
+        serialization, instruction = render_options(args.base, args.serialization, args.instruction)
         data = training_data.load(args.dataset_dirs, serialization, instruction)
     except (StageError, DatasetError, ManifestError, UnknownEncoderError, EncoderUnavailableError) as error:
         print(f"llmatch train: {error}")
@@ -104,14 +104,6 @@ def parse_stages(text: str) -> list[str]:
     if len(set(stages)) != len(stages):
         raise StageError(f"--stages names a stage twice: {text!r}")
     return stages
-
-
-def render_options(args: argparse.Namespace) -> tuple[str, str | None]:
-    """Serialization and instruction: as given, else as the trained base was trained, else tagged and none."""
-    render = read_manifest(Path(args.base)).get("render", {}) if args.base and is_trained_folder(args.base) else {}
-    serialization = args.serialization or render.get("serialization") or "tagged"
-    instruction = args.instruction if args.instruction is not None else render.get("instruction")
-    return serialization, instruction
 
 
 def resolve_base(name: str, settings: Settings):

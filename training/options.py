@@ -38,8 +38,6 @@ class StageOptions:
     gradient_checkpointing: bool = False
 
 
-
-
 def require_llm2vec(stage: str, encoder_name: str, kind: str) -> None:
     """MNTP and SimCSE-on-an-LLM need a decoder LLM; refuse other encoder kinds with a clear message."""
     if kind != "llm2vec":
