@@ -77,7 +77,7 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
         return 2
     device = resolve_device(settings.device)
     out = args.out or settings.models_dir / "trained" / default_folder_name(data.names, base.spec.name)
-    log.info("training %s on %s (%s), stages %s, into %s", base.spec.name, ", ".join(data.names), device, stages, out)
+    log.info("stages %s from base %s on %s (%s), into %s", stages, base.spec.name, ", ".join(data.names), device, out)
     for stage in stages:
         folder = out / stage
         if args.resume and is_trained_folder(folder):
