@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import csv
 import json
+import shutil
 from argparse import Namespace
 from pathlib import Path
 
@@ -20,7 +22,7 @@ from llmatch.cli import main
 from llmatch.settings import Settings
 from training import data as training_data
 from training import loop
-from training.losses import info_nce
+from training.losses import cosent, info_nce
 from training.options import LoraSettings, StageOptions
 from training.stages import BaseEncoder, anchors, run_stage
 from training.trainees import LLM2VecTrainee
@@ -93,6 +95,30 @@ def test_supervised_training_raises_valid_f1_and_keeps_the_best_checkpoint(
 
     served = best_f1_threshold(scores, np.array([p.label for p in pairs])).f1
     assert served == pytest.approx(manifest["valid_f1"], abs=1e-3)
+
+
+def test_the_pair_loss_learns_from_non_matches_whose_left_record_has_no_match(
+    tiny_folder: Path, separable: Path, tmp_path: Path
+) -> None:
+    """Such non-matches cannot anchor InfoNCE (no positive); only the CoSENT term over labelled pairs sees them."""
+    orphaned = tmp_path / "orphaned"
+    shutil.copytree(separable, orphaned)
+    with (separable / "train.csv").open(newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    kept = [row for row in rows if (row["label"] == "1") == (int(row["ltable_id"][1:]) % 2 == 0)]
+    with (orphaned / "train.csv").open("w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=["ltable_id", "rtable_id", "label"])
+        writer.writeheader()
+        writer.writerows(kept)
+    data = training_data.load([orphaned], "tagged", None)
+    assert not any(anchor.hard_negatives for anchor in anchors(data.pairs("train")))
+
+    valid_f1 = {}
+    for weight in (0.0, 1.0):
+        settings = options(epochs=12, lora=LoraSettings(), pair_loss_weight=weight)
+        run_stage("supervised", tiny_base(tiny_folder), data, settings, tmp_path / f"weight-{weight}", "cpu")
+        valid_f1[weight] = read_manifest(tmp_path / f"weight-{weight}")["valid_f1"]
+    assert valid_f1[1.0] >= valid_f1[0.0] + 0.1, valid_f1
 
 
 def test_saved_adapter_reloads_to_identical_embeddings(tiny_folder: Path, tmp_path: Path) -> None:
@@ -185,6 +211,7 @@ def test_train_command_fine_tunes_minilm_and_evaluate_uses_the_folder(tmp_path: 
         (["--stages", "supervised,supervised"], "names a stage twice"),
         (["--base", "minilm", "--stages", "mntp"], "is a sentence-transformers model"),
         (["--base", "no-such-encoder"], "neither a configured encoder"),
+        (["--pair-loss-weight", "-1"], "--pair-loss-weight is a weight"),
     ],
 )
 def test_train_command_rejects_what_it_cannot_do(arguments: list[str], message: str, tmp_path: Path, capsys) -> None:
@@ -226,11 +253,20 @@ def test_stage_options_shrink_on_a_cpu(tmp_path: Path) -> None:
 
     spec = EncoderSpec("tiny", "llm2vec", str(tmp_path))
     args = Namespace(max_length=None, max_steps=None, batch_size=None, learning_rate=None, epochs=None,
-                     seed=1, lora_rank=4, eval_every=None, no_validation=False)
+                     seed=1, lora_rank=4, eval_every=None, no_validation=False, pair_loss_weight=1.0)
     cpu = stage_options("mntp", spec, args, "cpu")
     gpu = stage_options("mntp", spec, args, "cuda")
     assert (cpu.max_length, cpu.max_steps, cpu.batch_size) == (128, 100, 8)
     assert (gpu.max_length, gpu.max_steps, gpu.gradient_checkpointing) == (None, None, True)
+
+
+def test_cosent_is_small_only_when_every_match_outscores_every_non_match() -> None:
+    labels = torch.tensor([1, 1, 0, 0])
+    ordered = cosent(torch.tensor([0.9, 0.6, 0.5, 0.2]), labels)
+    # Each record's match above its own non-match (0.9 > 0.8, 0.4 > 0.2), but not every match above every one.
+    per_record_only = cosent(torch.tensor([0.9, 0.4, 0.8, 0.2]), labels)
+    assert ordered < 0.2 < 1.0 < per_record_only
+    assert cosent(torch.tensor([0.9, 0.1]), torch.tensor([1, 1])) == 0.0  # no non-match: nothing to order
 
 
 def test_info_nce_leaves_out_ignored_cells() -> None:

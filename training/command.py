@@ -54,6 +54,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--learning-rate", type=float, default=None)
     parser.add_argument("--max-length", type=int, default=None, help="tokens per record (LLM on CPU: 128)")
     parser.add_argument("--lora-rank", type=int, default=16)
+    parser.add_argument(
+        "--pair-loss-weight", type=float, default=1.0,
+        help="supervised: weight of the CoSENT term over labelled pairs, non-matches included (0: InfoNCE only)",
+    )
     parser.add_argument("--eval-every", type=int, default=None, help="supervised: steps between valid evaluations")
     parser.add_argument(
         "--no-validation",
@@ -134,6 +138,8 @@ def stage_options(stage: str, spec: EncoderSpec, args: argparse.Namespace, devic
     if (stage, spec.kind) not in DEFAULTS:
         require_llm2vec(stage, spec.name, spec.kind)
     learning_rate, gpu_batch, cpu_batch = DEFAULTS[(stage, spec.kind)]
+    if args.pair_loss_weight < 0:
+        raise StageError(f"--pair-loss-weight is a weight, 0 or more; got {args.pair_loss_weight}")
     on_cpu = not device.startswith("cuda")
     max_length = args.max_length or (CPU_LLM_MAX_LENGTH if on_cpu and spec.kind == "llm2vec" else None)
     max_steps = args.max_steps or (100 if on_cpu and stage != "supervised" else None)
@@ -145,6 +151,7 @@ def stage_options(stage: str, spec: EncoderSpec, args: argparse.Namespace, devic
         max_length=max_length,
         seed=args.seed,
         lora=LoraSettings(rank=args.lora_rank, alpha=2 * args.lora_rank),
+        pair_loss_weight=args.pair_loss_weight,
         eval_every=args.eval_every,
         validate=not args.no_validation,
         gradient_checkpointing=not on_cpu and spec.kind == "llm2vec",

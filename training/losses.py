@@ -26,3 +26,15 @@ def info_nce(
     targets = torch.arange(len(queries), device=scores.device)
     return F.cross_entropy(scores, targets)
 
+
+
+def cosent(scores: torch.Tensor, labels: torch.Tensor, scale: float = SCALE) -> torch.Tensor:
+    """CoSENT over labelled pair scores: log(1 + sum of exp(scale * (s_non_match - s_match))) over all
+    (non-match, match) combinations.
+
+    Near zero only when every match scores above every non-match, across records: the order one global
+    threshold needs, which InfoNCE (a ranking within each query's row) does not ask for.
+    """
+    differences = scores[labels == 0][:, None] - scores[labels == 1][None, :]
+    logits = torch.cat([torch.zeros(1, device=scores.device, dtype=scores.dtype), (differences * scale).flatten()])
+    return torch.logsumexp(logits, dim=0)

@@ -22,7 +22,7 @@ from encoder_worker.encoders.registry import EncoderSpec, load_encoder, spec_fro
 from service.calibration import best_f1_threshold
 from training import loop
 from training.data import TextPair, TrainingData
-from training.losses import info_nce
+from training.losses import cosent, info_nce
 from training.options import StageError, StageOptions, require_llm2vec
 from training.trainees import EmbeddingTrainee, LLM2VecTrainee, MNTPTrainee, SentenceTransformerTrainee
 
@@ -87,7 +87,10 @@ def run_stage(
 def _options_record(stage: str, options: StageOptions, kind: str) -> dict[str, Any]:
     """The options that shaped this stage (those of other stages or model kinds left out)."""
     record = asdict(options)
-    unused = {"mntp": ("simcse_dropout", "eval_every"), "simcse": ("mask_probability", "eval_every")}.get(
+    unused = {
+        "mntp": ("simcse_dropout", "eval_every", "pair_loss_weight"),
+        "simcse": ("mask_probability", "eval_every", "pair_loss_weight"),
+    }.get(
         stage, ("mask_probability", "simcse_dropout", "validate")
     )
     for key in (*unused, *(("lora", "gradient_checkpointing") if kind != "llm2vec" else ())):
@@ -178,9 +181,13 @@ def anchors(pairs: Sequence[TextPair]) -> list[Anchor]:
 
 
 def _supervised(base: BaseEncoder, data: TrainingData, options: StageOptions, folder: Path, device: str, resume: bool):
-    """Contrastive fine-tuning on labelled pairs: each match against the batch's other records and one of the
-    left record's labelled non-matches, in both directions (InfoNCE); the checkpoint with the best valid F1 is
-    kept."""
+    """Contrastive fine-tuning on labelled pairs; the checkpoint with the best valid F1 is kept.
+
+    Each step: InfoNCE (both directions) of a batch of matches against the batch's other records and one
+    labelled non-match of each left record; plus, weighted by ``pair_loss_weight``, CoSENT over the labelled
+    pair scores of the step (its matches, those non-matches, and a batch drawn from all of train.csv's
+    non-matches, most of whose left records have no match to anchor InfoNCE).
+    """
     train = data.pairs("train")
     batch_anchors = anchors(train)
     if not batch_anchors:
@@ -188,20 +195,35 @@ def _supervised(base: BaseEncoder, data: TrainingData, options: StageOptions, fo
     if not data.pairs("valid"):
         raise StageError("supervised training selects its checkpoint on valid.csv, which has no pairs")
     matches = {(p.left, p.right) for p in train if p.label == 1}
+    non_matches = [p for p in train if p.label == 0] if options.pair_loss_weight else []
     trainee = embedding_trainee(base, options, device)
     steps = _steps(len(batch_anchors), options)
 
     def step_loss(step: int) -> torch.Tensor:
         batch = _batch(batch_anchors, step, options.batch_size, options.seed)
         pick = random.Random(options.seed * 1_000_003 + step)
-        negatives = [pick.choice(a.hard_negatives) for a in batch if a.hard_negatives]
+        owners = [i for i, a in enumerate(batch) if a.hard_negatives]
+        negatives = [pick.choice(batch[i].hard_negatives) for i in owners]
         lefts = trainee.embed([data.inputs[a.left] for a in batch])
         rights = trainee.embed([data.inputs[key] for key in [a.right for a in batch] + negatives])
         documents = [a.right for a in batch] + negatives
         ignore = _known_matches(matches, [a.left for a in batch], documents, device)
         forward = info_nce(lefts, rights, ignore)
         backward = info_nce(rights[: len(batch)], lefts, ignore[:, : len(batch)].T)
-        return (forward + backward) / 2
+        loss = (forward + backward) / 2
+        if not non_matches:
+            return loss
+        sampled = _batch(non_matches, step, options.batch_size, options.seed + 1)
+        scores = torch.cat([
+            _row_cosines(lefts, rights[: len(batch)]),
+            _row_cosines(lefts[owners], rights[len(batch) :]),
+            _row_cosines(
+                trainee.embed([data.inputs[p.left] for p in sampled]),
+                trainee.embed([data.inputs[p.right] for p in sampled]),
+            ),
+        ])
+        labels = torch.tensor([1] * len(batch) + [0] * (len(negatives) + len(sampled)), device=scores.device)
+        return loss + options.pair_loss_weight * cosent(scores, labels)
 
     per_epoch = max(1, len(batch_anchors) // options.batch_size)
     settings = replace(_loop_settings(options, steps), eval_every=options.eval_every or per_epoch)
@@ -209,6 +231,11 @@ def _supervised(base: BaseEncoder, data: TrainingData, options: StageOptions, fo
         "supervised", trainee, step_loss, folder, settings, validate=lambda: valid_f1(trainee, data), resume=resume
     )
     return trainee, result, steps
+
+
+def _row_cosines(left: torch.Tensor, right: torch.Tensor) -> torch.Tensor:
+    """Cosine of each row of ``left`` with the same row of ``right``."""
+    return F.cosine_similarity(left, right, dim=-1)
 
 
 def _known_matches(matches: set[tuple[str, str]], lefts: list[str], documents: list[str], device: str) -> torch.Tensor:
