@@ -27,7 +27,6 @@ def info_nce(
     return F.cross_entropy(scores, targets)
 
 
-
 def cosent(scores: torch.Tensor, labels: torch.Tensor, scale: float = SCALE) -> torch.Tensor:
     """CoSENT over labelled pair scores: log(1 + sum of exp(scale * (s_non_match - s_match))) over all
     (non-match, match) combinations.

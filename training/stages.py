@@ -90,9 +90,7 @@ def _options_record(stage: str, options: StageOptions, kind: str) -> dict[str, A
     unused = {
         "mntp": ("simcse_dropout", "eval_every", "pair_loss_weight"),
         "simcse": ("mask_probability", "eval_every", "pair_loss_weight"),
-    }.get(
-        stage, ("mask_probability", "simcse_dropout", "validate")
-    )
+    }.get(stage, ("mask_probability", "simcse_dropout", "validate"))
     for key in (*unused, *(("lora", "gradient_checkpointing") if kind != "llm2vec" else ())):
         record.pop(key)
     return record
@@ -204,9 +202,9 @@ def _supervised(base: BaseEncoder, data: TrainingData, options: StageOptions, fo
         pick = random.Random(options.seed * 1_000_003 + step)
         owners = [i for i, a in enumerate(batch) if a.hard_negatives]
         negatives = [pick.choice(batch[i].hard_negatives) for i in owners]
-        lefts = trainee.embed([data.inputs[a.left] for a in batch])
-        rights = trainee.embed([data.inputs[key] for key in [a.right for a in batch] + negatives])
         documents = [a.right for a in batch] + negatives
+        lefts = trainee.embed([data.inputs[a.left] for a in batch])
+        rights = trainee.embed([data.inputs[key] for key in documents])
         ignore = _known_matches(matches, [a.left for a in batch], documents, device)
         forward = info_nce(lefts, rights, ignore)
         backward = info_nce(rights[: len(batch)], lefts, ignore[:, : len(batch)].T)
@@ -214,13 +212,12 @@ def _supervised(base: BaseEncoder, data: TrainingData, options: StageOptions, fo
         if not non_matches:
             return loss
         sampled = _batch(non_matches, step, options.batch_size, options.seed + 1)
-        scores = torch.cat([
-            _row_cosines(lefts, rights[: len(batch)]),
-            _row_cosines(lefts[owners], rights[len(batch) :]),
-            _row_cosines(
-                trainee.embed([data.inputs[p.left] for p in sampled]),
-                trainee.embed([data.inputs[p.right] for p in sampled]),
-            ),
+        sampled_lefts = trainee.embed([data.inputs[p.left] for p in sampled])
+        sampled_rights = trainee.embed([data.inputs[p.right] for p in sampled])
+        scores = torch.cat([  # cosine of each labelled pair: matches, their hard negatives, sampled non-matches
+            F.cosine_similarity(lefts, rights[: len(batch)], dim=-1),
+            F.cosine_similarity(lefts[owners], rights[len(batch) :], dim=-1),
+            F.cosine_similarity(sampled_lefts, sampled_rights, dim=-1),
         ])
         labels = torch.tensor([1] * len(batch) + [0] * (len(negatives) + len(sampled)), device=scores.device)
         return loss + options.pair_loss_weight * cosent(scores, labels)
@@ -231,11 +228,6 @@ def _supervised(base: BaseEncoder, data: TrainingData, options: StageOptions, fo
         "supervised", trainee, step_loss, folder, settings, validate=lambda: valid_f1(trainee, data), resume=resume
     )
     return trainee, result, steps
-
-
-def _row_cosines(left: torch.Tensor, right: torch.Tensor) -> torch.Tensor:
-    """Cosine of each row of ``left`` with the same row of ``right``."""
-    return F.cosine_similarity(left, right, dim=-1)
 
 
 def _known_matches(matches: set[tuple[str, str]], lefts: list[str], documents: list[str], device: str) -> torch.Tensor:
