@@ -53,8 +53,9 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
         "seconds": round(time.perf_counter() - started, 1),
         "machine": platform.platform(),
     }
-    written = report.write(out, report.report_dict(benchmark.name, selected, results, meta), selected)
-    print(report.markdown(report.report_dict(benchmark.name, selected, results, meta)))
+    summary = report.report_dict(benchmark.name, selected, results, meta)
+    written = report.write(out, summary, selected, benchmark.test)
+    print(report.markdown(summary))
     print("wrote " + ", ".join(str(p) for p in written))
     return 0
 

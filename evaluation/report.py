@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import csv
 import json
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -12,6 +14,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
+from evaluation.deepmatcher import Pair  # noqa: E402
 from evaluation.runner import RECALL_KS, ConfigResult  # noqa: E402
 from service.calibration import decision_metrics  # noqa: E402
 
@@ -26,13 +29,28 @@ def report_dict(
     return report
 
 
-def write(out: Path, report: dict[str, Any], selected: ConfigResult) -> list[Path]:
+def write(out: Path, report: dict[str, Any], selected: ConfigResult, test_pairs: Sequence[Pair]) -> list[Path]:
     out.mkdir(parents=True, exist_ok=True)
     (out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
     (out / "report.md").write_text(markdown(report))
     figure = out / f"{report['dataset']}.png"
     plot(selected, report["dataset"], figure)
-    return [out / "report.json", out / "report.md", figure]
+    scored = out / "test_pairs.csv"
+    write_test_pairs(scored, selected, test_pairs)
+    return [out / "report.json", out / "report.md", figure, scored]
+
+
+def write_test_pairs(path: Path, result: ConfigResult, pairs: Sequence[Pair]) -> None:
+    """Every test pair with its score and the decision at the chosen threshold, for reading the errors."""
+    outcomes = {(True, 1): "true match", (True, 0): "false match", (False, 1): "missed match", (False, 0): "non-match"}
+    with path.open("w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["left_id", "right_id", "label", "score", "decision", "outcome"])
+        for pair, score in zip(pairs, result.scores["test"]["scores"], strict=True):
+            decided = score >= result.threshold
+            writer.writerow(
+                [pair.left_id, pair.right_id, pair.label, f"{score:.6f}", int(decided), outcomes[(decided, pair.label)]]
+            )
 
 
 def _config_text(config: dict[str, Any]) -> str:

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import csv
 import json
 import shutil
+from collections import Counter
 from pathlib import Path
 
 import pytest
 
-from evaluation import deepmatcher, summarize
+from evaluation import deepmatcher, errors, summarize
 from llmatch.cli import main
 
 SMALL = Path(__file__).resolve().parent / "data" / "abt_buy_small"
@@ -42,9 +44,31 @@ def test_evaluate_writes_report_markdown_and_figure(env, tmp_path, capsys):
     assert "| test |" in (out / "report.md").read_text()
     assert "Threshold chosen on valid" in capsys.readouterr().out
 
+    with (out / "test_pairs.csv").open() as handle:
+        rows = list(csv.DictReader(handle))
+    assert len(rows) == report["pairs"]["test"]
+    assert all((float(r["score"]) >= report["threshold"]) == (r["decision"] == "1") for r in rows)
+    outcomes = Counter(r["outcome"] for r in rows)
+    assert outcomes["true match"] + outcomes["missed match"] == sum(r["label"] == "1" for r in rows)
+    precision = outcomes["true match"] / (outcomes["true match"] + outcomes["false match"])
+    assert precision == pytest.approx(report["test"]["precision"])
+
+    assert errors.main([str(SMALL), str(out), "--show", "missed match", "--limit", "1"]) == 0
+    printed = capsys.readouterr().out.splitlines()
+    counted = {line.split(" | ")[0].strip("| "): int(line.split(" | ")[1]) for line in printed[2:6]}
+    assert counted == {outcome: outcomes[outcome] for outcome in errors.OUTCOMES}
+
     summary = summarize.table([out / "report.json"]).splitlines()
     assert len(summary) == 3 and summary[0].count("|") == summary[2].count("|")
     assert f"**{report['test']['f1']:.3f}**" in summary[2]
+
+
+def test_error_reading_compares_identifier_codes() -> None:
+    sony = errors.codes({"name": "Sony Handycam HDR-SR10", "price": "499.00", "note": "2008 model"})
+    assert sony == {"hdrsr10"}, "a code mixes letters and digits; prices, years and words are not codes"
+    assert errors.agreement(sony, errors.codes({"title": "sony hdrsr10 camcorder"})) == "share a code"
+    assert errors.agreement(sony, errors.codes({"title": "sony hdr-ux10"})) == "codes differ"
+    assert errors.agreement(sony, errors.codes({"title": "sony camcorder"})) == "no code on one side"
 
 
 def test_grid_selects_on_valid_only(env, tmp_path):

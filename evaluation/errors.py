@@ -1,0 +1,89 @@
+"""Read an evaluation's errors: do the two records of each test pair agree on their identifier-like codes?
+
+Usage: python -m evaluation.errors DATASET_DIR EVAL_DIR [--show "false match"] [--limit 10]
+
+A code is a token of at least four characters that mixes letters and digits (a model or part number such as
+``hdr-sr10``), compared with hyphens dropped. The table counts, per outcome in ``test_pairs.csv``, the pairs
+whose records share a code, whose codes all differ, and where one record has none.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import re
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+from evaluation import deepmatcher
+
+OUTCOMES = ("true match", "missed match", "false match", "non-match")
+AGREEMENT = ("share a code", "codes differ", "no code on one side")
+CODE = re.compile(r"\b(?=[a-z0-9-]*\d)(?=[a-z0-9-]*[a-z])[a-z0-9][a-z0-9-]{3,}\b")
+
+
+def codes(attributes: dict[str, Any]) -> set[str]:
+    """The identifier-like tokens of a record, lower-cased, hyphens dropped."""
+    text = " ".join(str(value) for value in attributes.values() if value).lower()
+    return {token.replace("-", "") for token in CODE.findall(text)}
+
+
+def agreement(left: set[str], right: set[str]) -> str:
+    if not left or not right:
+        return AGREEMENT[2]
+    return AGREEMENT[0] if left & right else AGREEMENT[1]
+
+
+def read_pairs(path: Path) -> list[dict[str, str]]:
+    with path.open(newline="") as handle:
+        return list(csv.DictReader(handle))
+
+
+def tally(benchmark: deepmatcher.Benchmark, rows: list[dict[str, str]]) -> Counter[tuple[str, str]]:
+    """(outcome, code agreement) -> number of test pairs."""
+    left = {record["id"]: codes(record["attributes"]) for record in benchmark.table_a}
+    right = {record["id"]: codes(record["attributes"]) for record in benchmark.table_b}
+    return Counter((row["outcome"], agreement(left[row["left_id"]], right[row["right_id"]])) for row in rows)
+
+
+def table(counts: Counter[tuple[str, str]]) -> str:
+    lines = ["| outcome | pairs | " + " | ".join(AGREEMENT) + " |", "|---|---:|" + "---:|" * len(AGREEMENT)]
+    for outcome in OUTCOMES:
+        cells = [counts[(outcome, kind)] for kind in AGREEMENT]
+        lines.append(f"| {outcome} | {sum(cells)} | " + " | ".join(str(cell) for cell in cells) + " |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m evaluation.errors", description=__doc__.splitlines()[0])
+    parser.add_argument("dataset_dir", type=Path)
+    parser.add_argument("eval_dir", type=Path, help="an `llmatch evaluate --out` folder (holds test_pairs.csv)")
+    parser.add_argument("--show", choices=OUTCOMES, help="also print the records of pairs with this outcome")
+    parser.add_argument("--limit", type=int, default=10)
+    args = parser.parse_args(argv)
+    try:
+        benchmark = deepmatcher.load(args.dataset_dir)
+    except deepmatcher.DatasetError as error:
+        parser.error(str(error))
+    pairs_file = args.eval_dir / "test_pairs.csv"
+    if not pairs_file.is_file():
+        parser.error(f"{pairs_file} is missing: run `llmatch evaluate ... --out {args.eval_dir}` first")
+    rows = read_pairs(pairs_file)
+    print(table(tally(benchmark, rows)))
+    if args.show:
+        _show(benchmark, [row for row in rows if row["outcome"] == args.show][: args.limit])
+    return 0
+
+
+def _show(benchmark: deepmatcher.Benchmark, rows: list[dict[str, str]]) -> None:
+    left = {record["id"]: record["attributes"] for record in benchmark.table_a}
+    right = {record["id"]: record["attributes"] for record in benchmark.table_b}
+    for row in rows:
+        print(f"\n{row['score']}  a/{row['left_id']}  b/{row['right_id']}")
+        for side, record in (("a", left[row["left_id"]]), ("b", right[row["right_id"]])):
+            print(f"  {side}: " + " | ".join(str(value) for value in record.values() if value))
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
