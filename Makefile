@@ -45,9 +45,9 @@ results-smollm2: smollm2
 	    --out eval-out/smollm2/$$name || exit 1; done
 	$(BIN)/python -m evaluation.summarize eval-out/smollm2/*/report.json
 
-# Issue-4 results: MiniLM fine-tuned per dataset on its train.csv (3 epochs, checkpoint chosen on valid.csv),
-# then evaluated like the untrained encoder. About two hours on two CPU cores; TRAIN_FLAGS passes options
-# through (e.g. --max-steps 60 for a quicker, weaker run).
+# Trained-encoder results: MiniLM fine-tuned per dataset on its train.csv (3 epochs at learning rate 1e-4,
+# checkpoint chosen on valid.csv), then evaluated like the untrained encoder. One to two hours on two CPU
+# cores; TRAIN_FLAGS passes options through (e.g. --max-steps 60 for a quicker, weaker run).
 TRAIN_FLAGS ?=
 results-trained: setup
 	for name in $(BENCHMARKS); do \
