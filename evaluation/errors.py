@@ -16,16 +16,18 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
+from encoder_worker.render import RenderConfig, render, value_text
 from evaluation import deepmatcher
+from evaluation.report import OUTCOMES as OUTCOME_NAMES
 
-OUTCOMES = ("true match", "missed match", "false match", "non-match")
+OUTCOMES = tuple(OUTCOME_NAMES.values())
 AGREEMENT = ("share a code", "codes differ", "no code on one side")
 CODE = re.compile(r"\b(?=[a-z0-9-]*\d)(?=[a-z0-9-]*[a-z])[a-z0-9][a-z0-9-]{3,}\b")
 
 
 def codes(attributes: dict[str, Any]) -> set[str]:
     """The identifier-like tokens of a record, lower-cased, hyphens dropped."""
-    text = " ".join(str(value) for value in attributes.values() if value).lower()
+    text = render(attributes, RenderConfig("plain")).lower()
     return {token.replace("-", "") for token in CODE.findall(text)}
 
 
@@ -40,11 +42,18 @@ def read_pairs(path: Path) -> list[dict[str, str]]:
         return list(csv.DictReader(handle))
 
 
-def tally(benchmark: deepmatcher.Benchmark, rows: list[dict[str, str]]) -> Counter[tuple[str, str]]:
+Attributes = dict[str, dict[str, Any]]  # record id -> attributes
+
+
+def by_id(table: list[dict[str, Any]]) -> Attributes:
+    return {record["id"]: record["attributes"] for record in table}
+
+
+def tally(left: Attributes, right: Attributes, rows: list[dict[str, str]]) -> Counter[tuple[str, str]]:
     """(outcome, code agreement) -> number of test pairs."""
-    left = {record["id"]: codes(record["attributes"]) for record in benchmark.table_a}
-    right = {record["id"]: codes(record["attributes"]) for record in benchmark.table_b}
-    return Counter((row["outcome"], agreement(left[row["left_id"]], right[row["right_id"]])) for row in rows)
+    return Counter(
+        (row["outcome"], agreement(codes(left[row["left_id"]]), codes(right[row["right_id"]]))) for row in rows
+    )
 
 
 def table(counts: Counter[tuple[str, str]]) -> str:
@@ -70,19 +79,18 @@ def main(argv: list[str] | None = None) -> int:
     if not pairs_file.is_file():
         parser.error(f"{pairs_file} is missing: run `llmatch evaluate ... --out {args.eval_dir}` first")
     rows = read_pairs(pairs_file)
-    print(table(tally(benchmark, rows)))
+    left, right = by_id(benchmark.table_a), by_id(benchmark.table_b)
+    print(table(tally(left, right, rows)))
     if args.show:
-        _show(benchmark, [row for row in rows if row["outcome"] == args.show][: args.limit])
+        _show(left, right, [row for row in rows if row["outcome"] == args.show][: args.limit])
     return 0
 
 
-def _show(benchmark: deepmatcher.Benchmark, rows: list[dict[str, str]]) -> None:
-    left = {record["id"]: record["attributes"] for record in benchmark.table_a}
-    right = {record["id"]: record["attributes"] for record in benchmark.table_b}
+def _show(left: Attributes, right: Attributes, rows: list[dict[str, str]]) -> None:
     for row in rows:
         print(f"\n{row['score']}  a/{row['left_id']}  b/{row['right_id']}")
         for side, record in (("a", left[row["left_id"]]), ("b", right[row["right_id"]])):
-            print(f"  {side}: " + " | ".join(str(value) for value in record.values() if value))
+            print(f"  {side}: " + " | ".join(filter(None, map(value_text, record.values()))))
 
 
 if __name__ == "__main__":

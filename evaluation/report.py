@@ -18,6 +18,9 @@ from evaluation.deepmatcher import Pair  # noqa: E402
 from evaluation.runner import RECALL_KS, ConfigResult  # noqa: E402
 from service.calibration import decision_metrics  # noqa: E402
 
+# (decided a match, label) -> the outcome test_pairs.csv names, in the order tables list them.
+OUTCOMES = {(True, 1): "true match", (False, 1): "missed match", (True, 0): "false match", (False, 0): "non-match"}
+
 
 def report_dict(
     dataset: str, selected: ConfigResult, tried: list[ConfigResult], meta: dict[str, Any]
@@ -42,14 +45,13 @@ def write(out: Path, report: dict[str, Any], selected: ConfigResult, test_pairs:
 
 def write_test_pairs(path: Path, result: ConfigResult, pairs: Sequence[Pair]) -> None:
     """Every test pair with its score and the decision at the chosen threshold, for reading the errors."""
-    outcomes = {(True, 1): "true match", (True, 0): "false match", (False, 1): "missed match", (False, 0): "non-match"}
     with path.open("w", newline="") as handle:
         writer = csv.writer(handle)
         writer.writerow(["left_id", "right_id", "label", "score", "decision", "outcome"])
         for pair, score in zip(pairs, result.scores["test"]["scores"], strict=True):
             decided = score >= result.threshold
             writer.writerow(
-                [pair.left_id, pair.right_id, pair.label, f"{score:.6f}", int(decided), outcomes[(decided, pair.label)]]
+                [pair.left_id, pair.right_id, pair.label, f"{score:.6f}", int(decided), OUTCOMES[(decided, pair.label)]]
             )
 
 
