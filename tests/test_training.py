@@ -21,10 +21,10 @@ from encoder_worker.encoders.registry import EncoderSpec, configured_specs, load
 from llmatch.cli import main
 from llmatch.settings import Settings
 from training import data as training_data
-from training import loop
+from training import loop, stages
 from training.losses import cosent, info_nce
 from training.options import LoraSettings, StageOptions
-from training.stages import BaseEncoder, anchors, run_stage
+from training.stages import BaseEncoder, anchors, mine_negatives, run_stage
 from training.trainees import LLM2VecTrainee
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -186,6 +186,34 @@ def test_anchors_pair_each_match_with_the_left_records_labelled_non_matches() ->
     assert found["d/a/2"].hard_negatives == ()
 
 
+def test_mined_negatives_are_the_nearest_right_records_of_the_same_dataset_but_not_train_matches() -> None:
+    def angle_vectors(inputs: list[EncoderInput]) -> np.ndarray:  # a record's text is its angle on a circle
+        angles = np.array([float(item.text) for item in inputs])
+        return np.stack([np.cos(angles), np.sin(angles)], axis=1)
+
+    texts = {"d/a/1": "0.0", "d/b/1": "0.05", "d/b/2": "0.1", "d/b/3": "0.2", "d/b/4": "3.0",
+             "e/a/1": "1.5", "e/b/1": "0.0", "e/b/2": "1.45"}
+    data = training_data.TrainingData(["d", "e"], "plain", None,
+                                      {key: EncoderInput(None, text) for key, text in texts.items()})
+    given = [stages.Anchor("d/a/1", "d/b/1", ("d/b/4",)), stages.Anchor("e/a/1", "e/b/2", ())]
+    mined = mine_negatives(angle_vectors, data, given, {("d/a/1", "d/b/1"), ("e/a/1", "e/b/2")}, count=2)
+
+    assert [a.mined_negatives for a in mined] == [("d/b/2", "d/b/3"), ("e/b/1",)]
+    assert [(a.left, a.right, a.hard_negatives) for a in mined] == [(a.left, a.right, a.hard_negatives) for a in given]
+
+
+def test_supervised_training_with_mined_negatives_records_them(
+    tiny_folder: Path, separable: Path, tmp_path: Path
+) -> None:
+    data = training_data.load([separable], "tagged", None)
+    settings = options(max_steps=3, lora=LoraSettings(), mined_negatives=2)
+    run_stage("supervised", tiny_base(tiny_folder), data, settings, tmp_path / "mined", "cpu")
+
+    stage = read_manifest(tmp_path / "mined")["stages"][0]
+    assert stage["options"]["mined_negatives"] == 2 and stage["steps"] == 3
+    assert np.isfinite([stage["loss"]["first"], stage["loss"]["last"]]).all()
+
+
 def test_train_command_fine_tunes_minilm_and_evaluate_uses_the_folder(tmp_path: Path, capsys) -> None:
     out = tmp_path / "trained"
     assert main(["train", str(SMALL_BENCHMARK), "--base", "minilm", "--out", str(out), "--epochs", "1",
@@ -253,7 +281,8 @@ def test_stage_options_shrink_on_a_cpu(tmp_path: Path) -> None:
 
     spec = EncoderSpec("tiny", "llm2vec", str(tmp_path))
     args = Namespace(max_length=None, max_steps=None, batch_size=None, learning_rate=None, epochs=None,
-                     seed=1, lora_rank=4, eval_every=None, no_validation=False, pair_loss_weight=1.0)
+                     seed=1, lora_rank=4, eval_every=None, no_validation=False, pair_loss_weight=1.0,
+                     mined_negatives=0)
     cpu = stage_options("mntp", spec, args, "cpu")
     gpu = stage_options("mntp", spec, args, "cuda")
     assert (cpu.max_length, cpu.max_steps, cpu.batch_size) == (128, 100, 8)

@@ -59,6 +59,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--pair-loss-weight", type=float, default=1.0,
         help="supervised: weight of the CoSENT term over labelled pairs, non-matches included (0: InfoNCE only)",
     )
+    parser.add_argument(
+        "--mined-negatives", type=int, default=0,
+        help="supervised: per match, how many tableB records nearest its left record (by the base model; "
+        "train.csv matches left out) to mine as extra negatives (0: none)",
+    )
     parser.add_argument("--eval-every", type=int, default=None, help="supervised: steps between valid evaluations")
     parser.add_argument(
         "--no-validation",
@@ -141,6 +146,8 @@ def stage_options(stage: str, spec: EncoderSpec, args: argparse.Namespace, devic
     learning_rate, gpu_batch, cpu_batch = DEFAULTS[(stage, spec.kind)]
     if args.pair_loss_weight < 0:
         raise StageError(f"--pair-loss-weight is a weight, 0 or more; got {args.pair_loss_weight}")
+    if args.mined_negatives < 0:
+        raise StageError(f"--mined-negatives is a count, 0 or more; got {args.mined_negatives}")
     on_cpu = not device.startswith("cuda")
     max_length = args.max_length or (CPU_LLM_MAX_LENGTH if on_cpu and spec.kind == "llm2vec" else None)
     max_steps = args.max_steps or (100 if on_cpu and stage != "supervised" else None)
@@ -154,6 +161,7 @@ def stage_options(stage: str, spec: EncoderSpec, args: argparse.Namespace, devic
         lora=LoraSettings(rank=args.lora_rank, alpha=2 * args.lora_rank),
         pair_loss_weight=args.pair_loss_weight,
         eval_every=args.eval_every,
+        mined_negatives=args.mined_negatives,
         validate=not args.no_validation,
         gradient_checkpointing=not on_cpu and spec.kind == "llm2vec",
     )

@@ -34,6 +34,7 @@ class StageOptions:
     simcse_dropout: float = 0.3  # SimCSE: attention dropout of the LLM (sentence-transformers keep their own)
     pair_loss_weight: float = 1.0  # supervised: weight of the CoSENT term over labelled pairs (0: InfoNCE only)
     eval_every: int | None = None  # supervised: steps between valid evaluations (None: once per epoch)
+    mined_negatives: int = 0  # supervised: tableB records nearest each match's left record, mined as extra negatives
     validate: bool = True  # mntp/simcse: measure valid F1 after training (supervised always does)
     checkpoint_every: int = 50
     gradient_checkpointing: bool = False

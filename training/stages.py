@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import logging
 import math
 import random
@@ -26,8 +27,9 @@ from training.losses import cosent, info_nce
 from training.options import StageError, StageOptions, require_llm2vec
 from training.trainees import EmbeddingTrainee, LLM2VecTrainee, MNTPTrainee, SentenceTransformerTrainee
 
-VALID_CHUNK = 256  # records embedded between progress-bar updates during validation
+CHUNK = 256  # records embedded between progress-bar updates (validation, mining)
 log = logging.getLogger("llmatch.train")
+Embedder = Callable[[list[EncoderInput]], np.ndarray]  # inputs -> unit-length rows
 
 
 @dataclass(frozen=True)
@@ -88,8 +90,8 @@ def _options_record(stage: str, options: StageOptions, kind: str) -> dict[str, A
     """The options that shaped this stage (those of other stages or model kinds left out)."""
     record = asdict(options)
     unused = {
-        "mntp": ("simcse_dropout", "eval_every", "pair_loss_weight"),
-        "simcse": ("mask_probability", "eval_every", "pair_loss_weight"),
+        "mntp": ("simcse_dropout", "eval_every", "pair_loss_weight", "mined_negatives"),
+        "simcse": ("mask_probability", "eval_every", "pair_loss_weight", "mined_negatives"),
     }.get(stage, ("mask_probability", "simcse_dropout", "validate"))
     for key in (*unused, *(("lora", "gradient_checkpointing") if kind != "llm2vec" else ())):
         record.pop(key)
@@ -163,11 +165,12 @@ def _simcse(base: BaseEncoder, data: TrainingData, options: StageOptions, folder
 
 @dataclass(frozen=True)
 class Anchor:
-    """A matching pair from train.csv and the labelled non-matches of its left record."""
+    """A matching pair from train.csv, the labelled non-matches of its left record, and any mined ones."""
 
     left: str
     right: str
     hard_negatives: tuple[str, ...]
+    mined_negatives: tuple[str, ...] = ()
 
 
 def anchors(pairs: Sequence[TextPair]) -> list[Anchor]:
@@ -181,10 +184,11 @@ def anchors(pairs: Sequence[TextPair]) -> list[Anchor]:
 def _supervised(base: BaseEncoder, data: TrainingData, options: StageOptions, folder: Path, device: str, resume: bool):
     """Contrastive fine-tuning on labelled pairs; the checkpoint with the best valid F1 is kept.
 
-    Each step: InfoNCE (both directions) of a batch of matches against the batch's other records and one
-    labelled non-match of each left record; plus, weighted by ``pair_loss_weight``, CoSENT over the labelled
-    pair scores of the step (its matches, those non-matches, and a batch drawn from all of train.csv's
-    non-matches, most of whose left records have no match to anchor InfoNCE).
+    Each step: InfoNCE (both directions) of a batch of matches against the batch's other records, one
+    labelled non-match of each left record and, with ``mined_negatives``, one of the tableB records the base
+    model put nearest it (train.csv's matches left out); plus, weighted by ``pair_loss_weight``, CoSENT over
+    the labelled pair scores of the step (its matches, those non-matches, and a batch drawn from all of
+    train.csv's non-matches, most of whose left records have no match to anchor InfoNCE).
     """
     train = data.pairs("train")
     batch_anchors = anchors(train)
@@ -195,6 +199,8 @@ def _supervised(base: BaseEncoder, data: TrainingData, options: StageOptions, fo
     matches = {(p.left, p.right) for p in train if p.label == 1}
     non_matches = [p for p in train if p.label == 0] if options.pair_loss_weight else []
     trainee = embedding_trainee(base, options, device)
+    if options.mined_negatives:
+        batch_anchors = mine_negatives(_embedder(trainee), data, batch_anchors, matches, options.mined_negatives)
     steps = _steps(len(batch_anchors), options)
 
     def step_loss(step: int) -> torch.Tensor:
@@ -202,7 +208,8 @@ def _supervised(base: BaseEncoder, data: TrainingData, options: StageOptions, fo
         pick = random.Random(options.seed * 1_000_003 + step)
         owners = [i for i, a in enumerate(batch) if a.hard_negatives]
         negatives = [pick.choice(batch[i].hard_negatives) for i in owners]
-        documents = [a.right for a in batch] + negatives
+        mined = [pick.choice(a.mined_negatives) for a in batch if a.mined_negatives]
+        documents = [a.right for a in batch] + negatives + mined
         lefts = trainee.embed([data.inputs[a.left] for a in batch])
         rights = trainee.embed([data.inputs[key] for key in documents])
         ignore = _known_matches(matches, [a.left for a in batch], documents, device)
@@ -216,7 +223,7 @@ def _supervised(base: BaseEncoder, data: TrainingData, options: StageOptions, fo
         sampled_rights = trainee.embed([data.inputs[p.right] for p in sampled])
         scores = torch.cat([  # cosine of each labelled pair: matches, their hard negatives, sampled non-matches
             F.cosine_similarity(lefts, rights[: len(batch)], dim=-1),
-            F.cosine_similarity(lefts[owners], rights[len(batch) :], dim=-1),
+            F.cosine_similarity(lefts[owners], rights[len(batch) : len(batch) + len(negatives)], dim=-1),
             F.cosine_similarity(sampled_lefts, sampled_rights, dim=-1),
         ])
         labels = torch.tensor([1] * len(batch) + [0] * (len(negatives) + len(sampled)), device=scores.device)
@@ -239,14 +246,44 @@ def _known_matches(matches: set[tuple[str, str]], lefts: list[str], documents: l
     return ignore.to(device)
 
 
-def valid_f1(trainee: EmbeddingTrainee, data: TrainingData, batch_size: int = 64) -> float:
-    """Best-threshold F1 of cosine scores over valid.csv (mean over datasets), from the trainee's embeddings."""
+def mine_negatives(
+    embed: Embedder, data: TrainingData, batch_anchors: list[Anchor], matches: set[tuple[str, str]], count: int
+) -> list[Anchor]:
+    """Each anchor with the ``count`` tableB records of its dataset nearest its left record, matches left out.
+
+    Only train.csv's matches are left out: an unlabelled true match among the mined records is a wrong
+    negative, the price of mining on benchmarks whose tableB holds mostly one match per left record.
+    """
+    mined: dict[str, tuple[str, ...]] = {}
+    for dataset in data.names:
+        lefts = sorted({a.left for a in batch_anchors if a.left.startswith(f"{dataset}/a/")})
+        rights = [key for key in data.inputs if key.startswith(f"{dataset}/b/")]
+        if not lefts or not rights:
+            continue
+        right_vectors = _embed_in_chunks(embed, [data.inputs[key] for key in rights], f"mine {dataset}")
+        scores = embed([data.inputs[key] for key in lefts]) @ right_vectors.T
+        for left, row in zip(lefts, scores, strict=True):
+            nearest = (rights[j] for j in np.argsort(-row, kind="stable"))
+            mined[left] = tuple(itertools.islice((key for key in nearest if (left, key) not in matches), count))
+    log.info("mined %d negatives for each of %d left records", count, len(mined))
+    return [replace(a, mined_negatives=mined.get(a.left, ())) for a in batch_anchors]
+
+
+def _embedder(trainee: EmbeddingTrainee, batch_size: int = 64) -> Embedder:
+    """The trainee's current embeddings, without gradients, as unit rows."""
 
     def embed(inputs: list[EncoderInput]) -> np.ndarray:
-        chunks = [trainee.embed(inputs[i : i + batch_size]).cpu() for i in range(0, len(inputs), batch_size)]
+        trainee.module.train(False)
+        with torch.no_grad():
+            chunks = [trainee.embed(inputs[i : i + batch_size]).cpu() for i in range(0, len(inputs), batch_size)]
         return F.normalize(torch.cat(chunks), dim=-1).numpy()
 
-    return _valid_f1(data, embed)
+    return embed
+
+
+def valid_f1(trainee: EmbeddingTrainee, data: TrainingData) -> float:
+    """Best-threshold F1 of cosine scores over valid.csv (mean over datasets), from the trainee's embeddings."""
+    return _valid_f1(data, _embedder(trainee))
 
 
 def validate_encoder(spec: EncoderSpec, data: TrainingData, device: str) -> float:
@@ -255,19 +292,24 @@ def validate_encoder(spec: EncoderSpec, data: TrainingData, device: str) -> floa
     return _valid_f1(data, lambda inputs: encoder.encode(inputs, batch_size=spec.batch_size))
 
 
-def _valid_f1(data: TrainingData, embed: Callable[[list[EncoderInput]], np.ndarray]) -> float:
-    """Mean over datasets of the best-threshold F1 of cosine scores on valid.csv; ``embed`` gives unit rows."""
+def _valid_f1(data: TrainingData, embed: Embedder) -> float:
+    """Mean over datasets of the best-threshold F1 of cosine scores on valid.csv."""
     scores = []
     for dataset, pairs in data.splits["valid"].items():
         keys = sorted({key for pair in pairs for key in (pair.left, pair.right)})
-        inputs = [data.inputs[key] for key in keys]
-        chunks = []
-        with tqdm(total=len(inputs), desc=f"valid {dataset}", unit=" records", leave=False) as bar:
-            for start in range(0, len(inputs), VALID_CHUNK):
-                chunks.append(embed(inputs[start : start + VALID_CHUNK]))
-                bar.update(len(chunks[-1]))
-        scores.append(_pair_f1(pairs, keys, np.concatenate(chunks)))
+        vectors = _embed_in_chunks(embed, [data.inputs[key] for key in keys], f"valid {dataset}")
+        scores.append(_pair_f1(pairs, keys, vectors))
     return float(np.mean(scores))
+
+
+def _embed_in_chunks(embed: Embedder, inputs: list[EncoderInput], description: str) -> np.ndarray:
+    """``embed`` over many inputs, with a progress bar."""
+    chunks = []
+    with tqdm(total=len(inputs), desc=description, unit=" records", leave=False) as bar:
+        for start in range(0, len(inputs), CHUNK):
+            chunks.append(embed(inputs[start : start + CHUNK]))
+            bar.update(len(chunks[-1]))
+    return np.concatenate(chunks)
 
 
 def _pair_f1(pairs: Sequence[TextPair], keys: list[str], matrix: np.ndarray) -> float:
