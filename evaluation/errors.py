@@ -3,32 +3,31 @@
 Usage: python -m evaluation.errors DATASET_DIR EVAL_DIR [--show "false match"] [--limit 10]
 
 A code is a token of at least four characters that mixes letters and digits (a model or part number such as
-``hdr-sr10``), compared with hyphens dropped. The table counts, per outcome in ``test_pairs.csv``, the pairs
-whose records share a code, whose codes all differ, and where one record has none.
+``hdr-sr10``), compared with hyphens dropped: the identifier tokens of ``encoder_worker/encoders/identifiers.py``.
+The table counts, per outcome in ``test_pairs.csv``, the pairs whose records share a code, whose codes all
+differ, and where one record has none.
 """
 
 from __future__ import annotations
 
 import argparse
 import csv
-import re
 from collections import Counter
 from pathlib import Path
 from typing import Any
 
+from encoder_worker.encoders.identifiers import identifier_tokens
 from encoder_worker.render import RenderConfig, render, value_text
 from evaluation import deepmatcher
 from evaluation.report import OUTCOMES as OUTCOME_NAMES
 
 OUTCOMES = tuple(OUTCOME_NAMES.values())
 AGREEMENT = ("share a code", "codes differ", "no code on one side")
-CODE = re.compile(r"\b(?=[a-z0-9-]*\d)(?=[a-z0-9-]*[a-z])[a-z0-9][a-z0-9-]{3,}\b")
 
 
 def codes(attributes: dict[str, Any]) -> set[str]:
     """The identifier-like tokens of a record, lower-cased, hyphens dropped."""
-    text = render(attributes, RenderConfig("plain")).lower()
-    return {token.replace("-", "") for token in CODE.findall(text)}
+    return identifier_tokens(render(attributes, RenderConfig("plain")))
 
 
 def agreement(left: set[str], right: set[str]) -> str:

@@ -219,7 +219,11 @@ def test_train_command_fine_tunes_minilm_and_evaluate_uses_the_folder(tmp_path: 
     assert main(["train", str(SMALL_BENCHMARK), "--base", "minilm", "--out", str(out), "--epochs", "1",
                  "--batch-size", "8", "--serialization", "plain"]) == 0
     manifest = read_manifest(out / "supervised")
-    assert manifest["encoder"] == {"kind": "sentence-transformers", "model": "."}
+    selection = manifest["stages"][0]["identifier_weights"]  # every default candidate, measured on valid
+    assert [row["weight"] for row in selection] == [0.0, 0.05, 0.1, 0.15, 0.2, 0.25, 0.3, 0.4, 0.5]
+    best = max(selection, key=lambda row: row["valid_f1"])
+    assert manifest["encoder"] == {"kind": "sentence-transformers", "model": ".", "identifier_weight": best["weight"]}
+    assert manifest["valid_f1"] == best["valid_f1"]
     assert manifest["render"] == {"serialization": "plain", "instruction": None}
     assert manifest["stages"][0]["data"][0]["dataset"] == "abt_buy_small"
     settings = Settings(encoders={"abt": str(out / "supervised")})  # LLMATCH_ENCODERS naming the folder
@@ -240,6 +244,8 @@ def test_train_command_fine_tunes_minilm_and_evaluate_uses_the_folder(tmp_path: 
         (["--base", "minilm", "--stages", "mntp"], "is a sentence-transformers model"),
         (["--base", "no-such-encoder"], "neither a configured encoder"),
         (["--pair-loss-weight", "-1"], "--pair-loss-weight is a weight"),
+        (["--identifier-weights", "0,1"], "--identifier-weights takes"),
+        (["--identifier-weights", "some"], "--identifier-weights takes"),
     ],
 )
 def test_train_command_rejects_what_it_cannot_do(arguments: list[str], message: str, tmp_path: Path, capsys) -> None:
@@ -282,7 +288,7 @@ def test_stage_options_shrink_on_a_cpu(tmp_path: Path) -> None:
     spec = EncoderSpec("tiny", "llm2vec", str(tmp_path))
     args = Namespace(max_length=None, max_steps=None, batch_size=None, learning_rate=None, epochs=None,
                      seed=1, lora_rank=4, eval_every=None, no_validation=False, pair_loss_weight=1.0,
-                     mined_negatives=0)
+                     mined_negatives=0, identifier_weights="0,0.2")
     cpu = stage_options("mntp", spec, args, "cpu")
     gpu = stage_options("mntp", spec, args, "cuda")
     assert (cpu.max_length, cpu.max_steps, cpu.batch_size) == (128, 100, 8)

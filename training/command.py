@@ -64,6 +64,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="supervised: per match, how many tableB records nearest its left record (by the base model; "
         "train.csv matches left out) to mine as extra negatives (0: none)",
     )
+    parser.add_argument(
+        "--identifier-weights", default="0,0.05,0.1,0.15,0.2,0.25,0.3,0.4,0.5",
+        help="supervised: candidate weights of exact identifier tokens in the cosine (model numbers; see README), "
+        "the one with the best valid F1 is kept in the manifest (0: off)",
+    )
     parser.add_argument("--eval-every", type=int, default=None, help="supervised: steps between valid evaluations")
     parser.add_argument(
         "--no-validation",
@@ -148,6 +153,7 @@ def stage_options(stage: str, spec: EncoderSpec, args: argparse.Namespace, devic
         raise StageError(f"--pair-loss-weight is a weight, 0 or more; got {args.pair_loss_weight}")
     if args.mined_negatives < 0:
         raise StageError(f"--mined-negatives is a count, 0 or more; got {args.mined_negatives}")
+    identifier_weights = parse_weights(args.identifier_weights)
     on_cpu = not device.startswith("cuda")
     max_length = args.max_length or (CPU_LLM_MAX_LENGTH if on_cpu and spec.kind == "llm2vec" else None)
     max_steps = args.max_steps or (100 if on_cpu and stage != "supervised" else None)
@@ -162,9 +168,21 @@ def stage_options(stage: str, spec: EncoderSpec, args: argparse.Namespace, devic
         pair_loss_weight=args.pair_loss_weight,
         eval_every=args.eval_every,
         mined_negatives=args.mined_negatives,
+        identifier_weights=identifier_weights,
         validate=not args.no_validation,
         gradient_checkpointing=not on_cpu and spec.kind == "llm2vec",
     )
+
+
+def parse_weights(text: str) -> tuple[float, ...]:
+    """``--identifier-weights``: comma-separated numbers in [0, 1)."""
+    try:
+        weights = tuple(float(part) for part in text.split(",") if part.strip())
+    except ValueError:
+        weights = ()
+    if not weights or not all(0.0 <= weight < 1.0 for weight in weights):
+        raise StageError(f"--identifier-weights takes comma-separated numbers from 0 to below 1; got {text!r}")
+    return weights
 
 
 def default_folder_name(datasets: list[str], base_name: str) -> str:

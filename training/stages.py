@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from encoder_worker.encoders.base import EncoderInput
+from encoder_worker.encoders.identifiers import combine, identifier_vectors
 from encoder_worker.encoders.manifest import write_manifest
 from encoder_worker.encoders.registry import EncoderSpec, load_encoder, spec_from_options
 from service.calibration import best_f1_threshold
@@ -80,8 +81,16 @@ def run_stage(
     valid_f1 = result.valid_f1
     if valid_f1 is None and options.validate:
         valid_f1 = validate_encoder(spec, data, device)
+    if stage == "supervised" and any(options.identifier_weights):
+        selection = select_identifier_weight(spec, data, device, options.identifier_weights)
+        record["identifier_weights"] = selection
+        best = max(selection, key=lambda row: row["valid_f1"])  # the first (smallest weight) among equals
+        block["identifier_weight"] = best["weight"]
+        valid_f1 = best["valid_f1"]
+        log.info("%s: identifier weight %s chosen on valid (F1 %.4f)", stage, best["weight"], valid_f1)
     record["valid_f1"] = manifest["valid_f1"] = round(valid_f1, 4) if valid_f1 is not None else None
     write_manifest(folder, manifest)
+    spec = spec_from_options(folder.name, folder)
     log.info("%s: wrote %s (valid F1 %s)", stage, folder, "not measured" if valid_f1 is None else f"{valid_f1:.4f}")
     return BaseEncoder(spec, tuple(manifest["stages"]), base_model)
 
@@ -90,8 +99,8 @@ def _options_record(stage: str, options: StageOptions, kind: str) -> dict[str, A
     """The options that shaped this stage (those of other stages or model kinds left out)."""
     record = asdict(options)
     unused = {
-        "mntp": ("simcse_dropout", "eval_every", "pair_loss_weight", "mined_negatives"),
-        "simcse": ("mask_probability", "eval_every", "pair_loss_weight", "mined_negatives"),
+        "mntp": ("simcse_dropout", "eval_every", "pair_loss_weight", "mined_negatives", "identifier_weights"),
+        "simcse": ("mask_probability", "eval_every", "pair_loss_weight", "mined_negatives", "identifier_weights"),
     }.get(stage, ("mask_probability", "simcse_dropout", "validate"))
     for key in (*unused, *(("lora", "gradient_checkpointing") if kind != "llm2vec" else ())):
         record.pop(key)
@@ -290,6 +299,34 @@ def validate_encoder(spec: EncoderSpec, data: TrainingData, device: str) -> floa
     """Valid F1 through the serving encoder (what ``llmatch serve`` would load from the stage folder)."""
     encoder = load_encoder(spec, device)
     return _valid_f1(data, lambda inputs: encoder.encode(inputs, batch_size=spec.batch_size))
+
+
+def select_identifier_weight(
+    spec: EncoderSpec, data: TrainingData, device: str, weights: Sequence[float]
+) -> list[dict[str, float]]:
+    """Valid F1 of the trained encoder with each candidate identifier weight (identifiers.py), in order.
+
+    The dense vectors are embedded once; each weight only recombines them with the identifier features, exactly
+    as the serving encoder will.
+    """
+    dense_spec = replace(spec, identifier_weight=0.0)
+    encoder = load_encoder(dense_spec, device)
+    valid = []
+    for dataset, pairs in data.splits["valid"].items():
+        keys = sorted({key for pair in pairs for key in (pair.left, pair.right)})
+        inputs = [data.inputs[key] for key in keys]
+        dense = _embed_in_chunks(
+            lambda chunk: encoder.encode(chunk, batch_size=spec.batch_size), inputs, f"valid {dataset}"
+        )
+        valid.append((pairs, keys, dense, identifier_vectors([item.text for item in inputs], spec.identifier_dims)))
+    selection = []
+    for weight in sorted(set(weights)):
+        f1 = np.mean([
+            _pair_f1(pairs, keys, combine(dense, codes, weight) if weight else dense)
+            for pairs, keys, dense, codes in valid
+        ])
+        selection.append({"weight": weight, "valid_f1": round(float(f1), 4)})
+    return selection
 
 
 def _valid_f1(data: TrainingData, embed: Embedder) -> float:

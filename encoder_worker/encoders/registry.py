@@ -14,6 +14,7 @@ from typing import Any, Literal
 import numpy as np
 
 from encoder_worker.encoders.base import Encoder, EncoderInput
+from encoder_worker.encoders.identifiers import DEFAULT_DIMS, IdentifierEncoder
 from encoder_worker.encoders.manifest import encoder_options
 from llmatch.settings import Settings
 
@@ -42,10 +43,16 @@ class EncoderSpec:
     pooling: str = "mean"
     max_length: int | None = None  # tokens; None: the model's own limit (LLM2Vec: 512)
     batch_size: int = 32
+    identifier_weight: float = 0.0  # share of the cosine given to exact identifier tokens (identifiers.py); 0: off
+    identifier_dims: int = DEFAULT_DIMS  # hash buckets of the identifier features
 
     def __post_init__(self) -> None:
         if isinstance(self.adapter, list):  # JSON configuration gives lists
             object.__setattr__(self, "adapter", tuple(self.adapter))
+        if not 0.0 <= self.identifier_weight < 1.0:
+            raise ValueError(f"encoder {self.name!r}: identifier_weight must be at least 0 and below 1")
+        if self.identifier_dims < 16:
+            raise ValueError(f"encoder {self.name!r}: identifier_dims must be at least 16")
 
     @property
     def adapters(self) -> tuple[str, ...]:
@@ -56,7 +63,10 @@ class EncoderSpec:
     @property
     def key(self) -> str:
         """Stable identity of the weights and settings that shape a vector; names the content cache."""
-        identity = {k: v for k, v in asdict(self).items() if k not in ("name", "batch_size")}
+        unused = {"name", "batch_size"}
+        if not self.identifier_weight:  # keys of encoders without identifier features stay as they were
+            unused |= {"identifier_weight", "identifier_dims"}
+        identity = {k: v for k, v in asdict(self).items() if k not in unused}
         return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:32]
 
     @property
@@ -117,6 +127,13 @@ def load_encoder(spec: EncoderSpec, device: str) -> Encoder:
         missing = [path for path in (spec.model, *spec.adapters) if not _available(path)]
         raise EncoderUnavailableError(f"encoder {spec.name!r}: model folder {missing[0]} does not exist")
     log.info("loading encoder %s (%s, %s) on %s", spec.name, spec.kind, spec.model, device)
+    dense = _load_dense(spec, device)
+    if not spec.identifier_weight:
+        return dense
+    return IdentifierEncoder(dense, spec.key, spec.identifier_weight, spec.identifier_dims)
+
+
+def _load_dense(spec: EncoderSpec, device: str) -> Encoder:
     if spec.kind == "sentence-transformers":
         from encoder_worker.encoders.sentence_transformer import SentenceTransformerEncoder
 

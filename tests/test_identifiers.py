@@ -1,0 +1,136 @@
+"""Identifier features: tokens, hashed vectors, their share of the cosine, the served encoder and its selection."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import records_body
+
+from encoder_worker.encoders.base import EncoderInput
+from encoder_worker.encoders.identifiers import (
+    IdentifierEncoder,
+    combine,
+    identifier_tokens,
+    identifier_vectors,
+)
+from encoder_worker.encoders.registry import EncoderPool, EncoderSpec, load_encoder
+from training import data as training_data
+from training.stages import select_identifier_weight
+
+
+def test_identifier_tokens_are_codes_mixing_letters_and_digits_with_hyphens_dropped() -> None:
+    text = "Sony HDR-SR10 camcorder, 1080p, 40in screen: model 6100 (sd-6100) by SONY x1"
+    assert identifier_tokens(text) == {"hdrsr10", "1080p", "40in", "sd6100"}
+    assert identifier_tokens("sd6100 SD-6100") == {"sd6100"}
+    assert identifier_tokens("no codes here, only 2024 and words") == set()
+
+
+def test_identifier_vectors_are_unit_rows_that_agree_exactly_on_shared_codes() -> None:
+    rows = identifier_vectors(["canon cli-8m ink", "CLI8M cartridge by canon", "canon cli-8b ink", "plain words"])
+    assert rows.shape == (4, 1024) and rows.dtype == np.float32
+    np.testing.assert_allclose(np.linalg.norm(rows[:3], axis=1), 1.0, rtol=1e-6)
+    assert rows[0] @ rows[1] == pytest.approx(1.0)
+    assert rows[0] @ rows[2] < 0.01  # another code: another bucket (these two do not collide)
+    assert not rows[3].any()
+
+
+def test_identifier_buckets_do_not_depend_on_the_process() -> None:
+    """Vectors are stored and compared across processes: the hash must not be Python's salted one."""
+    script = "from encoder_worker.encoders import identifiers; print(identifiers._bucket('kd55x85j', 1024))"
+    root = Path(__file__).resolve().parents[1]
+    buckets = {
+        subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True, cwd=root,
+                       env={**os.environ, "PYTHONHASHSEED": seed}).stdout.strip()
+        for seed in ("1", "2")
+    }
+    assert buckets == {str(int(identifier_vectors(["kd55x85j"])[0].argmax()))}
+
+
+def test_the_combined_cosine_mixes_dense_and_identifier_cosines_by_the_weight() -> None:
+    rng = np.random.default_rng(3)
+    dense = rng.normal(size=(3, 8))
+    dense /= np.linalg.norm(dense, axis=1, keepdims=True)
+    codes = identifier_vectors(["ab12 cd34", "ab12 ef56", "no code"], dims=64)
+    weight = 0.3
+    mixed = combine(dense, codes, weight)
+
+    np.testing.assert_allclose(np.linalg.norm(mixed, axis=1), 1.0, rtol=1e-6)
+    both = (1 - weight) * dense[0] @ dense[1] + weight * codes[0] @ codes[1]
+    assert mixed[0] @ mixed[1] == pytest.approx(both, abs=1e-6)
+    one_without = np.sqrt(1 - weight) * dense[0] @ dense[2]  # record 2 has no identifier: dense cosine, scaled
+    assert mixed[0] @ mixed[2] == pytest.approx(one_without, abs=1e-6)
+
+
+def test_an_encoder_spec_with_identifier_weight_serves_the_combined_vectors(pool: EncoderPool) -> None:
+    dense_spec = pool.spec("minilm")
+    spec = replace(dense_spec, name="minilm-ids", identifier_weight=0.25)
+    encoder = load_encoder(spec, "cpu")
+    inputs = [EncoderInput(None, "toshiba sd-6100 dvd player"), EncoderInput(None, "toshiba dvd player sd6100")]
+
+    assert isinstance(encoder, IdentifierEncoder) and encoder.dim == 384 + 1024
+    dense = pool.encode("minilm", inputs)
+    expected = combine(dense, identifier_vectors([item.text for item in inputs]), 0.25)
+    np.testing.assert_allclose(encoder.encode(inputs), expected, atol=1e-5)
+    assert spec.key != dense_spec.key  # another vector: another content cache
+    assert replace(dense_spec, identifier_dims=64).key == dense_spec.key  # weight 0: the feature is off
+
+
+def test_a_spec_refuses_an_identifier_weight_outside_zero_to_one() -> None:
+    for weight in (-0.1, 1.0):
+        with pytest.raises(ValueError, match="identifier_weight"):
+            EncoderSpec("bad", "sentence-transformers", "/models/x", identifier_weight=weight)
+
+
+def write_model_number_benchmark(folder: Path, lefts: int = 40) -> Path:
+    """Matches share a model number in other words; each non-match repeats the left record but one digit."""
+    folder.mkdir(parents=True, exist_ok=True)
+    products = ["dvd player", "ink cartridge", "camcorder", "speaker system", "laser printer"]
+    table_a, table_b, pairs = ["id,title"], ["id,title"], []
+    for i in range(lefts):
+        product, code, neighbour = products[i % len(products)], f"xk{1000 + 7 * i}", f"xk{1001 + 7 * i}"
+        table_a.append(f"a{i},acme {product} model {code} black")
+        table_b += [f"m{i},{code} {product} from acme", f"n{i},acme {product} model {neighbour} black"]
+        pairs += [f"a{i},m{i},1", f"a{i},n{i},0"]
+    for name, lines in (("tableA", table_a), ("tableB", table_b)):
+        (folder / f"{name}.csv").write_text("\n".join(lines) + "\n")
+    third = len(pairs) // 3
+    for name, chunk in (("train", pairs[:third]), ("valid", pairs[third : 2 * third]), ("test", pairs[2 * third :])):
+        (folder / f"{name}.csv").write_text("ltable_id,rtable_id,label\n" + "\n".join(chunk) + "\n")
+    return folder
+
+
+def test_selection_on_valid_gives_identifiers_weight_where_model_numbers_decide(
+    pool: EncoderPool, tmp_path: Path
+) -> None:
+    data = training_data.load([write_model_number_benchmark(tmp_path / "models")], "plain", None)
+    selection = select_identifier_weight(pool.spec("minilm"), data, "cpu", [0.3, 0.0, 0.1])
+
+    assert [row["weight"] for row in selection] == [0.0, 0.1, 0.3]
+    by_weight = {row["weight"]: row["valid_f1"] for row in selection}
+    assert by_weight[0.3] > by_weight[0.0]  # dense cosine alone prefers the near-identical wrong model
+
+
+def test_the_service_matches_and_blocks_with_identifier_features(client, drain, counting_pool) -> None:
+    spec = replace(counting_pool.spec("minilm"), name="minilm-ids", identifier_weight=0.3)
+    counting_pool.add(spec)
+    assert client.put("/datasets/codes", json={"encoder": "minilm-ids", "serialization": "plain"}).status_code == 201
+    left = [("1", {"title": "acme dvd player model xk1007 black"})]
+    right = [("m", {"title": "xk1007 dvd player from acme"}), ("n", {"title": "acme dvd player model xk1008 black"})]
+    assert client.post("/records", json=records_body("codes", "a", left)).status_code == 202
+    assert client.post("/records", json=records_body("codes", "b", right)).status_code == 202
+    drain()
+
+    answer = client.get("/candidates", params={"dataset": "codes", "source": "a", "id": "1", "k": 2}).json()
+    assert [c["id"] for c in answer["candidates"]] == ["m", "n"]
+    texts = [left[0][1]["title"], right[0][1]["title"]]
+    dense = counting_pool.encode("minilm", [EncoderInput(None, text) for text in texts])
+    expected = 0.7 * float(dense[0] @ dense[1]) + 0.3  # both carry xk1007 and nothing else
+    match = client.get("/match", params={"dataset": "codes", "left_source": "a", "left_id": "1",
+                                         "right_source": "b", "right_id": "m"}).json()
+    assert match["score"] == pytest.approx(expected, abs=1e-4)
