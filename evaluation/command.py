@@ -15,6 +15,7 @@ with warnings.catch_warnings():
     from fastapi.testclient import TestClient
 
 from encoder_worker.encoders.manifest import is_trained_folder, render_options
+from encoder_worker.encoders.registry import configured_specs
 from evaluation import deepmatcher, report
 from evaluation.runner import ConfigResult, EvalConfig, Evaluation, grid
 from llmatch.db import make_engine
@@ -52,12 +53,19 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
         "pairs": {"valid": len(benchmark.valid), "test": len(benchmark.test)},
         "seconds": round(time.perf_counter() - started, 1),
         "machine": platform.platform(),
+        "identifier_weight": _identifier_weight(encoder, settings),
     }
     summary = report.report_dict(benchmark.name, selected, results, meta)
     written = report.write(out, summary, selected, benchmark.test)
     print(report.markdown(summary))
     print("wrote " + ", ".join(str(p) for p in written))
     return 0
+
+
+def _identifier_weight(encoder: str, settings: Settings) -> float:
+    """The share of the cosine the encoder gives to exact identifier tokens (0 for a dense-only encoder)."""
+    spec = configured_specs(settings).get(encoder)
+    return spec.identifier_weight if spec else 0.0
 
 
 def _settings(settings: Settings, scratch: Path, database_url: str | None) -> Settings:

@@ -62,12 +62,18 @@ def _config_text(config: dict[str, Any]) -> str:
     )
 
 
+def _identifier_text(report: dict[str, Any]) -> str:
+    weight = report.get("identifier_weight")
+    return f", identifier weight {weight:g}" if weight else ""
+
+
 def markdown(report: dict[str, Any]) -> str:
     blocking = report["blocking"]
     lines = [
         f"# Evaluation: {report['dataset']}",
         "",
-        f"Configuration: {_config_text(report['config'])}. Threshold chosen on valid: **{report['threshold']:.4f}**.",
+        f"Configuration: {_config_text(report['config'])}{_identifier_text(report)}. "
+        f"Threshold chosen on valid: **{report['threshold']:.4f}**.",
         "",
         "| split | precision | recall | F1 |",
         "|---|---:|---:|---:|",

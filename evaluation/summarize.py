@@ -24,8 +24,10 @@ def row(report: dict) -> str:
     instruction = config["instruction"] or "-"
     reference = REFERENCE_F1.get(report["dataset"])
     recall = report["blocking"]["recall_at_k"]
+    weight = report.get("identifier_weight")
+    encoder = config["encoder"] + (f" + identifiers {weight:g}" if weight else "")
     return (
-        f"| {report['dataset']} | {config['encoder']} | {config['serialization']} | {instruction} "
+        f"| {report['dataset']} | {encoder} | {config['serialization']} | {instruction} "
         f"| {report['threshold']:.3f} | {report['valid']['f1']:.3f} | {report['test']['precision']:.3f} "
         f"| {report['test']['recall']:.3f} | **{report['test']['f1']:.3f}** "
         f"| {reference if reference is not None else '-'} | {recall['1']:.3f} | {recall['10']:.3f} "

@@ -19,9 +19,11 @@ from encoder_worker.encoders.identifiers import (
     identifier_tokens,
     identifier_vectors,
 )
+from encoder_worker.encoders.manifest import read_manifest
 from encoder_worker.encoders.registry import EncoderPool, EncoderSpec, load_encoder
 from training import data as training_data
-from training.stages import select_identifier_weight
+from training.options import StageOptions
+from training.stages import BaseEncoder, run_stage, select_identifier_weight
 
 
 def test_identifier_tokens_are_codes_mixing_letters_and_digits_with_hyphens_dropped() -> None:
@@ -134,3 +136,17 @@ def test_the_service_matches_and_blocks_with_identifier_features(client, drain, 
     match = client.get("/match", params={"dataset": "codes", "left_source": "a", "left_id": "1",
                                          "right_source": "b", "right_id": "m"}).json()
     assert match["score"] == pytest.approx(expected, abs=1e-4)
+
+
+def test_training_with_an_identifier_weight_selects_checkpoints_on_the_served_cosine(
+    pool: EncoderPool, tmp_path: Path
+) -> None:
+    data = training_data.load([write_model_number_benchmark(tmp_path / "models")], "plain", None)
+    options = StageOptions(batch_size=8, learning_rate=1e-5, max_steps=1, train_identifier_weight=0.3,
+                           identifier_weights=(0.0, 0.3))
+    run_stage("supervised", BaseEncoder(pool.spec("minilm")), data, options, tmp_path / "out", "cpu")
+
+    stage = read_manifest(tmp_path / "out")["stages"][0]
+    served = select_identifier_weight(pool.spec("minilm"), data, "cpu", [0.3])[0]["valid_f1"]
+    assert stage["evaluations"][0]["valid_f1"] == pytest.approx(served, abs=1e-4)  # step 0: the base model
+    assert stage["options"]["train_identifier_weight"] == 0.3

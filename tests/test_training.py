@@ -234,6 +234,7 @@ def test_train_command_fine_tunes_minilm_and_evaluate_uses_the_folder(tmp_path: 
     report = json.loads((report_dir / "report.json").read_text())
     assert report["config"]["encoder"] == "trained-supervised"
     assert report["config"]["serialization"] == "plain"
+    assert report["identifier_weight"] == best["weight"]  # the served encoder is the one chosen on valid
 
 
 @pytest.mark.parametrize(
@@ -288,7 +289,8 @@ def test_stage_options_shrink_on_a_cpu(tmp_path: Path) -> None:
     spec = EncoderSpec("tiny", "llm2vec", str(tmp_path))
     args = Namespace(max_length=None, max_steps=None, batch_size=None, learning_rate=None, epochs=None,
                      seed=1, lora_rank=4, eval_every=None, no_validation=False, pair_loss_weight=1.0,
-                     mined_negatives=0, identifier_weights="0,0.2")
+                     mined_negatives=0, identifier_weights="0,0.2",
+                     train_identifier_weight=0.0)
     cpu = stage_options("mntp", spec, args, "cpu")
     gpu = stage_options("mntp", spec, args, "cuda")
     assert (cpu.max_length, cpu.max_steps, cpu.batch_size) == (128, 100, 8)

@@ -69,6 +69,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="supervised: candidate weights of exact identifier tokens in the cosine (model numbers; see README), "
         "the one with the best valid F1 is kept in the manifest (0: off)",
     )
+    parser.add_argument(
+        "--train-identifier-weight", type=float, default=0.0,
+        help="supervised: train on cosines that already include identifier features at this weight (0: dense)",
+    )
     parser.add_argument("--eval-every", type=int, default=None, help="supervised: steps between valid evaluations")
     parser.add_argument(
         "--no-validation",
@@ -154,6 +158,8 @@ def stage_options(stage: str, spec: EncoderSpec, args: argparse.Namespace, devic
     if args.mined_negatives < 0:
         raise StageError(f"--mined-negatives is a count, 0 or more; got {args.mined_negatives}")
     identifier_weights = parse_weights(args.identifier_weights)
+    if not 0.0 <= args.train_identifier_weight < 1.0:
+        raise StageError(f"--train-identifier-weight lies from 0 to below 1; got {args.train_identifier_weight}")
     on_cpu = not device.startswith("cuda")
     max_length = args.max_length or (CPU_LLM_MAX_LENGTH if on_cpu and spec.kind == "llm2vec" else None)
     max_steps = args.max_steps or (100 if on_cpu and stage != "supervised" else None)
@@ -169,6 +175,7 @@ def stage_options(stage: str, spec: EncoderSpec, args: argparse.Namespace, devic
         eval_every=args.eval_every,
         mined_negatives=args.mined_negatives,
         identifier_weights=identifier_weights,
+        train_identifier_weight=args.train_identifier_weight,
         validate=not args.no_validation,
         gradient_checkpointing=not on_cpu and spec.kind == "llm2vec",
     )

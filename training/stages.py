@@ -28,6 +28,7 @@ from training.losses import cosent, info_nce
 from training.options import StageError, StageOptions, require_llm2vec
 from training.trainees import EmbeddingTrainee, LLM2VecTrainee, MNTPTrainee, SentenceTransformerTrainee
 
+SUPERVISED_ONLY = ("eval_every", "pair_loss_weight", "mined_negatives", "identifier_weights", "train_identifier_weight")
 CHUNK = 256  # records embedded between progress-bar updates (validation, mining)
 log = logging.getLogger("llmatch.train")
 Embedder = Callable[[list[EncoderInput]], np.ndarray]  # inputs -> unit-length rows
@@ -99,8 +100,8 @@ def _options_record(stage: str, options: StageOptions, kind: str) -> dict[str, A
     """The options that shaped this stage (those of other stages or model kinds left out)."""
     record = asdict(options)
     unused = {
-        "mntp": ("simcse_dropout", "eval_every", "pair_loss_weight", "mined_negatives", "identifier_weights"),
-        "simcse": ("mask_probability", "eval_every", "pair_loss_weight", "mined_negatives", "identifier_weights"),
+        "mntp": ("simcse_dropout", *SUPERVISED_ONLY),
+        "simcse": ("mask_probability", *SUPERVISED_ONLY),
     }.get(stage, ("mask_probability", "simcse_dropout", "validate"))
     for key in (*unused, *(("lora", "gradient_checkpointing") if kind != "llm2vec" else ())):
         record.pop(key)
@@ -197,7 +198,9 @@ def _supervised(base: BaseEncoder, data: TrainingData, options: StageOptions, fo
     labelled non-match of each left record and, with ``mined_negatives``, one of the tableB records the base
     model put nearest it (train.csv's matches left out); plus, weighted by ``pair_loss_weight``, CoSENT over
     the labelled pair scores of the step (its matches, those non-matches, and a batch drawn from all of
-    train.csv's non-matches, most of whose left records have no match to anchor InfoNCE).
+    train.csv's non-matches, most of whose left records have no match to anchor InfoNCE). With
+    ``train_identifier_weight``, every cosine is the one the served encoder computes with that identifier
+    weight, so the dense part learns what the identifiers do not already say.
     """
     train = data.pairs("train")
     batch_anchors = anchors(train)
@@ -211,6 +214,15 @@ def _supervised(base: BaseEncoder, data: TrainingData, options: StageOptions, fo
     if options.mined_negatives:
         batch_anchors = mine_negatives(_embedder(trainee), data, batch_anchors, matches, options.mined_negatives)
     steps = _steps(len(batch_anchors), options)
+    weight = options.train_identifier_weight
+
+    def embed(keys: list[str]) -> torch.Tensor:
+        """The trainee's vectors of these records, with identifier features as the served encoder adds them."""
+        dense = trainee.embed([data.inputs[key] for key in keys])
+        if not weight:
+            return dense
+        codes = torch.from_numpy(identifier_vectors(data.inputs[key].text for key in keys)).to(dense)
+        return torch.cat([math.sqrt(1 - weight) * F.normalize(dense, dim=-1), math.sqrt(weight) * codes], dim=-1)
 
     def step_loss(step: int) -> torch.Tensor:
         batch = _batch(batch_anchors, step, options.batch_size, options.seed)
@@ -219,8 +231,8 @@ def _supervised(base: BaseEncoder, data: TrainingData, options: StageOptions, fo
         negatives = [pick.choice(batch[i].hard_negatives) for i in owners]
         mined = [pick.choice(a.mined_negatives) for a in batch if a.mined_negatives]
         documents = [a.right for a in batch] + negatives + mined
-        lefts = trainee.embed([data.inputs[a.left] for a in batch])
-        rights = trainee.embed([data.inputs[key] for key in documents])
+        lefts = embed([a.left for a in batch])
+        rights = embed(documents)
         ignore = _known_matches(matches, [a.left for a in batch], documents, device)
         forward = info_nce(lefts, rights, ignore)
         backward = info_nce(rights[: len(batch)], lefts, ignore[:, : len(batch)].T)
@@ -228,8 +240,8 @@ def _supervised(base: BaseEncoder, data: TrainingData, options: StageOptions, fo
         if not non_matches:
             return loss
         sampled = _batch(non_matches, step, options.batch_size, options.seed + 1)
-        sampled_lefts = trainee.embed([data.inputs[p.left] for p in sampled])
-        sampled_rights = trainee.embed([data.inputs[p.right] for p in sampled])
+        sampled_lefts = embed([p.left for p in sampled])
+        sampled_rights = embed([p.right for p in sampled])
         scores = torch.cat([  # cosine of each labelled pair: matches, their hard negatives, sampled non-matches
             F.cosine_similarity(lefts, rights[: len(batch)], dim=-1),
             F.cosine_similarity(lefts[owners], rights[len(batch) : len(batch) + len(negatives)], dim=-1),
@@ -241,7 +253,8 @@ def _supervised(base: BaseEncoder, data: TrainingData, options: StageOptions, fo
     per_epoch = max(1, len(batch_anchors) // options.batch_size)
     settings = replace(_loop_settings(options, steps), eval_every=options.eval_every or per_epoch)
     result = loop.run(
-        "supervised", trainee, step_loss, folder, settings, validate=lambda: valid_f1(trainee, data), resume=resume
+        "supervised", trainee, step_loss, folder, settings, validate=lambda: valid_f1(trainee, data, weight),
+        resume=resume,
     )
     return trainee, result, steps
 
@@ -278,21 +291,24 @@ def mine_negatives(
     return [replace(a, mined_negatives=mined.get(a.left, ())) for a in batch_anchors]
 
 
-def _embedder(trainee: EmbeddingTrainee, batch_size: int = 64) -> Embedder:
-    """The trainee's current embeddings, without gradients, as unit rows."""
+def _embedder(trainee: EmbeddingTrainee, identifier_weight: float = 0.0, batch_size: int = 64) -> Embedder:
+    """The trainee's current embeddings, without gradients, as unit rows (with identifier features if weighted)."""
 
     def embed(inputs: list[EncoderInput]) -> np.ndarray:
         trainee.module.train(False)
         with torch.no_grad():
             chunks = [trainee.embed(inputs[i : i + batch_size]).cpu() for i in range(0, len(inputs), batch_size)]
-        return F.normalize(torch.cat(chunks), dim=-1).numpy()
+        rows = F.normalize(torch.cat(chunks), dim=-1).numpy()
+        if not identifier_weight:
+            return rows
+        return combine(rows, identifier_vectors(item.text for item in inputs), identifier_weight)
 
     return embed
 
 
-def valid_f1(trainee: EmbeddingTrainee, data: TrainingData) -> float:
+def valid_f1(trainee: EmbeddingTrainee, data: TrainingData, identifier_weight: float = 0.0) -> float:
     """Best-threshold F1 of cosine scores over valid.csv (mean over datasets), from the trainee's embeddings."""
-    return _valid_f1(data, _embedder(trainee))
+    return _valid_f1(data, _embedder(trainee, identifier_weight))
 
 
 def validate_encoder(spec: EncoderSpec, data: TrainingData, device: str) -> float:
