@@ -37,7 +37,7 @@ def write(out: Path, report: dict[str, Any], selected: ConfigResult, test_pairs:
     (out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
     (out / "report.md").write_text(markdown(report))
     figure = out / f"{report['dataset']}.png"
-    plot(selected, report["dataset"], figure)
+    plot(selected, report["dataset"], figure, _identifier_text(report))
     scored = out / "test_pairs.csv"
     write_test_pairs(scored, selected, test_pairs)
     return [out / "report.json", out / "report.md", figure, scored]
@@ -115,7 +115,7 @@ def markdown(report: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def plot(result: ConfigResult, dataset: str, path: Path) -> None:
+def plot(result: ConfigResult, dataset: str, path: Path, encoder_note: str = "") -> None:
     """Test precision/recall/F1 against the threshold (valid's choice marked) and the score distributions."""
     scores = np.array(result.scores["test"]["scores"])
     labels = np.array(result.scores["test"]["labels"])
@@ -142,7 +142,7 @@ def plot(result: ConfigResult, dataset: str, path: Path) -> None:
     right.axvline(result.threshold, color="black", linestyle="--")
     right.set(xlabel="cosine similarity", ylabel="density", title="Test: score distributions")
     right.legend(fontsize=8)
-    figure.suptitle(f"{dataset}: {_config_text(asdict_config(result))}", fontsize=10)
+    figure.suptitle(f"{dataset}: {_config_text(asdict_config(result))}{encoder_note}", fontsize=10)
     figure.tight_layout()
     figure.savefig(path, dpi=110)
     plt.close(figure)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -12,15 +13,19 @@ import numpy as np
 import pytest
 from conftest import records_body
 
+from encoder_worker.encoders import identifiers
 from encoder_worker.encoders.base import EncoderInput
 from encoder_worker.encoders.identifiers import (
     IdentifierEncoder,
     combine,
+    identifier_features,
     identifier_tokens,
     identifier_vectors,
 )
-from encoder_worker.encoders.manifest import read_manifest
+from encoder_worker.encoders.manifest import encoder_options, read_manifest
 from encoder_worker.encoders.registry import EncoderPool, EncoderSpec, load_encoder
+from llmatch.cli import main
+from llmatch.settings import Settings
 from training import data as training_data
 from training.options import StageOptions
 from training.stages import BaseEncoder, run_stage, select_identifier_weight
@@ -33,13 +38,21 @@ def test_identifier_tokens_are_codes_mixing_letters_and_digits_with_hyphens_drop
     assert identifier_tokens("no codes here, only 2024 and words") == set()
 
 
-def test_identifier_vectors_are_unit_rows_that_agree_exactly_on_shared_codes() -> None:
-    rows = identifier_vectors(["canon cli-8m ink", "CLI8M cartridge by canon", "canon cli-8b ink", "plain words"])
-    assert rows.shape == (4, 1024) and rows.dtype == np.float32
-    np.testing.assert_allclose(np.linalg.norm(rows[:3], axis=1), 1.0, rtol=1e-6)
+def test_identifier_features_are_each_token_and_its_stem_without_a_letter_suffix() -> None:
+    assert identifier_features("apple mb111lla") == {"mb111lla", "stem:mb111"}
+    assert identifier_features("onkyo TX-SR606") == {"txsr606", "stem:txsr606"}
+    assert identifier_features("1080p g30") == {"1080p"}  # stem "1080" is no identifier; g30 is too short
+
+
+def test_identifier_vectors_agree_fully_on_a_code_half_on_its_variants_and_not_on_other_codes() -> None:
+    texts = ["canon cli-8m ink", "CLI8M cartridge by canon", "canon cli-8b ink", "canon pg-40 ink", "plain words"]
+    rows = identifier_vectors(texts)
+    assert rows.shape == (5, 1024) and rows.dtype == np.float32
+    np.testing.assert_allclose(np.linalg.norm(rows[:4], axis=1), 1.0, rtol=1e-6)
     assert rows[0] @ rows[1] == pytest.approx(1.0)
-    assert rows[0] @ rows[2] < 0.01  # another code: another bucket (these two do not collide)
-    assert not rows[3].any()
+    assert rows[0] @ rows[2] == pytest.approx(0.5)  # cli8m and cli8b share the stem cli8
+    assert rows[0] @ rows[3] < 0.01  # another code: other buckets (these do not collide)
+    assert not rows[4].any()
 
 
 def test_identifier_buckets_do_not_depend_on_the_process() -> None:
@@ -51,7 +64,7 @@ def test_identifier_buckets_do_not_depend_on_the_process() -> None:
                        env={**os.environ, "PYTHONHASHSEED": seed}).stdout.strip()
         for seed in ("1", "2")
     }
-    assert buckets == {str(int(identifier_vectors(["kd55x85j"])[0].argmax()))}
+    assert buckets == {str(identifiers._bucket("kd55x85j", 1024))}
 
 
 def test_the_combined_cosine_mixes_dense_and_identifier_cosines_by_the_weight() -> None:
@@ -150,3 +163,23 @@ def test_training_with_an_identifier_weight_selects_checkpoints_on_the_served_co
     served = select_identifier_weight(pool.spec("minilm"), data, "cpu", [0.3])[0]["valid_f1"]
     assert stage["evaluations"][0]["valid_f1"] == pytest.approx(served, abs=1e-4)  # step 0: the base model
     assert stage["options"]["train_identifier_weight"] == 0.3
+
+
+def test_the_identifiers_stage_trains_nothing_and_serves_the_base_with_the_weight_chosen_on_valid(
+    tmp_path: Path,
+) -> None:
+    benchmark = write_model_number_benchmark(tmp_path / "models")
+    out = tmp_path / "chosen"
+    assert main(["train", str(benchmark), "--base", "minilm", "--stages", "identifiers", "--serialization", "plain",
+                 "--identifier-weights", "0,0.3", "--out", str(out)]) == 0
+
+    manifest = read_manifest(out / "identifiers")
+    stage = manifest["stages"][0]
+    assert stage["steps"] == 0 and [row["weight"] for row in stage["identifier_weights"]] == [0.0, 0.3]
+    assert manifest["encoder"]["identifier_weight"] == 0.3  # dense alone confuses neighbouring model numbers
+    assert Path(encoder_options(out / "identifiers")["model"]) == Path(EncoderPool(Settings()).spec("minilm").model)
+
+    report_dir = tmp_path / "report"
+    assert main(["evaluate", str(benchmark), "--encoder", str(out / "identifiers"), "--out", str(report_dir)]) == 0
+    report = json.loads((report_dir / "report.json").read_text())
+    assert report["identifier_weight"] == 0.3 and report["valid"]["f1"] == pytest.approx(stage["valid_f1"], abs=1e-3)

@@ -66,8 +66,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--identifier-weights", default="0,0.05,0.1,0.15,0.2,0.25,0.3,0.4,0.5",
-        help="supervised: candidate weights of exact identifier tokens in the cosine (model numbers; see README), "
-        "the one with the best valid F1 is kept in the manifest (0: off)",
+        help="supervised, identifiers: candidate weights of identifier features (model numbers; see README) in the "
+        "cosine; the one with the best valid F1 is kept in the manifest (0: off)",
     )
     parser.add_argument(
         "--train-identifier-weight", type=float, default=0.0,
@@ -150,6 +150,9 @@ def resolve_base(name: str, settings: Settings):
 
 def stage_options(stage: str, spec: EncoderSpec, args: argparse.Namespace, device: str) -> StageOptions:
     """The user's choices, with defaults by stage, model kind and device (small settings on a CPU)."""
+    if stage == "identifiers":  # trains nothing: only the candidate weights matter
+        return StageOptions(batch_size=1, learning_rate=0.0, seed=args.seed,
+                            identifier_weights=parse_weights(args.identifier_weights))
     if (stage, spec.kind) not in DEFAULTS:
         require_llm2vec(stage, spec.name, spec.kind)
     learning_rate, gpu_batch, cpu_batch = DEFAULTS[(stage, spec.kind)]

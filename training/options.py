@@ -12,7 +12,7 @@ class LoraSettings:
     dropout: float = 0.05
 
 
-STAGES = ("mntp", "simcse", "supervised")
+STAGES = ("mntp", "simcse", "supervised", "identifiers")  # identifiers: no training, a weight chosen on valid
 
 
 class StageError(ValueError):

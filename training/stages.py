@@ -6,6 +6,7 @@ import itertools
 import logging
 import math
 import random
+import time
 from collections import defaultdict
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, replace
@@ -19,7 +20,7 @@ from tqdm import tqdm
 
 from encoder_worker.encoders.base import EncoderInput
 from encoder_worker.encoders.identifiers import combine, identifier_vectors
-from encoder_worker.encoders.manifest import write_manifest
+from encoder_worker.encoders.manifest import relative_path, write_manifest
 from encoder_worker.encoders.registry import EncoderSpec, load_encoder, spec_from_options
 from service.calibration import best_f1_threshold
 from training import loop
@@ -53,6 +54,8 @@ def run_stage(
     resume: bool = False,
 ) -> BaseEncoder:
     """Train one stage from ``base`` into ``folder``; return the trained encoder as the next stage's base."""
+    if stage == "identifiers":
+        return _identifiers(base, data, options, folder, device)
     runners = {"mntp": _mntp, "simcse": _simcse, "supervised": _supervised}
     loop.seed_everything(options.seed)  # fresh adapter weights are drawn when the trainee is built
     trainee, result, steps = runners[stage](base, data, options, folder, device, resume)
@@ -94,6 +97,46 @@ def run_stage(
     spec = spec_from_options(folder.name, folder)
     log.info("%s: wrote %s (valid F1 %s)", stage, folder, "not measured" if valid_f1 is None else f"{valid_f1:.4f}")
     return BaseEncoder(spec, tuple(manifest["stages"]), base_model)
+
+
+def _identifiers(base: BaseEncoder, data: TrainingData, options: StageOptions, folder: Path, device: str):
+    """No training: choose the identifier weight of ``base`` on valid and write a folder that serves it so."""
+    started = time.perf_counter()
+    selection = select_identifier_weight(base.spec, data, device, options.identifier_weights)
+    best = max(selection, key=lambda row: row["valid_f1"])  # the first (smallest weight) among equals
+    log.info("identifiers: weight %s chosen on valid (F1 %.4f)", best["weight"], best["valid_f1"])
+    record = {
+        "stage": "identifiers",
+        "data": data.describe(),
+        "steps": 0,
+        "seed": options.seed,
+        "options": {"identifier_weights": list(options.identifier_weights)},
+        "device": device,
+        "seconds": round(time.perf_counter() - started, 1),
+        "identifier_weights": selection,
+        "valid_f1": best["valid_f1"],
+    }
+    base_model = base.base_model or base.spec.model
+    manifest = {
+        "encoder": {**_encoder_block(base.spec, folder), "identifier_weight": best["weight"]},
+        "base_model": base_model,
+        "render": {"serialization": data.serialization, "instruction": data.instruction},
+        "stages": [*base.history, record],
+        "valid_f1": best["valid_f1"],
+    }
+    folder.mkdir(parents=True, exist_ok=True)
+    write_manifest(folder, manifest)
+    return BaseEncoder(spec_from_options(folder.name, folder), tuple(manifest["stages"]), base_model)
+
+
+def _encoder_block(spec: EncoderSpec, folder: Path) -> dict[str, Any]:
+    """A manifest encoder block that loads ``spec``'s model (and adapters) from a manifest in ``folder``."""
+    block: dict[str, Any] = {"kind": spec.kind, "model": relative_path(spec.model, folder), "pooling": spec.pooling}
+    if spec.adapters:
+        block["adapter"] = [relative_path(path, folder) for path in spec.adapters]
+    if spec.max_length:
+        block["max_length"] = spec.max_length
+    return block | {"batch_size": spec.batch_size}
 
 
 def _options_record(stage: str, options: StageOptions, kind: str) -> dict[str, Any]:

@@ -2,11 +2,16 @@
 
 A bi-encoder weighs ``sd-6100`` against ``sd-6110`` like any other token in a record of dozens, yet for
 product listings that one token often decides the match. An encoder with ``identifier_weight`` w > 0 appends
-a bag of the record's identifier-like tokens, hashed into ``identifier_dims`` buckets and L2-normalised, to
+a bag of the record's identifier features, hashed into ``identifier_dims`` buckets and L2-normalised, to
 its dense vector: ``concat(sqrt(1 - w) * dense, sqrt(w) * codes)``, renormalised. The cosine of two such
 vectors is ``(1 - w) * cos(dense) + w * cos(codes)`` when both records carry identifiers, and the dense cosine
 alone scaled by ``sqrt(1 - w)`` when one has none: still one cosine between stored vectors, so matching and
 blocking keep working from the index.
+
+The features of an identifier are the token itself and its stem, the token without the letters after its
+last digit (``mb111lla`` -> ``mb111``), when the stem is still an identifier: the same code agrees fully,
+a variant of it (``mb111ll``, ``txsr606`` against ``txsr606b``: a region, colour or finish suffix) half,
+another code (``sd6110``) not at all.
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ from encoder_worker.encoders.base import Encoder, EncoderInput, l2_normalise
 DEFAULT_DIMS = 1024
 # At least four characters of letters, digits and hyphens, with a digit and a letter (hdr-sr10, am53bk, 1080p).
 IDENTIFIER = re.compile(r"\b(?=[a-z0-9-]*\d)(?=[a-z0-9-]*[a-z])[a-z0-9][a-z0-9-]{3,}\b")
+LETTER_SUFFIX = re.compile(r"(?<=\d)[a-z]+$")
 
 
 def identifier_tokens(text: str) -> set[str]:
@@ -30,13 +36,24 @@ def identifier_tokens(text: str) -> set[str]:
     return {token.replace("-", "") for token in IDENTIFIER.findall(text.lower())}
 
 
+def identifier_features(text: str) -> set[str]:
+    """Each identifier token, and its stem (``stem:mb111`` for ``mb111lla``) where that is an identifier too."""
+    features = set()
+    for token in identifier_tokens(text):
+        features.add(token)
+        stem = LETTER_SUFFIX.sub("", token)
+        if IDENTIFIER.fullmatch(stem):
+            features.add(f"stem:{stem}")
+    return features
+
+
 def identifier_vectors(texts: Iterable[str], dims: int = DEFAULT_DIMS) -> np.ndarray:
-    """One unit row per text: its identifier tokens hashed into ``dims`` buckets; a text without any: zeros."""
+    """One unit row per text: its identifier features hashed into ``dims`` buckets; a text without any: zeros."""
     rows = []
     for text in texts:
         row = np.zeros(dims, dtype=np.float32)
-        for token in identifier_tokens(text):
-            row[_bucket(token, dims)] += 1.0
+        for feature in identifier_features(text):
+            row[_bucket(feature, dims)] += 1.0
         rows.append(row)
     return l2_normalise(np.stack(rows)) if rows else np.zeros((0, dims), dtype=np.float32)
 
