@@ -46,13 +46,14 @@ results-smollm2: smollm2
 	$(BIN)/python -m evaluation.summarize eval-out/smollm2/*/report.json
 
 # Trained-encoder results: MiniLM fine-tuned per dataset on its train.csv (3 epochs at learning rate 1e-4,
-# checkpoint chosen on valid.csv), then evaluated like the untrained encoder. One to two hours on two CPU
-# cores; TRAIN_FLAGS passes options through (e.g. --max-steps 60 for a quicker, weaker run).
+# checkpoint chosen on valid.csv), its identifier weight chosen on valid.csv, then evaluated like the untrained
+# encoder. One to two hours on two CPU cores; TRAIN_FLAGS passes options through (e.g. --max-steps 60 for a
+# quicker, weaker run). The dense encoder alone: evaluate trained/minilm/NAME/supervised.
 TRAIN_FLAGS ?=
 results-trained: setup
 	for name in $(BENCHMARKS); do \
 	  $(BIN)/llmatch train $(DATASETS)/$$name --base minilm --out trained/minilm/$$name $(TRAIN_FLAGS) || exit 1; \
-	  $(BIN)/llmatch evaluate $(DATASETS)/$$name --encoder trained/minilm/$$name/supervised \
+	  $(BIN)/llmatch evaluate $(DATASETS)/$$name --encoder trained/minilm/$$name/identifiers \
 	    --out eval-out/minilm-trained/$$name || exit 1; done
 	$(BIN)/python -m evaluation.summarize eval-out/minilm-trained/*/report.json
 

@@ -155,14 +155,15 @@ def test_training_with_an_identifier_weight_selects_checkpoints_on_the_served_co
     pool: EncoderPool, tmp_path: Path
 ) -> None:
     data = training_data.load([write_model_number_benchmark(tmp_path / "models")], "plain", None)
-    options = StageOptions(batch_size=8, learning_rate=1e-5, max_steps=1, train_identifier_weight=0.3,
-                           identifier_weights=(0.0, 0.3))
+    options = StageOptions(batch_size=8, learning_rate=1e-5, max_steps=1, train_identifier_weight=0.3)
     run_stage("supervised", BaseEncoder(pool.spec("minilm")), data, options, tmp_path / "out", "cpu")
 
-    stage = read_manifest(tmp_path / "out")["stages"][0]
+    manifest = read_manifest(tmp_path / "out")
+    stage = manifest["stages"][0]
     served = select_identifier_weight(pool.spec("minilm"), data, "cpu", [0.3])[0]["valid_f1"]
     assert stage["evaluations"][0]["valid_f1"] == pytest.approx(served, abs=1e-4)  # step 0: the base model
     assert stage["options"]["train_identifier_weight"] == 0.3
+    assert manifest["encoder"]["identifier_weight"] == 0.3  # the folder serves the cosine it was chosen on
 
 
 def test_the_identifiers_stage_trains_nothing_and_serves_the_base_with_the_weight_chosen_on_valid(

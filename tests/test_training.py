@@ -16,7 +16,7 @@ from tiny_llama import build_tiny_llama, build_tiny_non_llama
 
 from encoder_worker.encoders.base import EncoderInput
 from encoder_worker.encoders.llm2vec import LLM2VecEncoder
-from encoder_worker.encoders.manifest import read_manifest
+from encoder_worker.encoders.manifest import encoder_options, read_manifest
 from encoder_worker.encoders.registry import EncoderSpec, configured_specs, load_encoder
 from llmatch.cli import main
 from llmatch.settings import Settings
@@ -214,27 +214,45 @@ def test_supervised_training_with_mined_negatives_records_them(
     assert np.isfinite([stage["loss"]["first"], stage["loss"]["last"]]).all()
 
 
-def test_train_command_fine_tunes_minilm_and_evaluate_uses_the_folder(tmp_path: Path, capsys) -> None:
+def test_train_command_fine_tunes_minilm_then_chooses_identifiers_and_evaluate_uses_the_folder(
+    tmp_path: Path, capsys
+) -> None:
     out = tmp_path / "trained"
     assert main(["train", str(SMALL_BENCHMARK), "--base", "minilm", "--out", str(out), "--epochs", "1",
-                 "--batch-size", "8", "--serialization", "plain"]) == 0
-    manifest = read_manifest(out / "supervised")
-    selection = manifest["stages"][0]["identifier_weights"]  # every default candidate, measured on valid
+                 "--batch-size", "8", "--serialization", "plain"]) == 0  # default stages: supervised,identifiers
+    dense = read_manifest(out / "supervised")
+    assert dense["encoder"] == {"kind": "sentence-transformers", "model": "."}  # the trained model, dense
+    assert dense["render"] == {"serialization": "plain", "instruction": None}
+    assert dense["stages"][0]["data"][0]["dataset"] == "abt_buy_small"
+    assert "identifier_weights" not in dense["stages"][0]["options"]
+
+    manifest = read_manifest(out / "identifiers")
+    assert [stage["stage"] for stage in manifest["stages"]] == ["supervised", "identifiers"]
+    selection = manifest["stages"][1]["identifier_weights"]  # every default candidate, measured on valid
     assert [row["weight"] for row in selection] == [0.0, 0.05, 0.1, 0.15, 0.2, 0.25, 0.3, 0.4, 0.5]
+    assert selection[0]["valid_f1"] == dense["valid_f1"]  # weight 0 is the dense encoder the first stage wrote
     best = max(selection, key=lambda row: row["valid_f1"])
-    assert manifest["encoder"] == {"kind": "sentence-transformers", "model": ".", "identifier_weight": best["weight"]}
-    assert manifest["valid_f1"] == best["valid_f1"]
-    assert manifest["render"] == {"serialization": "plain", "instruction": None}
-    assert manifest["stages"][0]["data"][0]["dataset"] == "abt_buy_small"
-    settings = Settings(encoders={"abt": str(out / "supervised")})  # LLMATCH_ENCODERS naming the folder
-    assert configured_specs(settings)["abt"].model == str((out / "supervised").resolve())
+    assert manifest["encoder"]["identifier_weight"] == best["weight"] and manifest["valid_f1"] == best["valid_f1"]
+    assert Path(encoder_options(out / "identifiers")["model"]) == (out / "supervised").resolve()
+    assert "trained encoder: " + str(out / "identifiers") in capsys.readouterr().out
+    settings = Settings(encoders={"abt": str(out / "identifiers")})  # LLMATCH_ENCODERS naming the folder
+    assert configured_specs(settings)["abt"].identifier_weight == best["weight"]
 
     report_dir = tmp_path / "report"
-    assert main(["evaluate", str(SMALL_BENCHMARK), "--encoder", str(out / "supervised"), "--out", str(report_dir)]) == 0
+    served = out / "identifiers"
+    assert main(["evaluate", str(SMALL_BENCHMARK), "--encoder", str(served), "--out", str(report_dir)]) == 0
     report = json.loads((report_dir / "report.json").read_text())
-    assert report["config"]["encoder"] == "trained-supervised"
+    assert report["config"]["encoder"] == "trained-identifiers"
     assert report["config"]["serialization"] == "plain"
     assert report["identifier_weight"] == best["weight"]  # the served encoder is the one chosen on valid
+
+
+def test_train_command_checks_every_stage_before_training_any(tmp_path: Path, capsys) -> None:
+    out = tmp_path / "out"
+    assert main(["train", str(SMALL_BENCHMARK), "--base", "minilm", "--stages", "supervised,identifiers",
+                 "--identifier-weights", "0,2", "--out", str(out)]) == 2
+    assert "--identifier-weights takes" in capsys.readouterr().out
+    assert not out.exists()  # the supervised stage did not start
 
 
 @pytest.mark.parametrize(

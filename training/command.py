@@ -41,7 +41,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--base", default=None, help="encoder name, trained folder or model folder (default: the default encoder)"
     )
-    parser.add_argument("--stages", default="supervised", help=f"comma-separated, in order, from {', '.join(STAGES)}")
+    parser.add_argument(
+        "--stages", default="supervised,identifiers", help=f"comma-separated, in order, from {', '.join(STAGES)}"
+    )
     parser.add_argument("--out", type=Path, default=None, help="output folder; each stage writes OUT/<stage>")
     parser.add_argument(
         "--serialization", choices=("tagged", "plain"), default=None, help="default: as --base was trained, or tagged"
@@ -66,8 +68,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--identifier-weights", default="0,0.05,0.1,0.15,0.2,0.25,0.3,0.4,0.5",
-        help="supervised, identifiers: candidate weights of identifier features (model numbers; see README) in the "
-        "cosine; the one with the best valid F1 is kept in the manifest (0: off)",
+        help="identifiers: candidate weights of identifier features (model numbers; see README) in the cosine; "
+        "the one with the best valid F1 is kept in the manifest (0: off)",
     )
     parser.add_argument(
         "--train-identifier-weight", type=float, default=0.0,
@@ -91,10 +93,12 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
         base = resolve_base(args.base or settings.default_encoder, settings)
         serialization, instruction = render_options(args.base, args.serialization, args.instruction)
         data = training_data.load(args.dataset_dirs, serialization, instruction)
+        device = resolve_device(settings.device)
+        # every stage's options are checked before the first one trains (a stage keeps its base's model kind)
+        options = {stage: stage_options(stage, base.spec, args, device) for stage in stages}
     except (StageError, DatasetError, ManifestError, UnknownEncoderError, EncoderUnavailableError) as error:
         print(f"llmatch train: {error}")
         return 2
-    device = resolve_device(settings.device)
     out = args.out or settings.models_dir / "trained" / default_folder_name(data.names, base.spec.name)
     log.info("stages %s from base %s on %s (%s), into %s", stages, base.spec.name, ", ".join(data.names), device, out)
     for stage in stages:
@@ -105,8 +109,7 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
             base = BaseEncoder(spec_from_options(stage, folder), history, base.base_model)
             continue
         try:
-            options = stage_options(stage, base.spec, args, device)
-            base = run_stage(stage, base, data, options, folder, device, resume=args.resume)
+            base = run_stage(stage, base, data, options[stage], folder, device, resume=args.resume)
         except (StageError, UnsupportedModelError) as error:
             print(f"llmatch train: {error}")
             return 2
@@ -160,7 +163,6 @@ def stage_options(stage: str, spec: EncoderSpec, args: argparse.Namespace, devic
         raise StageError(f"--pair-loss-weight is a weight, 0 or more; got {args.pair_loss_weight}")
     if args.mined_negatives < 0:
         raise StageError(f"--mined-negatives is a count, 0 or more; got {args.mined_negatives}")
-    identifier_weights = parse_weights(args.identifier_weights)
     if not 0.0 <= args.train_identifier_weight < 1.0:
         raise StageError(f"--train-identifier-weight lies from 0 to below 1; got {args.train_identifier_weight}")
     on_cpu = not device.startswith("cuda")
@@ -177,7 +179,6 @@ def stage_options(stage: str, spec: EncoderSpec, args: argparse.Namespace, devic
         pair_loss_weight=args.pair_loss_weight,
         eval_every=args.eval_every,
         mined_negatives=args.mined_negatives,
-        identifier_weights=identifier_weights,
         train_identifier_weight=args.train_identifier_weight,
         validate=not args.no_validation,
         gradient_checkpointing=not on_cpu and spec.kind == "llm2vec",

@@ -35,7 +35,7 @@ class StageOptions:
     pair_loss_weight: float = 1.0  # supervised: weight of the CoSENT term over labelled pairs (0: InfoNCE only)
     eval_every: int | None = None  # supervised: steps between valid evaluations (None: once per epoch)
     mined_negatives: int = 0  # supervised: tableB records nearest each match's left record, mined as extra negatives
-    identifier_weights: tuple[float, ...] = (0.0,)  # supervised: candidate identifier weights, chosen on valid F1
+    identifier_weights: tuple[float, ...] = (0.0,)  # identifiers: candidate identifier weights, chosen on valid F1
     train_identifier_weight: float = 0.0  # supervised: identifier weight of the cosines the losses see (0: dense)
     validate: bool = True  # mntp/simcse: measure valid F1 after training (supervised always does)
     checkpoint_every: int = 50

@@ -29,7 +29,7 @@ from training.losses import cosent, info_nce
 from training.options import StageError, StageOptions, require_llm2vec
 from training.trainees import EmbeddingTrainee, LLM2VecTrainee, MNTPTrainee, SentenceTransformerTrainee
 
-SUPERVISED_ONLY = ("eval_every", "pair_loss_weight", "mined_negatives", "identifier_weights", "train_identifier_weight")
+SUPERVISED_ONLY = ("eval_every", "pair_loss_weight", "mined_negatives", "train_identifier_weight")
 CHUNK = 256  # records embedded between progress-bar updates (validation, mining)
 log = logging.getLogger("llmatch.train")
 Embedder = Callable[[list[EncoderInput]], np.ndarray]  # inputs -> unit-length rows
@@ -60,6 +60,8 @@ def run_stage(
     loop.seed_everything(options.seed)  # fresh adapter weights are drawn when the trainee is built
     trainee, result, steps = runners[stage](base, data, options, folder, device, resume)
     block = trainee.encoder_block(folder)
+    if options.train_identifier_weight:  # serve the cosine the checkpoint was chosen on
+        block["identifier_weight"] = options.train_identifier_weight
     del trainee  # free the training copy before the serving encoder is loaded for validation
     record = {
         "stage": stage,
@@ -85,16 +87,8 @@ def run_stage(
     valid_f1 = result.valid_f1
     if valid_f1 is None and options.validate:
         valid_f1 = validate_encoder(spec, data, device)
-    if stage == "supervised" and any(options.identifier_weights):
-        selection = select_identifier_weight(spec, data, device, options.identifier_weights)
-        record["identifier_weights"] = selection
-        best = max(selection, key=lambda row: row["valid_f1"])  # the first (smallest weight) among equals
-        block["identifier_weight"] = best["weight"]
-        valid_f1 = best["valid_f1"]
-        log.info("%s: identifier weight %s chosen on valid (F1 %.4f)", stage, best["weight"], valid_f1)
     record["valid_f1"] = manifest["valid_f1"] = round(valid_f1, 4) if valid_f1 is not None else None
     write_manifest(folder, manifest)
-    spec = spec_from_options(folder.name, folder)
     log.info("%s: wrote %s (valid F1 %s)", stage, folder, "not measured" if valid_f1 is None else f"{valid_f1:.4f}")
     return BaseEncoder(spec, tuple(manifest["stages"]), base_model)
 
@@ -146,7 +140,7 @@ def _options_record(stage: str, options: StageOptions, kind: str) -> dict[str, A
         "mntp": ("simcse_dropout", *SUPERVISED_ONLY),
         "simcse": ("mask_probability", *SUPERVISED_ONLY),
     }.get(stage, ("mask_probability", "simcse_dropout", "validate"))
-    for key in (*unused, *(("lora", "gradient_checkpointing") if kind != "llm2vec" else ())):
+    for key in (*unused, "identifier_weights", *(("lora", "gradient_checkpointing") if kind != "llm2vec" else ())):
         record.pop(key)
     return record
 
