@@ -3,7 +3,8 @@
 Usage: python -m evaluation.errors DATASET_DIR EVAL_DIR [--show "false match"] [--limit 10]
 
 A code is a token of at least four characters that mixes letters and digits (a model or part number such as
-``hdr-sr10``), compared with hyphens dropped: the identifier tokens of ``encoder_worker/encoders/identifiers.py``.
+``hdr-sr10``), compared with hyphens dropped, or a number of four or more digits standing alone (``35113``): the
+identifier tokens of ``encoder_worker/encoders/identifiers.py``.
 The table counts, per outcome in ``test_pairs.csv``, the pairs whose records share a code, whose codes all
 differ, and where one record has none.
 """

@@ -32,16 +32,23 @@ from training.stages import BaseEncoder, run_stage, select_identifier_weight
 
 
 def test_identifier_tokens_are_codes_mixing_letters_and_digits_with_hyphens_dropped() -> None:
-    text = "Sony HDR-SR10 camcorder, 1080p, 40in screen: model 6100 (sd-6100) by SONY x1"
+    text = "Sony HDR-SR10 camcorder, 1080p, 40in screen (sd-6100) by SONY x1"
     assert identifier_tokens(text) == {"hdrsr10", "1080p", "40in", "sd6100"}
     assert identifier_tokens("sd6100 SD-6100") == {"sd6100"}
-    assert identifier_tokens("no codes here, only 2024 and words") == set()
+    assert identifier_tokens("no codes here, only 202 and words") == set()
+
+
+def test_identifier_tokens_include_runs_of_four_or_more_digits_standing_alone() -> None:
+    assert identifier_tokens("wilson jones 35113 wallet, item 86210010 (2011)") == {"35113", "86210010", "2011"}
+    assert identifier_tokens("model 6100 sd-6100") == {"6100", "sd6100"}  # the run inside a code stays in it
+    assert identifier_tokens("1993-up, 13-1 2, $ 12.65, 4546b001, 123") == {"1993up", "4546b001"}
 
 
 def test_identifier_features_are_each_token_and_its_stem_without_a_letter_suffix() -> None:
     assert identifier_features("apple mb111lla") == {"mb111lla", "stem:mb111"}
     assert identifier_features("onkyo TX-SR606") == {"txsr606", "stem:txsr606"}
-    assert identifier_features("1080p g30") == {"1080p"}  # stem "1080" is no identifier; g30 is too short
+    assert identifier_features("1080p g30") == {"1080p"}  # stem "1080" is no code; g30 is too short
+    assert identifier_features("part 35113") == {"35113"}  # a digit run has no stem
 
 
 def test_identifier_vectors_agree_fully_on_a_code_half_on_its_variants_and_not_on_other_codes() -> None:

@@ -8,10 +8,12 @@ vectors is ``(1 - w) * cos(dense) + w * cos(codes)`` when both records carry ide
 alone scaled by ``sqrt(1 - w)`` when one has none: still one cosine between stored vectors, so matching and
 blocking keep working from the index.
 
-The features of an identifier are the token itself and its stem, the token without the letters after its
-last digit (``mb111lla`` -> ``mb111``), when the stem is still an identifier: the same code agrees fully,
-a variant of it (``mb111ll``, ``txsr606`` against ``txsr606b``: a region, colour or finish suffix) half,
-another code (``sd6110``) not at all.
+Identifiers are codes that mix letters and digits (``hdr-sr10``) and runs of four or more digits (catalogue
+numbers such as ``86210010``; years too, which the weight chosen on valid data discounts where they mislead).
+The features of a code are the token itself and its stem, the token without the letters after its last digit
+(``mb111lla`` -> ``mb111``), when the stem is still a code: the same code agrees fully, a variant of it
+(``mb111ll``, ``txsr606`` against ``txsr606b``: a region, colour or finish suffix) half, another code
+(``sd6110``) not at all. A digit run is its own single feature.
 """
 
 from __future__ import annotations
@@ -28,12 +30,15 @@ from encoder_worker.encoders.base import Encoder, EncoderInput, l2_normalise
 DEFAULT_DIMS = 1024
 # At least four characters of letters, digits and hyphens, with a digit and a letter (hdr-sr10, am53bk, 1080p).
 IDENTIFIER = re.compile(r"\b(?=[a-z0-9-]*\d)(?=[a-z0-9-]*[a-z])[a-z0-9][a-z0-9-]{3,}\b")
+# Four or more digits standing alone (35113, 86210010; not 12.65, nor the 6100 inside sd-6100 or 4546b001).
+DIGIT_RUN = re.compile(r"(?<![\w-])\d{4,}(?![\w-])")
 LETTER_SUFFIX = re.compile(r"(?<=\d)[a-z]+$")
 
 
 def identifier_tokens(text: str) -> set[str]:
-    """The identifier-like tokens of a text, lower-cased, hyphens dropped (``sd-6100`` and ``sd6100`` agree)."""
-    return {token.replace("-", "") for token in IDENTIFIER.findall(text.lower())}
+    """The codes (lower-cased, hyphens dropped: ``sd-6100`` and ``sd6100`` agree) and digit runs of a text."""
+    lowered = text.lower()
+    return {token.replace("-", "") for token in IDENTIFIER.findall(lowered)} | set(DIGIT_RUN.findall(lowered))
 
 
 def identifier_features(text: str) -> set[str]:
