@@ -25,7 +25,7 @@ def row(report: dict) -> str:
     reference = REFERENCE_F1.get(report["dataset"])
     recall = report["blocking"]["recall_at_k"]
     weight = report.get("identifier_weight")
-    encoder = config["encoder"] + (f" + identifiers {weight:g}" if weight else "")
+    encoder = config["encoder"] + (f" (identifier weight {weight:g})" if weight else "")
     return (
         f"| {report['dataset']} | {encoder} | {config['serialization']} | {instruction} "
         f"| {report['threshold']:.3f} | {report['valid']['f1']:.3f} | {report['test']['precision']:.3f} "

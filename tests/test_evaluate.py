@@ -64,8 +64,9 @@ def test_evaluate_writes_report_markdown_and_figure(env, tmp_path, capsys):
 
 
 def test_error_reading_compares_identifier_codes() -> None:
-    sony = errors.codes({"name": "Sony Handycam HDR-SR10", "price": "499.00", "note": "2008 model"})
-    assert sony == {"hdrsr10"}, "a code mixes letters and digits; prices, years and words are not codes"
+    sony = errors.codes({"name": "Sony Handycam HDR-SR10", "price": "499.00", "note": "new model"})
+    assert sony == {"hdrsr10"}, "a code mixes letters and digits; prices and words are not codes"
+    assert errors.codes({"title": "ampad file folders 35113", "price": "12.94"}) == {"35113"}  # a catalogue number
     assert errors.agreement(sony, errors.codes({"title": "sony hdrsr10 camcorder"})) == "share a code"
     assert errors.agreement(sony, errors.codes({"title": "sony hdr-ux10"})) == "codes differ"
     assert errors.agreement(sony, errors.codes({"title": "sony camcorder"})) == "no code on one side"
