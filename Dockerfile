@@ -88,6 +88,10 @@ USER ${APP_UID}:${APP_UID}
 
 EXPOSE 8000
 
+# Auth is on: `serve` bound to 0.0.0.0 refuses to start until an API key exists. Give it one at start-up with
+# LLMATCH_ADMIN_KEY_FILE (a mounted secret, as docker-compose.yml does) or LLMATCH_ADMIN_KEY, or create keys
+# with `llmatch keys create` against the same database. Never add --insecure-no-auth to this command.
+
 HEALTHCHECK --interval=30s --timeout=5s --start-period=60s --retries=3 \
     CMD ["python", "-c", "import urllib.request; urllib.request.urlopen('http://127.0.0.1:8000/healthz', timeout=4)"]
 

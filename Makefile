@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 
-.PHONY: setup run test lint smollm2
+.PHONY: setup run test lint smollm2 browser
 
 $(BIN)/llmatch: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -24,7 +24,19 @@ smollm2: setup
 lint: setup
 	$(BIN)/ruff check .
 
-test: setup smollm2 lint
+# The review page's browser test (tests/test_ui_browser.py) drives Chromium through chromedriver. As root (CI,
+# a fresh machine, no stdin) they are installed from the distribution's packages when missing; otherwise this
+# does nothing and that test is skipped, saying why.
+browser:
+	@if command -v chromedriver >/dev/null 2>&1; then :; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	  echo "installing chromium and chromium-driver (apt-get)"; \
+	  DEBIAN_FRONTEND=noninteractive apt-get update -q && \
+	  DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium chromium-driver \
+	    || echo "browser: apt-get could not install chromium; tests/test_ui_browser.py will be skipped"; \
+	else echo "browser: no chromedriver and not root; tests/test_ui_browser.py will be skipped"; fi
+
+test: setup smollm2 browser lint
 	$(BIN)/python -m pytest
 
 # The results in docs/results.md: every benchmark with the default encoder (grid, selected on valid F1), and

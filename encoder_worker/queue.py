@@ -1,23 +1,25 @@
-"""The encoding queue: records with status ``pending``, claimed under a lease so that a worker that dies
-mid-batch loses nothing (the lease runs out and another worker claims them again)."""
+"""The encoding queue: records with status ``pending``, claimed under a short lease that the claiming worker
+renews while it is alive (measured on the database's clock). A worker that dies loses nothing: when its lease
+runs out the records are claimed again. Before each encoder call the worker notes which records are in it
+(``inflight_batch``), so the next claimer knows whether a dead worker was encoding a record alone (the record is
+blamed: one attempt) or in a group (no one is blamed; the records are encoded alone next time)."""
 
 from __future__ import annotations
 
 import uuid
+from collections.abc import Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
+from datetime import timedelta
 from typing import Any
 
-from sqlalchemy import or_, select, update
+from sqlalchemy import and_, case, or_, select, update
 from sqlalchemy.orm import Session
 
 from encoder_worker.render import RenderConfig, input_hash, render
+from llmatch.db import db_now
 from llmatch.models import ENCODED, FAILED, PENDING, Dataset, IndexChange, Record
 
-
-def utcnow() -> datetime:
-    """Naive UTC, the form timestamps are stored in."""
-    return datetime.now(UTC).replace(tzinfo=None)
+MAX_ERROR_CHARS = 2000
 
 
 @dataclass(frozen=True)
@@ -32,6 +34,7 @@ class ClaimedRecord:
     text: str
     input_hash: str
     attempts: int
+    batch_limit: int | None = None  # encode in groups of at most this many (after a worker died on its group)
 
 
 @dataclass(frozen=True)
@@ -40,13 +43,60 @@ class Claim:
     records: list[ClaimedRecord]
 
 
-def claim_batch(session: Session, batch_size: int, lease_seconds: float) -> Claim:
-    """Claim up to ``batch_size`` pending records whose lease (if any) has run out."""
-    now = utcnow()
+def crash_error(attempts: int) -> str:
+    return (
+        f"the encoder worker died {attempts} times while encoding this record alone (out of memory, or a crash "
+        "inside the model); fix the cause, then requeue it (POST /datasets/{name}/requeue or `llmatch requeue`)"
+    )
+
+
+def settle_expired(session: Session, max_attempts: int) -> int:
+    """Release the records of claims whose lease ran out (their worker died or hung); returns how many.
+
+    A record that was being encoded alone when its worker died is charged an attempt, and fails once it has used
+    ``max_attempts``; one that was in a group of n is encoded next in groups of at most n // 4; one not yet
+    started is just freed."""
+    now = db_now(session)
+    expired = and_(Record.status == PENDING, Record.claim_token.is_not(None), Record.lease_until < now)
+    freed = 0
+    for condition, values in (
+        (Record.inflight_batch == 1, {"attempts": Record.attempts + 1, "batch_limit": 1}),
+        (
+            Record.inflight_batch > 1,
+            {"batch_limit": case((Record.inflight_batch < 8, 1), else_=Record.inflight_batch // 4)},
+        ),
+        (Record.inflight_batch.is_(None), {}),
+    ):
+        result = session.execute(
+            update(Record)
+            .where(expired, condition)
+            .values(claim_token=None, lease_until=None, inflight_batch=None, **values)
+            .execution_options(synchronize_session=False)
+        )
+        freed += result.rowcount or 0
+    crashed = and_(Record.status == PENDING, Record.claim_token.is_(None), Record.attempts >= max_attempts)
+    for attempts in session.scalars(select(Record.attempts).where(crashed).distinct()).all():
+        session.execute(
+            update(Record)
+            .where(crashed, Record.attempts == attempts)
+            .values(status=FAILED, error=crash_error(attempts), batch_limit=None)
+            .execution_options(synchronize_session=False)
+        )
+    return freed
+
+
+def claim_batch(session: Session, batch_size: int, lease_seconds: float, max_attempts: int = 3) -> Claim:
+    """Claim up to ``batch_size`` pending records that nobody holds and whose retry delay (if any) is over."""
+    settle_expired(session, max_attempts)
+    now = db_now(session)
     token = uuid.uuid4().hex
     ids = session.scalars(
         select(Record.id)
-        .where(Record.status == PENDING, or_(Record.lease_until.is_(None), Record.lease_until < now))
+        .where(
+            Record.status == PENDING,
+            Record.claim_token.is_(None),
+            or_(Record.lease_until.is_(None), Record.lease_until < now),
+        )
         .order_by(Record.id)
         .limit(batch_size)
         .with_for_update(skip_locked=True)
@@ -56,9 +106,10 @@ def claim_batch(session: Session, batch_size: int, lease_seconds: float) -> Clai
     session.execute(
         update(Record)
         .where(Record.id.in_(ids))
-        .values(claim_token=token, lease_until=now + timedelta(seconds=lease_seconds), attempts=Record.attempts + 1)
+        .values(claim_token=token, lease_until=now + timedelta(seconds=lease_seconds))
+        .execution_options(synchronize_session=False)
     )
-    rows = session.execute(select(Record, Dataset).join(Dataset).where(Record.id.in_(ids))).all()
+    rows = session.execute(select(Record, Dataset).join(Dataset).where(Record.id.in_(ids)).order_by(Record.id)).all()
     return Claim(token, [_rendered(record, dataset) for record, dataset in rows])
 
 
@@ -74,11 +125,34 @@ def _rendered(record: Record, dataset: Dataset) -> ClaimedRecord:
         text=text,
         input_hash=input_hash(config.instruction, text),
         attempts=record.attempts,
+        batch_limit=record.batch_limit,
     )
 
 
 def render_config(dataset: Dataset) -> RenderConfig:
     return RenderConfig(dataset.serialization, dataset.attributes, dataset.instruction)
+
+
+def renew(session: Session, token: str, lease_seconds: float) -> int:
+    """Extend the lease of a live claim's unfinished records; returns how many it still holds."""
+    until = db_now(session) + timedelta(seconds=lease_seconds)
+    result = session.execute(
+        update(Record)
+        .where(Record.claim_token == token, Record.status == PENDING)
+        .values(lease_until=until)
+        .execution_options(synchronize_session=False)
+    )
+    return result.rowcount or 0
+
+
+def mark_inflight(session: Session, token: str, records: Sequence[ClaimedRecord], texts: int) -> None:
+    """Note that these records go into one encoder call of ``texts`` distinct texts (1: alone)."""
+    session.execute(
+        update(Record)
+        .where(Record.id.in_([r.record_id for r in records]), Record.claim_token == token)
+        .values(inflight_batch=texts)
+        .execution_options(synchronize_session=False)
+    )
 
 
 def complete(session: Session, token: str, record: ClaimedRecord, embedding_id: int) -> bool:
@@ -91,9 +165,12 @@ def complete(session: Session, token: str, record: ClaimedRecord, embedding_id: 
             embedding_id=embedding_id,
             claim_token=None,
             lease_until=None,
-            encoded_at=utcnow(),
+            inflight_batch=None,
+            batch_limit=None,
+            encoded_at=db_now(session),
             error=None,
         )
+        .execution_options(synchronize_session=False)
     )
     if result.rowcount != 1:
         return False
@@ -108,12 +185,71 @@ def complete(session: Session, token: str, record: ClaimedRecord, embedding_id: 
 def release(
     session: Session, token: str, record: ClaimedRecord, error: str, max_attempts: int, retry_after_seconds: float
 ) -> str:
-    """Give a claimed record back after a failure: pending again (retried later), or failed for good."""
-    final = record.attempts >= max_attempts
-    values: dict[str, Any] = {"claim_token": None, "error": error[:2000]}
+    """Give a record back after an encoder error of its own: one attempt spent; pending again (retried after a
+    delay) or, past ``max_attempts``, failed for good."""
+    final = record.attempts + 1 >= max_attempts
+    values: dict[str, Any] = {
+        "claim_token": None,
+        "inflight_batch": None,
+        "error": error[:MAX_ERROR_CHARS],
+        "attempts": Record.attempts + 1,
+    }
     if final:
-        values.update(status=FAILED, lease_until=None)
+        values.update(status=FAILED, lease_until=None, batch_limit=None)
     else:
-        values.update(lease_until=utcnow() + timedelta(seconds=retry_after_seconds))
-    session.execute(update(Record).where(Record.id == record.record_id, Record.claim_token == token).values(**values))
+        values.update(lease_until=db_now(session) + timedelta(seconds=retry_after_seconds), batch_limit=1)
+    session.execute(
+        update(Record)
+        .where(Record.id == record.record_id, Record.claim_token == token)
+        .values(**values)
+        .execution_options(synchronize_session=False)
+    )
     return FAILED if final else PENDING
+
+
+def give_back(
+    session: Session, token: str, records: Sequence[ClaimedRecord], error: str, retry_after_seconds: float
+) -> int:
+    """Return records untouched by their own fault (the encoder is unavailable): no attempt is spent; they wait
+    ``retry_after_seconds`` and keep the error so that GET /records shows why. Returns how many."""
+    result = session.execute(
+        update(Record)
+        .where(Record.id.in_([r.record_id for r in records]), Record.claim_token == token)
+        .values(
+            claim_token=None,
+            inflight_batch=None,
+            error=error[:MAX_ERROR_CHARS],
+            lease_until=db_now(session) + timedelta(seconds=retry_after_seconds),
+        )
+        .execution_options(synchronize_session=False)
+    )
+    return result.rowcount or 0
+
+
+def unclaim(session: Session, token: str, records: Sequence[ClaimedRecord]) -> None:
+    """Let go of claimed records that were not worked on (a prefetched claim when the worker stops)."""
+    session.execute(
+        update(Record)
+        .where(Record.id.in_([r.record_id for r in records]), Record.claim_token == token)
+        .values(claim_token=None, lease_until=None, inflight_batch=None)
+        .execution_options(synchronize_session=False)
+    )
+
+
+def requeue_failed(session: Session, dataset_id: int) -> int:
+    """Put a dataset's failed records back in the queue with their attempts reset; returns how many."""
+    result = session.execute(
+        update(Record)
+        .where(Record.dataset_id == dataset_id, Record.status == FAILED)
+        .values(
+            status=PENDING,
+            attempts=0,
+            error=None,
+            batch_limit=None,
+            claim_token=None,
+            lease_until=None,
+            inflight_batch=None,
+        )
+        .execution_options(synchronize_session=False)
+    )
+    return result.rowcount or 0

@@ -1,4 +1,10 @@
-"""The encoder worker: claim pending records, encode what the content cache lacks, store, mark encoded."""
+"""The encoder worker: claim pending records, encode what the content cache lacks, store, mark encoded.
+
+A claim is processed in encoder batches, each stored as soon as it is encoded, while a heartbeat renews the
+claim's lease. A failing batch is told apart from an unavailable encoder by a probe: when the encoder cannot
+encode a one-word text either, the records are given back without spending their attempts and the encoder is
+retried after a growing delay; otherwise the records are encoded one by one and only those failing alone are
+charged."""
 
 from __future__ import annotations
 
@@ -6,7 +12,9 @@ import logging
 import threading
 import time
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor, wait
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -16,14 +24,31 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from encoder_worker import metrics
 from encoder_worker.encoders.base import EncoderInput
-from encoder_worker.encoders.registry import EncoderPool
-from encoder_worker.queue import ClaimedRecord, claim_batch, complete, release
+from encoder_worker.encoders.registry import EncoderPool, EncoderUnavailableError, UnknownEncoderError
+from encoder_worker.queue import (
+    Claim,
+    ClaimedRecord,
+    claim_batch,
+    complete,
+    give_back,
+    mark_inflight,
+    release,
+    renew,
+    unclaim,
+)
 from llmatch.db import transaction
 from llmatch.models import PENDING, Record
 from llmatch.settings import Settings
 from llmatch.vectors import find_embeddings, store_embeddings
 
 log = logging.getLogger("llmatch.worker")
+
+PROBE = EncoderInput(None, "probe")
+MAX_OUTAGE_DELAY = 60.0
+
+
+class EncoderOutage(RuntimeError):
+    """The encoder failed on a trivial text too: the worker's problem, not the records'."""
 
 
 @dataclass
@@ -33,6 +58,7 @@ class BatchResult:
     cache_hits: int = 0
     failed: int = 0
     lost: int = 0
+    given_back: int = 0
 
 
 @dataclass
@@ -52,24 +78,71 @@ class EncoderWorker:
         self.pool = pool
         self.settings = settings
         self.stop_event = threading.Event()
+        self.last_progress = time.monotonic()  # when the loop last finished an iteration (health checks read it)
         self._window = Throughput()
+        self._outage_delay: dict[str, float] = {}
+        self._db = ThreadPoolExecutor(max_workers=1, thread_name_prefix="worker-db")  # stores, prefetched claims
+        self._db_stopped = threading.Event()
+        self._prefetched: Future[Claim] | None = None
+        self._held: set[str] = set()  # tokens of the claims whose leases the heartbeat renews
+        self._held_lock = threading.Lock()
+        self._beat: threading.Thread | None = None
 
     def run_once(self) -> BatchResult:
-        """Claim and process one batch; returns what happened to it."""
-        with transaction(self.session_factory) as session:
-            claim = claim_batch(session, self.settings.worker_batch_size, self.settings.worker_lease_seconds)
+        """Claim and process one batch; returns what happened to it.
+
+        Pipelined: encoder batches are stored by the database thread while the next one encodes, and the next
+        claim is taken while the last batch encodes, so the encoder rarely waits for bookkeeping."""
+        claim = self._take_claim()
         result = BatchResult(claimed=len(claim.records))
-        by_encoder: dict[str, list[ClaimedRecord]] = defaultdict(list)
-        for record in claim.records:
-            by_encoder[record.encoder].append(record)
-        for encoder_name, records in by_encoder.items():
-            self._process(claim.token, encoder_name, records, result)
+        if not claim.records:
+            return result
+        stores: list[Future[None]] = []
+        with self._heartbeat(claim.token):
+            try:
+                self._process(claim, result, stores)
+            except BaseException:
+                wait(stores)  # what was encoded before the failure is kept
+                raise
+            for store in stores:
+                store.result()
         return result
+
+    def _take_claim(self) -> Claim:
+        """The claim prefetched during the previous batch or, when there is none or it came back empty (records
+        may have been freed since), a new one."""
+        prefetched, self._prefetched = self._prefetched, None
+        claim = prefetched.result() if prefetched is not None else None
+        return claim if claim is not None and claim.records else self._claim()
+
+    def _claim(self) -> Claim:
+        settings = self.settings
+        with transaction(self.session_factory) as session:
+            claim = claim_batch(
+                session, settings.worker_batch_size, settings.worker_lease_seconds, settings.worker_max_attempts
+            )
+        if claim.records:
+            self._hold(claim.token)  # a prefetched claim waits for the batch before it: keep it alive meanwhile
+        # Shorter texts first, so that each encoder batch holds texts of similar length (less padding).
+        return Claim(claim.token, sorted(claim.records, key=lambda r: (r.encoder, len(r.text))))
+
+    def close(self) -> None:
+        """Give back a prefetched claim (its records are free at once) and stop the database thread."""
+        prefetched, self._prefetched = self._prefetched, None
+        if prefetched is not None:
+            claim = prefetched.result()
+            if claim.records:
+                with transaction(self.session_factory) as session:
+                    unclaim(session, claim.token, claim.records)
+                with self._held_lock:
+                    self._held.discard(claim.token)
+        self._db_stopped.set()
+        self._db.shutdown(wait=True)
 
     def run(self) -> None:
         """Process batches until ``stop()``; sleeps while the queue is empty."""
         log.info(
-            "encoder worker started (batch %d, lease %.0fs)",
+            "encoder worker started (batch %d, lease %.0fs renewed while alive)",
             self.settings.worker_batch_size,
             self.settings.worker_lease_seconds,
         )
@@ -80,25 +153,98 @@ class EncoderWorker:
                 log.exception("batch failed; its records will be claimed again after their lease")
                 result = BatchResult()
                 self.stop_event.wait(self.settings.worker_poll_seconds * 4)
+            self.last_progress = time.monotonic()
             self._log_progress(result)
             if result.claimed == 0:
                 self.stop_event.wait(self.settings.worker_poll_seconds)
+        self.close()
         log.info("encoder worker stopped")
 
     def stop(self) -> None:
         self.stop_event.set()
 
-    def _process(self, token: str, encoder_name: str, records: list[ClaimedRecord], result: BatchResult) -> None:
+    @contextmanager
+    def _heartbeat(self, token: str) -> Iterator[None]:
+        """Keep renewing the claim's lease while the block runs (the claim is held from when it is taken)."""
+        self._hold(token)
         try:
-            encoder_key = self.pool.spec(encoder_name).key
-            vectors, errors = self._encode_missing(encoder_key, encoder_name, records, result)
-        except Exception as error:  # noqa: BLE001 - e.g. the encoder cannot load: give the records back
-            log.exception("encoder %s failed on a batch of %d", encoder_name, len(records))
-            self._release(token, records, f"{error.__class__.__name__}: {error}", encoder_name, result)
-            return
-        failed = [r for r in records if r.input_hash in errors]
-        for record in failed:
-            self._release(token, [record], errors[record.input_hash], encoder_name, result)
+            yield
+        finally:
+            with self._held_lock:
+                self._held.discard(token)
+
+    def _hold(self, token: str) -> None:
+        """Renew this claim's lease every third of it until it is let go; one thread renews every held claim
+        (the one being encoded and the one prefetched)."""
+        with self._held_lock:
+            self._held.add(token)
+            if self._beat is None:
+                self._beat = threading.Thread(target=self._renew_held, name="lease-heartbeat", daemon=True)
+                self._beat.start()
+
+    def _renew_held(self) -> None:
+        interval = self.settings.worker_lease_seconds / 3
+        while not self._db_stopped.wait(interval):
+            with self._held_lock:
+                tokens = list(self._held)
+            for token in tokens:
+                try:
+                    with transaction(self.session_factory) as session:
+                        renew(session, token, self.settings.worker_lease_seconds)
+                except Exception:  # noqa: BLE001 - a missed beat only shortens the lease; the next one retries
+                    log.warning("could not renew the lease of claim %s", token[:8], exc_info=True)
+
+    def _process(self, claim: Claim, result: BatchResult, stores: list[Future[None]]) -> None:
+        """Encode a claim's records one encoder batch at a time; the database thread stores each."""
+        by_encoder: dict[str, list[ClaimedRecord]] = defaultdict(list)
+        for record in claim.records:
+            by_encoder[record.encoder].append(record)
+        plan = [(name, chunk) for name, records in by_encoder.items() for chunk in self._chunks(records)]
+        done_encoders: set[str] = set()
+        for position, (encoder_name, chunk) in enumerate(plan):
+            if position == len(plan) - 1 and not self.stop_event.is_set():
+                self._prefetched = self._db.submit(self._claim)
+            if encoder_name in done_encoders:
+                continue
+            try:
+                encoder_key = self.pool.spec(encoder_name).key
+                vectors, errors = self._encode_missing(claim.token, encoder_key, encoder_name, chunk, result)
+            except (EncoderOutage, EncoderUnavailableError, UnknownEncoderError) as error:  # not the records' fault
+                unfinished = [r for name, c in plan[position:] if name == encoder_name for r in c]
+                delay = self._next_outage_delay(encoder_name)
+                give = self._give_back
+                stores.append(self._db.submit(give, claim.token, encoder_name, unfinished, error, delay, result))
+                done_encoders.add(encoder_name)
+                continue
+            self._outage_delay.pop(encoder_name, None)
+            batch = (claim.token, encoder_name, encoder_key, chunk, vectors, errors, result)
+            stores.append(self._db.submit(self._store_batch, *batch))
+
+    def _chunks(self, records: list[ClaimedRecord]) -> Iterator[list[ClaimedRecord]]:
+        """Encoder batches: records whose last group died (or that failed) in groups no larger than their
+        ``batch_limit``, smallest first; the rest in batches of ``worker_commit_size``."""
+        size = self.settings.worker_commit_size
+        by_limit: dict[int, list[ClaimedRecord]] = defaultdict(list)
+        for record in records:
+            by_limit[min(record.batch_limit or size, size)].append(record)
+        for limit in sorted(by_limit):
+            group = by_limit[limit]
+            for start in range(0, len(group), limit):
+                yield group[start : start + limit]
+
+    def _store_batch(
+        self,
+        token: str,
+        encoder_name: str,
+        encoder_key: str,
+        records: list[ClaimedRecord],
+        vectors: dict[str, np.ndarray],
+        errors: dict[str, str],
+        result: BatchResult,
+    ) -> None:
+        """(Database thread) store an encoded batch, and give back the records that failed alone."""
+        for record in (r for r in records if r.input_hash in errors):
+            self._release(token, record, errors[record.input_hash], encoder_name, result)
         done = self._store(token, encoder_key, vectors, [r for r in records if r.input_hash not in errors])
         result.encoded += sum(done)
         result.lost += len(done) - sum(done)
@@ -108,6 +254,8 @@ class EncoderWorker:
         self, token: str, encoder_key: str, vectors: dict[str, np.ndarray], records: list[ClaimedRecord]
     ) -> list[bool]:
         """Store new vectors and mark the records encoded, in one transaction."""
+        if not records:
+            return []
         for attempt in range(2):
             try:
                 with transaction(self.session_factory) as session:
@@ -121,7 +269,12 @@ class EncoderWorker:
         return []
 
     def _encode_missing(
-        self, encoder_key: str, encoder_name: str, records: Sequence[ClaimedRecord], result: BatchResult
+        self,
+        token: str,
+        encoder_key: str,
+        encoder_name: str,
+        records: Sequence[ClaimedRecord],
+        result: BatchResult,
     ) -> tuple[dict[str, np.ndarray], dict[str, str]]:
         """Encode the distinct inputs the content cache lacks: (vectors, errors) by input hash."""
         with self.session_factory() as session:
@@ -135,17 +288,27 @@ class EncoderWorker:
         metrics.CACHE_HITS.labels(encoder_name).inc(hits)
         if not todo:
             return {}, {}
+        with transaction(self.session_factory) as session:
+            mark_inflight(session, token, [r for r in records if r.input_hash in todo], len(todo))
         started = time.perf_counter()
         try:
             vectors = dict(zip(todo, self.pool.encode(encoder_name, list(todo.values())), strict=True))
             errors: dict[str, str] = {}
-        except Exception:  # noqa: BLE001 - find the inputs that fail, encode the rest
+        except Exception as error:  # noqa: BLE001 - the texts' fault, or the encoder's? ask a probe
+            self._probe(encoder_name, error)
+            vectors, errors = self._encode_one_by_one(encoder_name, todo) if len(todo) > 1 else ({}, {})
             if len(todo) == 1:
-                raise
-            vectors, errors = self._encode_one_by_one(encoder_name, todo)
+                errors = {next(iter(todo)): _describe(error)}
         metrics.BATCH_SECONDS.labels(encoder_name).observe(time.perf_counter() - started)
         metrics.ENCODER_INPUTS.labels(encoder_name).inc(len(todo))
         return vectors, errors
+
+    def _probe(self, encoder_name: str, error: Exception) -> None:
+        """Raise ``EncoderOutage`` when the encoder cannot encode a trivial text either."""
+        try:
+            self.pool.encode(encoder_name, [PROBE])
+        except Exception as probe_error:  # noqa: BLE001 - any failure on the probe means the encoder is down
+            raise EncoderOutage(_describe(probe_error)) from error
 
     def _encode_one_by_one(
         self, encoder_name: str, todo: dict[str, EncoderInput]
@@ -156,21 +319,44 @@ class EncoderWorker:
             try:
                 vectors[key] = self.pool.encode(encoder_name, [item])[0]
             except Exception as error:  # noqa: BLE001 - recorded on the record, retried later
-                errors[key] = f"{error.__class__.__name__}: {error}"
+                errors[key] = _describe(error)
         log.warning("encoder %s: %d of %d texts failed alone", encoder_name, len(errors), len(todo))
         return vectors, errors
 
-    def _release(
-        self, token: str, records: Sequence[ClaimedRecord], error: str, encoder_name: str, result: BatchResult
-    ) -> None:
-        retry_after = min(self.settings.worker_lease_seconds, 5.0 * max(r.attempts for r in records))
+    def _release(self, token: str, record: ClaimedRecord, error: str, encoder_name: str, result: BatchResult) -> None:
+        retry_after = min(self.settings.worker_lease_seconds, 5.0 * (record.attempts + 1))
         with transaction(self.session_factory) as session:
-            outcomes = [
-                release(session, token, r, error, self.settings.worker_max_attempts, retry_after) for r in records
-            ]
-        failed = sum(1 for outcome in outcomes if outcome != PENDING)
-        result.failed += failed
-        metrics.RECORDS_FAILED.labels(encoder_name).inc(len(records))
+            outcome = release(session, token, record, error, self.settings.worker_max_attempts, retry_after)
+        result.failed += outcome != PENDING
+        metrics.RECORDS_FAILED.labels(encoder_name).inc()
+
+    def _next_outage_delay(self, encoder_name: str) -> float:
+        """How long an unavailable encoder's records wait: doubling with each outage in a row, at most a minute."""
+        delay = min(MAX_OUTAGE_DELAY, self._outage_delay.get(encoder_name, self.settings.worker_poll_seconds) * 2)
+        self._outage_delay[encoder_name] = delay
+        return delay
+
+    def _give_back(
+        self,
+        token: str,
+        encoder_name: str,
+        records: list[ClaimedRecord],
+        error: Exception,
+        delay: float,
+        result: BatchResult,
+    ) -> None:
+        """(Database thread) the encoder is unavailable: return the unfinished records without spending
+        attempts; they are claimed again after ``delay``."""
+        with transaction(self.session_factory) as session:
+            given = give_back(session, token, records, f"encoder unavailable: {_describe(error)}", delay)
+        result.given_back += given
+        log.warning(
+            "encoder %s unavailable (%s); %d records given back, retrying in %.1fs",
+            encoder_name,
+            _describe(error),
+            given,
+            delay,
+        )
 
     def _log_progress(self, result: BatchResult) -> None:
         window = self._window
@@ -205,3 +391,9 @@ class EncoderWorker:
                 break
         log.info("drained: encoded %d records in %.1fs", encoded, time.monotonic() - started)
         return encoded
+
+
+def _describe(error: BaseException) -> str:
+    if isinstance(error, EncoderOutage):
+        return str(error)
+    return f"{error.__class__.__name__}: {error}"

@@ -56,7 +56,7 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
         "identifier_weight": _identifier_weight(encoder, settings),
     }
     summary = report.report_dict(benchmark.name, selected, results, meta)
-    written = report.write(out, summary, selected, benchmark.test)
+    written = report.write(out, summary, selected, {"valid": benchmark.valid, "test": benchmark.test})
     print(report.markdown(summary))
     print("wrote " + ", ".join(str(p) for p in written))
     return 0

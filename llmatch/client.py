@@ -27,15 +27,18 @@ def ingest_records(
     batch_size: int = 1000,
     progress: bool = False,
     client: httpx.Client | None = None,
+    api_key: str | None = None,
 ) -> dict[str, int]:
     """POST records in batches; returns the summed counts. Stops at the first refused batch."""
     totals = {"accepted": 0, "created": 0, "updated": 0, "unchanged": 0}
     owned = client is None
+    headers = {"Authorization": f"Bearer {api_key}"} if api_key else None
     client = client or httpx.Client(base_url=url, timeout=300)
     bar = tqdm(desc=f"ingest {dataset}/{source}", unit=" records", disable=not progress)
     try:
         for batch in batches(records, batch_size):
-            response = client.post("/records", json={"dataset": dataset, "source": source, "records": batch})
+            body = {"dataset": dataset, "source": source, "records": batch}
+            response = client.post("/records", json=body, headers=headers)
             if response.status_code != 202:
                 raise IngestError(f"POST /records answered {response.status_code}: {_detail(response)}")
             for key, value in response.json().items():

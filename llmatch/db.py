@@ -4,9 +4,10 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
+from datetime import datetime
 from pathlib import Path
 
-from sqlalchemy import Engine, create_engine, event, make_url
+from sqlalchemy import Engine, create_engine, event, make_url, text
 from sqlalchemy.orm import Session, sessionmaker
 
 
@@ -14,8 +15,13 @@ def is_sqlite(engine: Engine) -> bool:
     return engine.dialect.name == "sqlite"
 
 
+# Execution option that marks a connection's transactions as writes (see ``transaction``).
+WRITE = "llmatch_write"
+
+
 def make_engine(url: str) -> Engine:
-    """Create an engine; SQLite gets WAL, a busy timeout and write-locking transactions."""
+    """Create an engine. SQLite gets WAL, a busy timeout, durable commits, and two kinds of transaction:
+    reads begin deferred (WAL lets them run beside a writer, on a snapshot), writes take the write lock up front."""
     parsed = make_url(url)
     if parsed.get_backend_name() != "sqlite":
         return create_engine(url, pool_pre_ping=True, pool_size=10, max_overflow=20)
@@ -32,14 +38,27 @@ def make_engine(url: str) -> Engine:
         cursor.execute("PRAGMA journal_mode=WAL")
         cursor.execute("PRAGMA foreign_keys=ON")
         cursor.execute("PRAGMA busy_timeout=60000")
+        # An acknowledged write survives a power cut, not only a crash of the process (WAL's NORMAL would not).
+        cursor.execute("PRAGMA synchronous=FULL")
         cursor.close()
 
     @event.listens_for(engine, "begin")
     def _on_begin(connection) -> None:
-        # Take the write lock up front so concurrent writers wait instead of failing with SQLITE_BUSY.
-        connection.exec_driver_sql("BEGIN IMMEDIATE")
+        # A writer takes the lock up front so concurrent writers wait (busy timeout) instead of failing with
+        # SQLITE_BUSY when a deferred read transaction tries to upgrade; readers never wait for the lock.
+        write = connection.get_execution_options().get(WRITE, False)
+        connection.exec_driver_sql("BEGIN IMMEDIATE" if write else "BEGIN")
 
     return engine
+
+
+def db_now(session: Session) -> datetime:
+    """The database's clock as naive UTC (the form timestamps are stored in): leases are measured on one clock
+    however many machines run workers."""
+    if session.get_bind().dialect.name == "sqlite":
+        stamp = session.execute(text("SELECT strftime('%Y-%m-%d %H:%M:%f', 'now')")).scalar_one()
+        return datetime.fromisoformat(stamp)
+    return session.execute(text("SELECT timezone('UTC', clock_timestamp())")).scalar_one()
 
 
 def make_session_factory(engine: Engine) -> sessionmaker[Session]:
@@ -48,6 +67,8 @@ def make_session_factory(engine: Engine) -> sessionmaker[Session]:
 
 @contextmanager
 def transaction(factory: sessionmaker[Session]) -> Iterator[Session]:
-    """A session whose work is committed on success and rolled back on error."""
+    """A write: a session whose work is committed on success and rolled back on error. Every write goes through
+    here (plain ``factory()`` sessions are reads: on SQLite they cannot take the write lock)."""
     with factory() as session, session.begin():
+        session.connection(execution_options={WRITE: True})
         yield session

@@ -9,6 +9,7 @@ from sqlalchemy import (
     JSON,
     BigInteger,
     DateTime,
+    FetchedValue,
     Float,
     ForeignKey,
     Index,
@@ -36,6 +37,7 @@ class Dataset(Base):
     """One matching problem with its own encoder, serialization and calibration."""
 
     __tablename__ = "datasets"
+    __table_args__ = {"sqlite_autoincrement": True}
 
     id: Mapped[int] = mapped_column(BigId, primary_key=True)
     name: Mapped[str] = mapped_column(String(64), unique=True)
@@ -56,7 +58,10 @@ class Embedding(Base):
     """One vector per (encoder, embedded input): the content cache that keeps texts from being re-encoded."""
 
     __tablename__ = "embeddings"
-    __table_args__ = (UniqueConstraint("encoder_key", "input_hash", name="uq_embeddings_encoder_input"),)
+    __table_args__ = (
+        UniqueConstraint("encoder_key", "input_hash", name="uq_embeddings_encoder_input"),
+        {"sqlite_autoincrement": True},
+    )
 
     id: Mapped[int] = mapped_column(BigId, primary_key=True)
     encoder_key: Mapped[str] = mapped_column(String(64))
@@ -74,6 +79,7 @@ class Record(Base):
         UniqueConstraint("dataset_id", "source", "external_id", name="uq_records_dataset_source_id"),
         Index("ix_records_queue", "status", "lease_until"),
         Index("ix_records_dataset_source_status", "dataset_id", "source", "status"),
+        {"sqlite_autoincrement": True},
     )
 
     id: Mapped[int] = mapped_column(BigId, primary_key=True)
@@ -90,6 +96,12 @@ class Record(Base):
     lease_until: Mapped[datetime | None] = mapped_column(DateTime, nullable=True)
     attempts: Mapped[int] = mapped_column(Integer, default=0)
     error: Mapped[str | None] = mapped_column(Text, nullable=True)
+    # While a worker encodes the record: how many texts share its encoder call. A lease that runs out with this
+    # set means the worker died encoding: alone, the record is blamed (an attempt); in a group of n, it is encoded
+    # next in groups of at most n/4 (``batch_limit``), so a record that kills workers is cornered in a few deaths
+    # and cannot take others with it, while a random kill seldom finds an innocent record alone.
+    inflight_batch: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    batch_limit: Mapped[int | None] = mapped_column(Integer, nullable=True)
     created_at: Mapped[datetime] = mapped_column(DateTime, server_default=func.now())
     updated_at: Mapped[datetime] = mapped_column(DateTime, server_default=func.now(), onupdate=func.now())
     encoded_at: Mapped[datetime | None] = mapped_column(DateTime, nullable=True)
@@ -102,20 +114,38 @@ class IndexChange(Base):
     keep their in-memory FAISS indexes current. ``embedding_id`` is null for a removal."""
 
     __tablename__ = "index_changes"
-    __table_args__ = (Index("ix_index_changes_created_at", "created_at"),)
+    __table_args__ = (
+        Index("ix_index_changes_created_at", "created_at"),
+        Index("ix_index_changes_txid", "txid"),
+        {"sqlite_autoincrement": True},
+    )
 
     id: Mapped[int] = mapped_column(BigId, primary_key=True)
     dataset_id: Mapped[int] = mapped_column(BigInteger)
     source: Mapped[str] = mapped_column(String(64))
     record_id: Mapped[int] = mapped_column(BigInteger)
     embedding_id: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
+    # PostgreSQL: the writing transaction's id (set by the database); null on SQLite, where writes serialise.
+    txid: Mapped[int | None] = mapped_column(BigInteger, nullable=True, server_default=FetchedValue())
     created_at: Mapped[datetime] = mapped_column(DateTime, server_default=func.now())
+
+
+class ChangeLogPruned(Base):
+    """One row: the highest change-log id (and PostgreSQL transaction id) pruning has removed, so a follower
+    that had not read that far knows it must reload instead of applying what is left."""
+
+    __tablename__ = "change_log_pruned"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    max_id: Mapped[int] = mapped_column(BigInteger)
+    max_txid: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
 
 
 class Calibration(Base):
     """A dataset's active decision threshold and score-to-probability mapping."""
 
     __tablename__ = "calibrations"
+    __table_args__ = {"sqlite_autoincrement": True}
 
     id: Mapped[int] = mapped_column(BigId, primary_key=True)
     dataset_id: Mapped[int] = mapped_column(ForeignKey("datasets.id", ondelete="CASCADE"), unique=True)
@@ -131,3 +161,112 @@ class Calibration(Base):
     created_at: Mapped[datetime] = mapped_column(DateTime, server_default=func.now())
 
     dataset: Mapped[Dataset] = relationship(back_populates="calibration")
+
+
+class ApiKey(Base):
+    """An API key: only the SHA-256 of the key is stored; scopes are ``admin`` or ``DATASET:read|write|manage``."""
+
+    __tablename__ = "api_keys"
+    __table_args__ = (
+        UniqueConstraint("name", name="uq_api_keys_name"),
+        UniqueConstraint("key_hash", name="uq_api_keys_key_hash"),
+    )
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True)
+    name: Mapped[str] = mapped_column(String(64))
+    key_hash: Mapped[str] = mapped_column(String(64))
+    scopes: Mapped[list[str]] = mapped_column(JSON)
+    expires_at: Mapped[datetime | None] = mapped_column(DateTime, nullable=True)
+    created_at: Mapped[datetime] = mapped_column(DateTime, server_default=func.now())
+    last_used_at: Mapped[datetime | None] = mapped_column(DateTime, nullable=True)
+    revoked_at: Mapped[datetime | None] = mapped_column(DateTime, nullable=True)
+
+
+class AuditEvent(Base):
+    """Who (a key's name, or ``local`` while auth is off) changed what: configuration, deletions,
+    calibrations and key operations."""
+
+    __tablename__ = "audit_events"
+    __table_args__ = (Index("ix_audit_events_created_at", "created_at"),)
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True)
+    created_at: Mapped[datetime] = mapped_column(DateTime, server_default=func.now())
+    actor: Mapped[str] = mapped_column(String(64))
+    action: Mapped[str] = mapped_column(String(32))
+    target: Mapped[str] = mapped_column(String(256))
+    details: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
+
+
+class Label(Base):
+    """A person's verdict on a pair of records, kept in one order (the lesser (source, id) on the left)."""
+
+    __tablename__ = "labels"
+    __table_args__ = (
+        UniqueConstraint("dataset_id", "left_source", "left_id", "right_source", "right_id", name="uq_labels_pair"),
+        {"sqlite_autoincrement": True},
+    )
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True)
+    dataset_id: Mapped[int] = mapped_column(ForeignKey("datasets.id", ondelete="CASCADE"))
+    left_source: Mapped[str] = mapped_column(String(64))
+    left_id: Mapped[str] = mapped_column(String(256))
+    right_source: Mapped[str] = mapped_column(String(64))
+    right_id: Mapped[str] = mapped_column(String(256))
+    label: Mapped[int] = mapped_column(Integer)
+    created_at: Mapped[datetime] = mapped_column(DateTime, server_default=func.now())
+    updated_at: Mapped[datetime] = mapped_column(DateTime, server_default=func.now(), onupdate=func.now())
+
+
+class EntityState(Base):
+    """Per dataset: the calibration its entities were built with; its row is the lock entity updates take."""
+
+    __tablename__ = "entity_states"
+
+    dataset_id: Mapped[int] = mapped_column(ForeignKey("datasets.id", ondelete="CASCADE"), primary_key=True)
+    calibration_id: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
+    threshold: Mapped[float | None] = mapped_column(Float, nullable=True)
+    updated_at: Mapped[datetime] = mapped_column(DateTime, server_default=func.now(), onupdate=func.now())
+
+
+class Entity(Base):
+    """A group of records linked by accepted matches; ids only grow, so a smaller id is an older entity."""
+
+    __tablename__ = "entities"
+    __table_args__ = (Index("ix_entities_dataset_size", "dataset_id", "size"), {"sqlite_autoincrement": True})
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True)
+    dataset_id: Mapped[int] = mapped_column(ForeignKey("datasets.id", ondelete="CASCADE"))
+    size: Mapped[int] = mapped_column(Integer)
+    created_at: Mapped[datetime] = mapped_column(DateTime, server_default=func.now())
+
+
+class EntityMember(Base):
+    """Which entity an encoded record belongs to, and the vector it was grouped with."""
+
+    __tablename__ = "entity_members"
+    __table_args__ = (
+        Index("ix_entity_members_entity", "entity_id"),
+        Index("ix_entity_members_dataset", "dataset_id"),
+    )
+
+    record_id: Mapped[int] = mapped_column(BigInteger, primary_key=True, autoincrement=False)
+    dataset_id: Mapped[int] = mapped_column(ForeignKey("datasets.id", ondelete="CASCADE"))
+    entity_id: Mapped[int] = mapped_column(ForeignKey("entities.id", ondelete="CASCADE"))
+    embedding_id: Mapped[int] = mapped_column(BigInteger)
+
+
+class EntityLink(Base):
+    """An accepted match among a record's candidates (score >= threshold); ``left_record_id`` < ``right_record_id``."""
+
+    __tablename__ = "entity_links"
+    __table_args__ = (
+        UniqueConstraint("left_record_id", "right_record_id", name="uq_entity_links_pair"),
+        Index("ix_entity_links_right", "right_record_id"),
+        Index("ix_entity_links_dataset", "dataset_id"),
+    )
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True)
+    dataset_id: Mapped[int] = mapped_column(ForeignKey("datasets.id", ondelete="CASCADE"))
+    left_record_id: Mapped[int] = mapped_column(BigInteger)
+    right_record_id: Mapped[int] = mapped_column(BigInteger)
+    score: Mapped[float] = mapped_column(Float)

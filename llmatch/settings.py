@@ -7,7 +7,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -31,12 +31,77 @@ class Settings(BaseSettings):
 
     worker_batch_size: int = Field(default=256, ge=1, le=10_000)
     worker_poll_seconds: float = Field(default=0.5, gt=0)
-    worker_lease_seconds: float = Field(default=600.0, gt=0)
+    worker_commit_size: int = Field(
+        default=64, ge=1, le=10_000, description="Records per encoder call, stored as soon as they are encoded."
+    )
+    worker_lease_seconds: float = Field(
+        default=30.0, ge=1, description="A claim's lease, renewed every third of it while its worker is alive."
+    )
     worker_max_attempts: int = Field(default=3, ge=1)
     worker_log_seconds: float = Field(default=10.0, gt=0)
     index_sync_seconds: float = Field(default=0.5, gt=0)
-    max_body_bytes: int = Field(default=256 * 1024 * 1024, ge=1024)
+    index_kind: Literal["auto", "flat", "ivf"] = Field(
+        default="auto", description="FAISS structure per (dataset, source); auto: exact below index_approximate_above."
+    )
+    index_approximate_above: int = Field(
+        default=50_000, ge=1, description="Vectors from which an auto index is an inverted file (IVF), not exact."
+    )
+    index_nprobe: int = Field(default=32, ge=1, description="Inverted lists an IVF search visits (recall vs time).")
+    index_storage: Literal["float32", "float16"] = Field(
+        default="float32", description="float16 halves index memory (scalar-quantised vectors) at a small recall cost."
+    )
+    index_save_seconds: float = Field(
+        default=300.0, ge=0, description="Changed indexes are written to their files this often; 0: only at shutdown."
+    )
+    index_max_lag_seconds: float = Field(
+        default=60.0, gt=0, description="/readyz answers 503 when the index follower is this far behind the log."
+    )
+    ready_timeout_seconds: float = Field(default=2.0, gt=0, description="How long /readyz waits for the database.")
+    # Access and bounds (README "Keys and access" and "Limits").
+    max_body_bytes: int = Field(
+        default=64 * 1024 * 1024,
+        ge=1024,
+        description="Larger request bodies get 413. Default: one record at the contract's maxima (256 attributes "
+        "of 65,536 characters, 3 bytes each in UTF-8: 48 MiB) plus names and JSON syntax, rounded up.",
+    )
+    max_text_chars: int = Field(
+        default=16_384,
+        ge=256,
+        description="Rendered text per record is cut to this many characters before tokenisation (far beyond "
+        "the 512 tokens an encoder keeps by default).",
+    )
+    max_dataset_attributes: int = Field(
+        default=1_024, ge=1, description="Distinct attribute names per dataset; a batch that would exceed it gets 422."
+    )
+    max_inline_encodes: int = Field(
+        default=8, ge=1, description="Concurrent on-the-spot encodes (POST /match, POST /candidates); more get 429."
+    )
+    inline_encoder_url: str | None = Field(
+        default=None,
+        description="Send on-the-spot encodes to a worker started with `--serve-inline PORT` (e.g. "
+        "http://worker:8001) instead of encoding in the API process; unreachable: 503.",
+    )
+    inline_encoder_timeout_seconds: float = Field(
+        default=30.0, gt=0, description="How long the API waits for the inline encoder's answer before a 503."
+    )
+    auth_cache_seconds: float = Field(
+        default=5.0, ge=0, description="How long API keys are cached in memory (revocation takes effect within it)."
+    )
+    admin_key: SecretStr | None = Field(
+        default=None, description="At `llmatch serve`: ensure an admin key with this value exists (deployments)."
+    )
+    admin_key_file: Path | None = Field(default=None, description="Like admin_key, read from a file (a secret).")
+    admin_key_name: str = Field(default="admin", pattern=r"^[A-Za-z0-9_.-]{1,64}$")
     log_level: str = "INFO"
+    review_candidates: int = Field(default=10, ge=1, le=100, description="Candidates per record /review considers.")
+    entity_candidates: int = Field(default=10, ge=1, le=100, description="Candidates per record entities link.")
+    entity_guard: Literal["none", "support", "centroid"] = Field(
+        default="support", description="What two groups must show to merge (none: plain connected components)."
+    )
+    entity_min_support: float = Field(
+        default=0.5, ge=0, le=1, description="support guard: share of cross pairs at or above the threshold."
+    )
+    entity_max_size: int = Field(default=3, ge=0, description="Largest entity a merge may make; 0: no cap.")
 
     @field_validator("encoders", mode="before")
     @classmethod

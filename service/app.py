@@ -11,9 +11,14 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from encoder_worker.encoders.registry import EncoderPool, EncoderUnavailableError
 from llmatch.settings import Settings, get_settings
-from service import metrics
-from service.errors import ApiError, ServiceUnavailable, install_error_handlers
-from service.routes import datasets, decisions, ops, records
+from service import metrics, openapi
+from service.entities import follow as follow_entities
+from service.errors import ApiError, ServiceUnavailable, install_error_handlers, log
+from service.inline_encoder import inline_encoder_pool
+from service.keys import KeyCache
+from service.limits import InlineEncodes
+from service.routes import datasets, decisions, entities, labels, ops, records
+from service.routes import ui as ui_routes
 from service.state import ServiceState
 
 
@@ -26,9 +31,14 @@ def create_app(
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         state = ServiceState.open(settings, pool=pool, run_worker=run_worker)
+        # The worker keeps the bare pool; inline encodes may go to a worker's accelerator (inline_encoder.py).
+        state.pool = InlineEncodes(inline_encoder_pool(state.pool, settings), settings.max_inline_encodes)
         metrics.QUEUE.session_factory = state.session_factory
+        metrics.AUDIT.session_factory = state.session_factory
+        app.state.keys = KeyCache(state.session_factory, settings.auth_cache_seconds)
         app.state.service = state
         state.start()
+        app.state.entities = follow_entities(state)  # entities follow what enters and leaves the indexes
         try:
             yield
         finally:
@@ -44,10 +54,18 @@ def create_app(
 
     @app.exception_handler(EncoderUnavailableError)
     async def _encoder_unavailable(request, error: EncoderUnavailableError):
-        return await app.exception_handlers[ApiError](request, ServiceUnavailable(f"{error}."))
+        # The message names the model folder: logged for the operator, never sent to the client.
+        log.warning("encoder unavailable: %s", error)
+        encoder = str(error).split(":")[0]
+        detail = f"{encoder[:1].upper()}{encoder[1:]} is unavailable: its model folder does not exist on the server"
+        return await app.exception_handlers[ApiError](
+            request, ServiceUnavailable(f"{detail}; an operator must install it.")
+        )
 
-    for router in (datasets.router, records.router, decisions.router, ops.router):
+    for router in (datasets.router, records.router, decisions.router, ops.router, labels.router, entities.router):
         app.include_router(router)
+    app.include_router(ui_routes.router)
+    openapi.install(app, settings)
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
     app.add_middleware(metrics.MetricsMiddleware)
     return app
@@ -87,7 +105,7 @@ def _limited(receive: Receive, max_bytes: int) -> Receive:
 
 
 def _too_large_detail(max_bytes: int) -> str:
-    return f"Request body exceeds {max_bytes} bytes; send fewer records per request."
+    return f"Request body exceeds {max_bytes} bytes (LLMATCH_MAX_BODY_BYTES); send fewer records per request."
 
 
 async def _too_large(send: Send, max_bytes: int) -> None:

@@ -15,10 +15,10 @@ from encoder_worker.encoders.registry import EncoderPool
 from encoder_worker.queue import render_config
 from encoder_worker.render import input_hash, render
 from llmatch.models import ENCODED, Calibration, Dataset, Embedding, Record
-from llmatch.vectors import from_bytes, load_vectors
+from llmatch.vectors import from_bytes
 from service import calibration as calib
 from service.datasets import sources
-from service.errors import Conflict, NotFound
+from service.errors import Conflict, NotFound, without_paths
 from service.index import IndexRegistry
 from service.records import get_record
 from service.schemas import (
@@ -45,29 +45,58 @@ def stored_query(session: Session, dataset: Dataset, source: str, record_id: str
     """The stored vector of a record: 404 when unknown, 409 while it is not encoded."""
     record = get_record(session, dataset, source, record_id)
     if record.status != ENCODED or record.embedding is None:
+        last_error = f" Last error: {without_paths(record.error)}" if record.error else ""
         raise Conflict(
             f"Record {record_id!r} in source {source!r} is {record.status}, not encoded yet; "
-            "retry once the encoder worker has processed it." + (f" Last error: {record.error}" if record.error else "")
+            "retry once the encoder worker has processed it." + last_error
         )
     return Query(from_bytes(record.embedding.vector, record.embedding.dim), record.id, source)
 
 
-def inline_query(session: Session, pool: EncoderPool, dataset: Dataset, record: InlineRecord) -> Query:
-    """Encode an inline record on the spot (or reuse the stored vector of an identical text); not stored."""
+@dataclass(frozen=True)
+class ToEncode:
+    """An inline record rendered for its dataset's encoder, to be encoded once no session is open."""
+
+    encoder: str
+    item: EncoderInput
+
+
+def prepare_inline(session: Session, pool: EncoderPool, dataset: Dataset, record: InlineRecord) -> Query | ToEncode:
+    """The vector of a record of this dataset with an identical text, or what to encode (inline records are
+    never stored)."""
     config = render_config(dataset)
     text = render(record.attributes, config, dataset.seen_attributes)
     key = pool.spec(dataset.encoder).key
-    digest = input_hash(config.instruction, text)
-    cached = load_vectors(session, key, [digest]).get(digest)
+    cached = _dataset_vector(session, dataset, key, input_hash(config.instruction, text))
     if cached is not None:
         return Query(cached)
-    return Query(pool.encode(dataset.encoder, [EncoderInput(config.instruction, text)])[0])
+    return ToEncode(dataset.encoder, EncoderInput(config.instruction, text))
 
 
-def resolve(session: Session, pool: EncoderPool, dataset: Dataset, item: RecordRef | InlineRecord) -> Query:
+def prepare(session: Session, pool: EncoderPool, dataset: Dataset, item: RecordRef | InlineRecord) -> Query | ToEncode:
     if isinstance(item, RecordRef):
         return stored_query(session, dataset, item.source, item.id)
-    return inline_query(session, pool, dataset, item)
+    return prepare_inline(session, pool, dataset, item)
+
+
+def encoded(pool: EncoderPool, prepared: Query | ToEncode) -> Query:
+    """Encode what ``prepare`` left to encode. Call it with no session open: the model may take seconds, and an
+    open session would hold a database connection (and, on SQLite, a snapshot) all that time."""
+    if isinstance(prepared, Query):
+        return prepared
+    return Query(pool.encode(prepared.encoder, [prepared.item])[0])
+
+
+def _dataset_vector(session: Session, dataset: Dataset, encoder_key: str, digest: str) -> np.ndarray | None:
+    """The cached vector of this text only if a record of ``dataset`` holds it: the content cache is shared
+    across datasets, and reusing another dataset's vector would reveal (by its speed) that the text is there."""
+    held = select(Record.id).where(Record.dataset_id == dataset.id, Record.embedding_id == Embedding.id).exists()
+    row = session.execute(
+        select(Embedding.vector, Embedding.dim).where(
+            Embedding.encoder_key == encoder_key, Embedding.input_hash == digest, held
+        )
+    ).first()
+    return None if row is None else from_bytes(row.vector, row.dim)
 
 
 def cosine(left: np.ndarray, right: np.ndarray) -> float:
@@ -101,12 +130,13 @@ def candidates(
             f"Dataset {dataset.name!r} has no source {target_source!r}; its sources: {', '.join(known) or 'none yet'}."
         )
     targets = [target_source] if target_source else _default_targets(known, query.source)
-    hits: list[tuple[float, int]] = []
+    hits: list[tuple[float, int, int]] = []  # (score, record id, embedding id the index holds for it)
     for source in targets:
+        key = (dataset.id, source)
         extra = 1 if query.record_id is not None and source == query.source else 0
-        for hit in registry.search((dataset.id, source), query.vector, k + extra):
-            if hit.record_id != query.record_id:
-                hits.append((hit.score, hit.record_id))
+        found = [hit for hit in registry.search(key, query.vector, k + extra) if hit.record_id != query.record_id]
+        held = registry.embedding_ids(key, np.array([hit.record_id for hit in found], dtype=np.int64))
+        hits.extend((hit.score, hit.record_id, int(e)) for hit, e in zip(found, held, strict=True))
     hits.sort(key=lambda item: -item[0])
     return _as_candidates(session, dataset, hits[:k])
 
@@ -117,13 +147,23 @@ def _default_targets(known: Sequence[str], query_source: str | None) -> list[str
     return others or ([query_source] if query_source else list(known))
 
 
-def _as_candidates(session: Session, dataset: Dataset, hits: list[tuple[float, int]]) -> list[Candidate]:
+def _as_candidates(session: Session, dataset: Dataset, hits: list[tuple[float, int, int]]) -> list[Candidate]:
+    """Name the hits; drop any the index holds stale (a record deleted, re-queued or re-encoded since the index
+    saw it, or not of this dataset): only what the database says is encoded, with this vector, is served."""
     if not hits:
         return []
+    held = {rid: embedding_id for _, rid, embedding_id in hits}
+    # By primary key, checked here: a condition on status would let the planner scan the status index instead.
     rows = session.execute(
-        select(Record.id, Record.source, Record.external_id).where(Record.id.in_([rid for _, rid in hits]))
+        select(
+            Record.id, Record.source, Record.external_id, Record.dataset_id, Record.status, Record.embedding_id
+        ).where(Record.id.in_(list(held)))
     )
-    names = {rid: (source, external_id) for rid, source, external_id in rows}
+    names = {
+        row.id: (row.source, row.external_id)
+        for row in rows
+        if row.dataset_id == dataset.id and row.status == ENCODED and row.embedding_id == held[row.id]
+    }
     calibration = active_calibration(session, dataset)
     return [
         Candidate(
@@ -132,8 +172,8 @@ def _as_candidates(session: Session, dataset: Dataset, hits: list[tuple[float, i
             score=min(score, 1.0),
             match=None if calibration is None else score >= calibration.threshold,
         )
-        for score, rid in hits
-        if rid in names  # a record deleted since the index saw it is skipped
+        for score, rid, _ in hits
+        if rid in names
     ]
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import re
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -42,6 +43,20 @@ class ServiceUnavailable(ApiError):
     status_code = 503
 
 
+# An absolute file path on the server (not a URL: nothing word-like, ':' or '/' right before it).
+SERVER_PATH = re.compile(r"(?<![\w.:/])/(?:[^\s/'\":,;()]+/)+[^\s/'\":,;()]*")
+
+
+def without_paths(text: str) -> str:
+    """Text stored from a server-side error (e.g. a failed record's), with file paths replaced by ``<path>``."""
+    return SERVER_PATH.sub("<path>", text)
+
+
+def printable(text: str) -> str:
+    """Text that can be sent as UTF-8 JSON even when it echoes a client's lone surrogates (shown escaped)."""
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
 def _location(loc: tuple[Any, ...]) -> str:
     parts = [str(p) for p in loc if p not in ("body", "query", "path")]
     text = ""
@@ -78,8 +93,11 @@ def install_error_handlers(app: FastAPI) -> None:
     async def _validation_error(_request: Request, error: RequestValidationError) -> JSONResponse:
         errors = list(error.errors())
         status, detail = _sentence(errors)
-        problems = [{"loc": _location(tuple(e.get("loc", ()))), "msg": str(e.get("msg"))} for e in errors[:20]]
-        return JSONResponse({"detail": detail, "errors": problems}, status_code=status)
+        problems = [
+            {"loc": printable(_location(tuple(e.get("loc", ())))), "msg": printable(str(e.get("msg")))}
+            for e in errors[:20]
+        ]
+        return JSONResponse({"detail": printable(detail), "errors": problems}, status_code=status)
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(_request: Request, error: StarletteHTTPException) -> JSONResponse:

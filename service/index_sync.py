@@ -6,22 +6,24 @@ from __future__ import annotations
 import logging
 import threading
 import time
+import uuid
 from collections import defaultdict
-from datetime import datetime, timedelta
+from collections.abc import Callable, Iterator, Sequence
+from datetime import timedelta
+from itertools import chain
 
 import numpy as np
-from sqlalchemy import Row, delete, func, select
+from sqlalchemy import Row, Select, select
 from sqlalchemy.orm import Session, sessionmaker
 
-from llmatch.models import ENCODED, Dataset, Embedding, IndexChange, Record
-from llmatch.vectors import stack
+from llmatch.db import transaction
+from llmatch.models import ENCODED, Dataset, Embedding, Record
+from service.change_cursor import ChangeCursor, consistent_snapshot, cursor_for, prune
 from service.index import IndexKey, IndexRegistry, VectorIndex, fingerprint
 
 log = logging.getLogger("llmatch.index")
 
-# Changes are re-read for this long, so a transaction that committed late is still seen.
-OVERLAP = timedelta(seconds=30)
-# The log is pruned after this long; a process that was away longer rebuilds at start-up.
+# The log is pruned after this long; a process that had not read that far reloads (see change_cursor.py).
 RETENTION = timedelta(hours=1)
 
 
@@ -29,27 +31,38 @@ class IndexSynchronizer:
     def __init__(self, session_factory: sessionmaker[Session], registry: IndexRegistry):
         self.session_factory = session_factory
         self.registry = registry
-        self.watermark: datetime | None = None
-        self._applied: set[int] = set()
+        self.cursor: ChangeCursor | None = None  # set by load_all
+        self._poll_lock = threading.Lock()
+        self.reloads = 0  # times the log had lost entries this process had not read, and indexes were reloaded
         self.stop_event = threading.Event()
         self.rebuilt: list[IndexKey] = []
         self.loaded_from_file: list[IndexKey] = []
+        # Called after each applied batch with (entered, left): record ids per index (e.g. to update entities).
+        self.listeners: list[Callable[[dict[IndexKey, list[int]], dict[IndexKey, list[int]]], None]] = []
+        # time.monotonic() of the last load or poll that completed; /readyz reports the lag since then.
+        self.last_success: float | None = None
 
     def load_all(self) -> None:
         """Load every index from its file when it matches the database, else rebuild it from stored vectors."""
         started = time.perf_counter()
         with self.session_factory() as session:
-            self.watermark = _db_now(session)
-            for key, pairs in _encoded_pairs(session).items():
-                index = VectorIndex.load(self.registry.path(key), fingerprint(pairs.items()), self.registry.use_gpu)
+            consistent_snapshot(session)  # the cursor's position and the records read below: one moment
+            self.cursor = cursor_for(session)
+            self.cursor.start(session)
+            for key, (record_ids, embedding_ids) in _encoded_pairs(session).items():
+                expected = fingerprint(record_ids, embedding_ids)
+                registry = self.registry
+                index = VectorIndex.load(registry.path(key), expected, registry.use_gpu, registry.policy_for(key))
                 if index is None:
-                    index = _rebuild(session, key, self.registry.use_gpu)
-                    index.save(self.registry.path(key), {"dataset_id": key[0], "source": key[1]})
+                    index = _rebuild(session, key, registry, len(record_ids))
+                    registry.put(key, index)
+                    registry.save(key)
                     self.rebuilt.append(key)
                 else:
+                    registry.put(key, index, saved=True)
                     self.loaded_from_file.append(key)
-                self.registry.put(key, index)
         self.registry.loaded = True
+        self.last_success = time.monotonic()
         log.info(
             "indexes ready in %.2fs: %d loaded from file, %d rebuilt from stored vectors",
             time.perf_counter() - started,
@@ -58,34 +71,35 @@ class IndexSynchronizer:
         )
 
     def poll(self) -> int:
-        """Apply the changes logged since the last poll; returns how many were applied."""
+        """Apply the changes committed since the last poll; returns how many were applied."""
+        with self._poll_lock:  # one reader of the log at a time: the cursor moves only after its batch is applied
+            return self._poll()
+
+    def _poll(self) -> int:
+        if self.cursor is None:
+            self.load_all()
         with self.session_factory() as session:
-            now = _db_now(session)
-            since = (self.watermark or now) - OVERLAP
-            changes = session.execute(
-                select(
-                    IndexChange.id,
-                    IndexChange.dataset_id,
-                    IndexChange.source,
-                    IndexChange.record_id,
-                    IndexChange.embedding_id,
-                )
-                .where(IndexChange.created_at >= since)
-                .order_by(IndexChange.id)
-            ).all()
-            fresh = [c for c in changes if c.id not in self._applied]
+            if self.cursor.lost_entries(session):
+                session.close()
+                return self._reload()
+            fresh = self.cursor.read(session)
             vectors = _vectors_by_embedding(session, {c.embedding_id for c in fresh if c.embedding_id})
             self._apply(fresh, vectors)
             self._drop_deleted_datasets(session)
-        self._applied = {c.id for c in changes}
-        self.watermark = now
+        self.cursor.advance()
         return len(fresh)
+
+    def _reload(self) -> int:
+        """The log was pruned past what this process had read: reload every index from the records."""
+        log.warning("the index change log was pruned past this process's position; reloading the indexes")
+        self.reloads += 1
+        self.load_all()
+        return 0
 
     def prune(self) -> int:
         """Delete log entries older than the retention period."""
-        with self.session_factory() as session, session.begin():
-            cutoff = _db_now(session) - RETENTION
-            return session.execute(delete(IndexChange).where(IndexChange.created_at < cutoff)).rowcount or 0
+        with transaction(self.session_factory) as session:
+            return prune(session, RETENTION)
 
     def run(self, interval: float) -> None:
         """Poll until ``stop_event`` is set; prunes the log about once a minute."""
@@ -93,6 +107,7 @@ class IndexSynchronizer:
         while not self.stop_event.wait(interval):
             try:
                 self.poll()
+                self.last_success = time.monotonic()
                 if time.monotonic() - last_prune > 60:
                     self.prune()
                     last_prune = time.monotonic()
@@ -119,6 +134,9 @@ class IndexSynchronizer:
                 np.array([c.embedding_id for c in batch]),
                 np.stack([vectors[c.embedding_id] for c in batch]),
             )
+        entered = {key: [c.record_id for c in batch] for key, batch in upserts.items()}
+        for listener in self.listeners:
+            listener(entered, dict(removals))
 
     def _drop_deleted_datasets(self, session: Session) -> None:
         existing = set(session.scalars(select(Dataset.id)))
@@ -126,39 +144,76 @@ class IndexSynchronizer:
             self.registry.drop_dataset(dataset_id)
 
 
-def _db_now(session: Session) -> datetime:
-    return session.scalar(select(func.now()))
+# Rows read per round trip when loading ids and vectors at start-up.
+PAGE = 20_000
 
 
-def _encoded_pairs(session: Session) -> dict[IndexKey, dict[int, int]]:
-    """(record id -> embedding id) of every encoded record, per index."""
-    pairs: dict[IndexKey, dict[int, int]] = defaultdict(dict)
-    rows = session.execute(
-        select(Record.dataset_id, Record.source, Record.id, Record.embedding_id).where(Record.status == ENCODED)
-    )
-    for dataset_id, source, record_id, embedding_id in rows:
-        pairs[(dataset_id, source)][record_id] = embedding_id
+def _encoded_pairs(session: Session) -> dict[IndexKey, tuple[np.ndarray, np.ndarray]]:
+    """(record ids, embedding ids) of every encoded record per index, sorted by record id, read in pages."""
+    keys = session.execute(select(Record.dataset_id, Record.source).where(Record.status == ENCODED).distinct()).all()
+    pairs: dict[IndexKey, tuple[np.ndarray, np.ndarray]] = {}
+    for dataset_id, source in keys:
+        query = select(Record.id, Record.embedding_id).where(
+            Record.dataset_id == dataset_id, Record.source == source, Record.status == ENCODED
+        )
+        pages = [_int_pairs(page) for page in _pages(session, query)]
+        both = np.concatenate(pages) if pages else np.empty((0, 2), dtype=np.int64)
+        both = both[np.argsort(both[:, 0], kind="stable")]
+        pairs[(dataset_id, source)] = (both[:, 0].copy(), both[:, 1].copy())
     return pairs
 
 
-def _rebuild(session: Session, key: IndexKey, use_gpu: bool) -> VectorIndex:
-    """A new index from the stored vectors of one (dataset, source)."""
+def _pages(session: Session, query: Select) -> Iterator[list[tuple]]:
+    """The rows of ``query`` in pages of plain tuples from the driver's cursor: start-up reads millions of rows,
+    and ORM rows cost several times the read itself (a server-side cursor on PostgreSQL)."""
+    connection = session.connection()
+    compiled = query.compile(dialect=connection.dialect)
+    params = compiled.params
+    if compiled.positional:
+        params = tuple(params[name] for name in compiled.positiontup or ())
+    raw = connection.connection  # the DBAPI connection, inside the session's transaction
+    postgres = connection.dialect.name == "postgresql"
+    cursor = raw.cursor(name=f"llmatch_pages_{uuid.uuid4().hex}") if postgres else raw.cursor()
+    try:
+        cursor.execute(str(compiled), params)
+        while rows := cursor.fetchmany(PAGE):
+            yield rows
+    finally:
+        cursor.close()
+
+
+def _int_pairs(rows: Sequence[Sequence[int]]) -> np.ndarray:
+    return np.fromiter(chain.from_iterable(rows), dtype=np.int64, count=2 * len(rows)).reshape(-1, 2)
+
+
+def _rebuild(session: Session, key: IndexKey, registry: IndexRegistry, expected: int = 0) -> VectorIndex:
+    """A new index from the stored vectors of one (dataset, source), read in pages into one array."""
     dataset_id, source = key
     query = (
-        select(Record.id, Embedding.id, Embedding.vector, Embedding.dim)
+        select(Record.id, Embedding.id, Embedding.dim, Embedding.vector)
         .join(Embedding, Record.embedding_id == Embedding.id)
         .where(Record.dataset_id == dataset_id, Record.source == source, Record.status == ENCODED)
-        .execution_options(yield_per=10_000)
     )
-    index: VectorIndex | None = None
-    for chunk in session.execute(query).partitions():
-        dim = chunk[0][3]
-        index = index or VectorIndex(dim, use_gpu)
-        index.upsert(
-            np.array([r[0] for r in chunk]), np.array([r[1] for r in chunk]), stack([r[2] for r in chunk], dim)
+    ids = vectors = None
+    count = 0
+    for page in _pages(session, query):
+        if vectors is None:
+            vectors = np.empty((max(expected, len(page)), page[0][2]), dtype=np.float32)
+            ids = np.empty((len(vectors), 2), dtype=np.int64)
+        dim = vectors.shape[1]
+        page = [row for row in page if row[2] == dim]  # a vector of another encoder cannot join this index
+        if count + len(page) > len(vectors):
+            grown = max(2 * len(vectors), count + len(page))
+            vectors = np.resize(vectors, (grown, dim))
+            ids = np.resize(ids, (grown, 2))
+        ids[count : count + len(page)] = _int_pairs([row[:2] for row in page])
+        vectors[count : count + len(page)] = np.frombuffer(b"".join(row[3] for row in page), dtype="<f4").reshape(
+            -1, dim
         )
-    assert index is not None, "rebuild called for an index without encoded records"
-    return index
+        count += len(page)
+    assert vectors is not None and ids is not None, "rebuild called for an index without encoded records"
+    policy = registry.policy_for(key)
+    return VectorIndex.build(ids[:count, 0], ids[:count, 1], vectors[:count], registry.use_gpu, policy)
 
 
 def _vectors_by_embedding(session: Session, embedding_ids: set[int]) -> dict[int, np.ndarray]:

@@ -5,12 +5,12 @@ from __future__ import annotations
 import time
 
 from prometheus_client import Counter, Histogram
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import REGISTRY, Collector
 from sqlalchemy import func, select
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from llmatch.models import Record
+from llmatch.models import AuditEvent, Record
 
 REQUESTS = Counter("llmatch_http_requests_total", "HTTP requests.", ["method", "route", "status"])
 LATENCY = Histogram(
@@ -70,3 +70,29 @@ class QueueCollector(Collector):
 
 QUEUE = QueueCollector()
 REGISTRY.register(QUEUE)
+
+AUTH_FAILURES = Counter("llmatch_auth_failures_total", "Requests refused by access control.", ["status"])
+
+
+class AuditCollector(Collector):
+    """Audit events by action (``llmatch_audit_events_total``), counted from the audit table at scrape time so
+    that every process's events (the API's and the command line's key operations) are included."""
+
+    def __init__(self):
+        self.session_factory = None
+
+    def collect(self):
+        family = CounterMetricFamily("llmatch_audit_events", "Audited changes by action.", labels=["action"])
+        if self.session_factory is not None:
+            try:
+                with self.session_factory() as session:
+                    rows = session.execute(select(AuditEvent.action, func.count()).group_by(AuditEvent.action))
+                    for action, count in rows:
+                        family.add_metric([action], count)
+            except Exception:  # noqa: BLE001 - a scrape must not fail because the database is away
+                pass
+        yield family
+
+
+AUDIT = AuditCollector()
+REGISTRY.register(AUDIT)

@@ -12,13 +12,19 @@ from encoder_worker.render import content_hash, render
 from llmatch.models import PENDING, Dataset, IndexChange, Record
 from llmatch.vectors import delete_orphaned_embeddings
 from service.datasets import get_dataset
-from service.errors import NotFound
+from service.errors import NotFound, without_paths
+from service.limits import check_attribute_names
 from service.schemas import IngestResult, RecordIn, RecordOut
 
 
-def ingest(session: Session, dataset_name: str, source: str, records: Sequence[RecordIn]) -> IngestResult:
-    """Store a batch durably in the caller's transaction. New or changed records are queued for encoding."""
+def ingest(
+    session: Session, dataset_name: str, source: str, records: Sequence[RecordIn], max_attributes: int | None = None
+) -> IngestResult:
+    """Store a batch durably in the caller's transaction. New or changed records are queued for encoding.
+    With ``max_attributes``, a batch that would bring the dataset past that many attribute names gets 422."""
     dataset = get_dataset(session, dataset_name, lock=True)  # serialises ingestion per dataset
+    if max_attributes is not None:
+        check_attribute_names(dataset, (r.attributes for r in records), max_attributes)
     incoming = {r.id: (r.attributes, content_hash(r.attributes)) for r in records}
     existing = _existing(session, dataset.id, source, list(incoming))
     created = [
@@ -128,7 +134,7 @@ def record_out(dataset: Dataset, record: Record) -> RecordOut:
         text=render(record.attributes, config, dataset.seen_attributes),
         instruction=config.instruction,
         status=record.status,
-        error=record.error,
+        error=None if record.error is None else without_paths(record.error),
         encoded_at=record.encoded_at,
     )
 

@@ -3,15 +3,17 @@
 from __future__ import annotations
 
 import math
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Annotated, Any, Literal
 
 from pydantic import (
+    AfterValidator,
     BaseModel,
     BeforeValidator,
     ConfigDict,
     Field,
     StringConstraints,
+    WithJsonSchema,
     field_validator,
     model_validator,
 )
@@ -26,10 +28,37 @@ MAX_PAIRS = 200_000
 DatasetName = Annotated[str, StringConstraints(pattern=DATASET_NAME)]
 SourceName = Annotated[str, StringConstraints(pattern=SOURCE_NAME)]
 AttributeName = Annotated[str, StringConstraints(min_length=1, max_length=256)]
+MAX_ID_NUMBER = 2**53 - 1  # ids sent as numbers: the integers every JSON client represents exactly
+
+
+def utc(value: datetime) -> datetime:
+    """Timestamps leave the service in UTC with their offset; naive ones from the database are UTC."""
+    return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+
+
+UtcDateTime = Annotated[datetime, AfterValidator(utc)]
 
 
 class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
+
+
+def storable_text(value: str, what: str) -> str:
+    """Text both databases can store and hash: valid Unicode (no lone surrogate such as \\ud800), no NUL."""
+    if "\x00" in value:
+        raise ValueError(f"{what} must not contain the NUL character (\\u0000)")
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as error:
+        bad = value[error.start]
+        raise ValueError(
+            f"{what} is not valid Unicode text: it contains a lone surrogate (\\u{ord(bad):04x}); send UTF-8 text"
+        ) from None
+    return value
+
+
+def storable_id(value: str) -> str:
+    return storable_text(value, "a record id")
 
 
 def record_id_text(value: Any) -> str:
@@ -40,16 +69,21 @@ def record_id_text(value: Any) -> str:
         if not math.isfinite(value):
             raise ValueError("record ids must be finite numbers")
         value = int(value) if value.is_integer() else repr(value)
+    if isinstance(value, int) and abs(value) > MAX_ID_NUMBER:
+        raise ValueError(f"record ids sent as numbers must lie within ±{MAX_ID_NUMBER}; send larger ones as strings")
     text = str(value)
     if not 1 <= len(text) <= 256:
         raise ValueError("record ids must have 1 to 256 characters")
-    return text
+    return storable_text(text, "a record id")
 
 
 def check_attributes(attributes: dict[str, Any]) -> dict[str, Any]:
     if len(attributes) > MAX_ATTRIBUTES:
         raise ValueError(f"a record has at most {MAX_ATTRIBUTES} attributes, this one has {len(attributes)}")
     for name, value in attributes.items():
+        storable_text(name, "an attribute name")
+        if isinstance(value, str):
+            storable_text(value, f"attribute {name!r}")
         if isinstance(value, bool) or not isinstance(value, str | int | float | None):
             raise ValueError(f"attribute {name!r} must be a string, a number or null, not {type(value).__name__}")
         if isinstance(value, str) and len(value) > MAX_VALUE_CHARS:
@@ -59,11 +93,27 @@ def check_attributes(attributes: dict[str, Any]) -> dict[str, Any]:
     return attributes
 
 
-RecordId = Annotated[str, Field(description="1-256 characters; numbers are kept as decimal text")]
+# What the validators above accept, as JSON Schema (published in /openapi.json).
+RECORD_ID_SCHEMA = {
+    "anyOf": [
+        {"type": "string", "minLength": 1, "maxLength": 256},
+        {"type": "number", "minimum": -MAX_ID_NUMBER, "maximum": MAX_ID_NUMBER},
+    ],
+    "description": "1-256 characters; numbers are kept as their decimal text",
+}
+ATTRIBUTES_SCHEMA = {
+    "type": "object",
+    "maxProperties": MAX_ATTRIBUTES,
+    "propertyNames": {"type": "string", "minLength": 1, "maxLength": 256},
+    "additionalProperties": {
+        "anyOf": [{"type": "string", "maxLength": MAX_VALUE_CHARS}, {"type": "number"}, {"type": "null"}]
+    },
+}
+RecordId = Annotated[str, WithJsonSchema(RECORD_ID_SCHEMA, mode="validation")]
 
 
 class InlineRecord(Strict):
-    attributes: dict[AttributeName, Any]
+    attributes: Annotated[dict[AttributeName, Any], WithJsonSchema(ATTRIBUTES_SCHEMA, mode="validation")]
 
     _check = field_validator("attributes")(check_attributes)
 
@@ -102,7 +152,9 @@ class IngestResult(BaseModel):
 class DatasetConfigIn(Strict):
     encoder: Annotated[str, StringConstraints(min_length=1, max_length=128)] | None = None
     serialization: Literal["tagged", "plain"] | None = None
-    attributes: list[AttributeName] | None = Field(default=None, min_length=1, max_length=MAX_ATTRIBUTES)
+    attributes: list[AttributeName] | None = Field(
+        default=None, min_length=1, max_length=MAX_ATTRIBUTES, json_schema_extra={"uniqueItems": True}
+    )
     instruction: Annotated[str, StringConstraints(max_length=4096)] | None = None
 
     @field_validator("attributes")
@@ -110,7 +162,14 @@ class DatasetConfigIn(Strict):
     def _unique_attributes(cls, value: list[str] | None) -> list[str] | None:
         if value is not None and len(set(value)) != len(value):
             raise ValueError("attributes must not repeat a name")
+        for name in value or ():
+            storable_text(name, "an attribute name")
         return value
+
+    @field_validator("instruction")
+    @classmethod
+    def _storable_instruction(cls, value: str | None) -> str | None:
+        return value if value is None else storable_text(value, "the instruction")
 
 
 class CalibrationOut(BaseModel):
@@ -121,7 +180,7 @@ class CalibrationOut(BaseModel):
     pairs: int
     positives: int
     objective: str
-    created_at: datetime | None = None
+    created_at: UtcDateTime | None = None
 
 
 class StatusCounts(BaseModel):
@@ -141,8 +200,8 @@ class DatasetOut(BaseModel):
     records: dict[str, StatusCounts]
     totals: StatusCounts
     calibration: CalibrationOut | None
-    created_at: datetime
-    updated_at: datetime
+    created_at: UtcDateTime
+    updated_at: UtcDateTime
 
 
 class DatasetList(BaseModel):
@@ -158,7 +217,8 @@ class RecordOut(BaseModel):
     instruction: str | None
     status: str
     error: str | None
-    encoded_at: datetime | None
+    encoded_at: UtcDateTime | None
+    entity: str | None = None
 
 
 class RecordRef(Strict):
@@ -189,6 +249,7 @@ class MatchIn(Strict):
     dataset: DatasetName
     left: RefOrInline
     right: RefOrInline
+    explain: bool = False
 
 
 class MatchOut(BaseModel):
@@ -196,6 +257,7 @@ class MatchOut(BaseModel):
     threshold: float | None
     match: bool | None
     probability: float | None
+    explanation: Explanation | None = Field(default=None, exclude_if=lambda value: value is None)
 
 
 class CandidatesIn(Strict):
@@ -236,12 +298,39 @@ class LabelledPair(Strict):
         return int(value)
 
 
+def _with_label(label: int) -> dict[str, Any]:
+    return {"contains": {"type": "object", "properties": {"label": {"const": label}}, "required": ["label"]}}
+
+
 class CalibrateIn(Strict):
-    pairs: list[LabelledPair] = Field(min_length=1, max_length=MAX_PAIRS)
+    # What _both_classes checks, as JSON Schema: pairs holding both labels, or "from": "labels", not both.
+    model_config = ConfigDict(
+        json_schema_extra={
+            "oneOf": [
+                {
+                    "required": ["pairs"],
+                    "properties": {"pairs": {"type": "array", "allOf": [_with_label(0), _with_label(1)]}},
+                    "not": {"required": ["from"], "properties": {"from": {"not": {"type": "null"}}}},
+                },
+                {
+                    "required": ["from"],
+                    "properties": {"from": {"const": "labels"}},
+                    "not": {"required": ["pairs"], "properties": {"pairs": {"not": {"type": "null"}}}},
+                },
+            ]
+        }
+    )
+
+    pairs: list[LabelledPair] | None = Field(default=None, min_length=1, max_length=MAX_PAIRS)
+    from_: Literal["labels"] | None = Field(default=None, alias="from", description="calibrate on stored labels")
     objective: Literal["f1"] = "f1"
 
     @model_validator(mode="after")
     def _both_classes(self) -> CalibrateIn:
+        if (self.pairs is None) == (self.from_ is None):
+            raise ValueError('give either labelled "pairs" or "from": "labels" (the stored labels)')
+        if self.pairs is None:
+            return self
         positives = sum(pair.label for pair in self.pairs)
         if positives == 0 or positives == len(self.pairs):
             missing = "matches (label 1)" if positives == 0 else "non-matches (label 0)"
@@ -257,3 +346,101 @@ class CalibrateOut(BaseModel):
     pairs: int
     positives: int
     objective: str
+
+
+# ----------------------------------------------------------------------------------- explanations (v1.1)
+
+
+class AttributeComparison(BaseModel):
+    name: str
+    left: str | None
+    right: str | None
+    similarity: float | None = Field(description="cosine of the two values embedded alone; null if one is empty")
+
+
+class IdentifierComparison(BaseModel):
+    shared: list[str]
+    left_only: list[str]
+    right_only: list[str]
+
+
+class Explanation(BaseModel):
+    attributes: list[AttributeComparison]
+    identifiers: IdentifierComparison
+
+
+# ----------------------------------------------------------------------------------- labels and review (v1.1)
+
+
+class LabelsIn(Strict):
+    pairs: list[LabelledPair] = Field(min_length=1, max_length=MAX_PAIRS)
+
+
+class LabelsStored(BaseModel):
+    stored: int
+    total: int
+
+
+class LabelOut(LabelledPair):
+    updated_at: UtcDateTime | None = None
+
+
+class LabelsOut(BaseModel):
+    pairs: list[LabelOut]
+    total: int
+
+
+class ReviewRecord(BaseModel):
+    source: str
+    id: str
+    attributes: dict[str, Any]
+
+
+class ReviewPair(BaseModel):
+    left: ReviewRecord
+    right: ReviewRecord
+    score: float
+    probability: float | None
+
+
+class ReviewOut(BaseModel):
+    pairs: list[ReviewPair]
+    threshold: float | None = Field(description="the score /review asked about: calibrated, from the labels, or mid")
+    basis: Literal["calibration", "labels", "middle", "none"]
+
+
+# ----------------------------------------------------------------------------------- entities (v1.1)
+
+
+class EntityRecord(BaseModel):
+    source: str
+    id: str
+
+
+class EntitySummary(BaseModel):
+    id: str
+    size: int
+    records: list[EntityRecord]
+
+
+class EntitiesOut(BaseModel):
+    entities: list[EntitySummary]
+    total: int
+
+
+class EntityLinkOut(BaseModel):
+    left: EntityRecord
+    right: EntityRecord
+    score: float
+
+
+class EntityOut(EntitySummary):
+    links: list[EntityLinkOut]
+
+
+class RequeueIn(Strict):
+    status: Literal["failed"] = Field(description="which records go back to the queue (only failed ones can)")
+
+
+class RequeueOut(BaseModel):
+    requeued: int

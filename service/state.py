@@ -12,9 +12,9 @@ from sqlalchemy.orm import Session, sessionmaker
 from encoder_worker.encoders.registry import EncoderPool
 from encoder_worker.worker import EncoderWorker
 from llmatch.db import make_engine, make_session_factory
-from llmatch.migrate import pending_migrations_message
+from llmatch.migrate import ensure_schema
 from llmatch.settings import Settings
-from service.index import IndexRegistry, gpu_available
+from service.index import IndexPolicy, IndexRegistry, gpu_available
 from service.index_sync import IndexSynchronizer
 
 log = logging.getLogger("llmatch.api")
@@ -39,14 +39,14 @@ class ServiceState:
     def open(cls, settings: Settings, pool: EncoderPool | None = None, run_worker: bool = True) -> ServiceState:
         """Connect, check the schema is migrated, and load (or rebuild) every index."""
         engine = make_engine(settings.resolved_database_url)
-        problem = pending_migrations_message(engine)
+        problem = ensure_schema(engine)
         if problem:
             engine.dispose()
             raise SchemaNotReadyError(problem)
         factory = make_session_factory(engine)
         pool = pool or EncoderPool(settings)
         use_gpu = settings.faiss_gpu == "auto" and gpu_available()
-        registry = IndexRegistry(settings.index_dir, use_gpu=use_gpu)
+        registry = IndexRegistry(settings.index_dir, use_gpu=use_gpu, policy=IndexPolicy.from_settings(settings))
         synchronizer = IndexSynchronizer(factory, registry)
         synchronizer.load_all()
         worker = EncoderWorker(factory, pool, settings) if run_worker else None
@@ -56,8 +56,19 @@ class ServiceState:
         """Start the index follower and, on the embedded default, the in-process encoder worker."""
         interval = self.settings.index_sync_seconds
         self._spawn("index-sync", lambda: self.synchronizer.run(interval))
+        if self.settings.index_save_seconds > 0:
+            self._spawn("index-save", self._save_indexes_periodically)
         if self.worker is not None:
             self._spawn("encoder-worker", self.worker.run)
+
+    def _save_indexes_periodically(self) -> None:
+        """Write changed indexes to their files every ``index_save_seconds``, so a crash costs no full rebuild."""
+        every = self.settings.index_save_seconds
+        while not self.synchronizer.stop_event.wait(every):
+            try:
+                self.registry.save_changed()
+            except OSError:
+                log.exception("could not save index files; retrying at the next interval")
 
     def _spawn(self, name: str, target) -> None:
         thread = threading.Thread(target=target, name=name, daemon=True)

@@ -13,8 +13,24 @@ from pathlib import Path
 
 BRANDS = ["apple", "bose", "canon", "dell", "intel", "lenovo", "nikon", "samsung", "sony", "galaxy", "iphone", "xps"]
 WORDS = [
-    "black", "brown", "camera", "digital", "headphones", "laptop", "lens", "mirrorless", "noise", "phone",
-    "quick", "smart", "wireless", "carbon", "lazy", "dog", "fox", "body",
+    "black",
+    "brown",
+    "camera",
+    "digital",
+    "headphones",
+    "laptop",
+    "lens",
+    "mirrorless",
+    "noise",
+    "phone",
+    "quick",
+    "smart",
+    "wireless",
+    "carbon",
+    "lazy",
+    "dog",
+    "fox",
+    "body",
 ]
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import json
+import re
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -31,6 +32,8 @@ from service.app import create_app
 JSON = {"content-type": "application/json"}
 PENDING_ID = "a9"  # ingested into source "a" of every dataset after the others were encoded: never encoded
 SMALL_LIMIT = 2048
+# A server file path or a stack trace in an error body (API routes such as /datasets/x are not paths on disk).
+SERVER_TEXT = re.compile(r'Traceback|File "|site-packages|\w\.py\b|(?<![\w.])/(tmp|home|usr|opt|var|work|root|srv)/')
 
 # --------------------------------------------------------------------------------------------- fixtures
 
@@ -57,20 +60,33 @@ def _database(request: pytest.FixtureRequest, backend: str, base: Path) -> Itera
 
 
 def _settings(url: str, base: Path, **extra: Any) -> Settings:
-    return Settings(database_url=url, data_dir=base / "data", worker_batch_size=16, worker_poll_seconds=0.05,
-                    index_sync_seconds=0.1, device="cpu", **extra)
+    return Settings(
+        database_url=url,
+        data_dir=base / "data",
+        worker_batch_size=16,
+        worker_poll_seconds=0.05,
+        index_sync_seconds=0.1,
+        device="cpu",
+        **extra,
+    )
 
 
 def _pairs(left: str = "a", right: str = "b") -> list[dict]:
     positives = [("a1", "b1"), ("a2", "b2"), ("a3", "b3"), ("a4", "b4")]
     negatives = [("a1", "b2"), ("a2", "b3"), ("a3", "b4"), ("a4", "b5")]
     return [pair(lid, rid, 1, left, right) for lid, rid in positives] + [
-        pair(lid, rid, 0, left, right) for lid, rid in negatives]
+        pair(lid, rid, 0, left, right) for lid, rid in negatives
+    ]
 
 
 def pair(left_id: str, right_id: str, label: Any, left_source: str = "a", right_source: str = "b") -> dict:
-    return {"left_source": left_source, "left_id": left_id, "right_source": right_source, "right_id": right_id,
-            "label": label}
+    return {
+        "left_source": left_source,
+        "left_id": left_id,
+        "right_source": right_source,
+        "right_id": right_id,
+        "label": label,
+    }
 
 
 @pytest.fixture(scope="module", params=BACKENDS)
@@ -122,12 +138,19 @@ def snapshot(client: TestClient) -> dict:
     with client.app.state.service.session_factory() as session:
         counts = {model.__name__: session.scalar(select(func.count()).select_from(model)) for model in MODELS}
         records = session.execute(
-            select(Record.dataset_id, Record.source, Record.external_id, Record.content_hash, Record.status,
-                   Record.embedding_id).order_by(Record.id)
+            select(
+                Record.dataset_id,
+                Record.source,
+                Record.external_id,
+                Record.content_hash,
+                Record.status,
+                Record.embedding_id,
+            ).order_by(Record.id)
         ).all()
         calibrations = session.execute(
-            select(Calibration.dataset_id, Calibration.threshold, Calibration.pairs, Calibration.created_at)
-            .order_by(Calibration.dataset_id)
+            select(Calibration.dataset_id, Calibration.threshold, Calibration.pairs, Calibration.created_at).order_by(
+                Calibration.dataset_id
+            )
         ).all()
     return {
         "datasets": client.get("/datasets").json(),
@@ -162,6 +185,8 @@ def refused(client: TestClient, method: str, url: str, status: int, fragment: st
     assert response.status_code < 500, f"{method} {url} -> {response.status_code}: {response.text[:500]}"
     assert response.status_code == status, f"{method} {url} -> {response.status_code}: {response.text[:500]}"
     detail = assert_sentence(response, fragment)
+    leak = SERVER_TEXT.search(response.text)
+    assert leak is None, f"{method} {url}: the error body shows server internals ({leak[0]!r}): {response.text[:300]}"
     assert snapshot(client) == before, f"{method} {url} was refused ({status}) but changed the stored state"
     if status in (400, 413, 422):
         assert len(client.app.state.service.pool.calls) == calls, "a request refused as invalid was encoded"
@@ -187,15 +212,21 @@ REQUIRED_BODY_ROUTES = [route for route in BODY_ROUTES if route[0] == "POST"]
 
 
 @pytest.mark.parametrize("route", BODY_ROUTES, ids=lambda r: f"{r[0]} {r[1]}")
-@pytest.mark.parametrize("text", ['{"dataset": "shop",', "{'dataset': 'shop'}", '{"pairs": []} trailing', "{"],
-                         ids=["truncated", "single-quotes", "trailing-text", "open-brace"])
+@pytest.mark.parametrize(
+    "text",
+    ['{"dataset": "shop",', "{'dataset': 'shop'}", '{"pairs": []} trailing', "{"],
+    ids=["truncated", "single-quotes", "trailing-text", "open-brace"],
+)
 def test_malformed_json_is_400(world, route, text):
     refused(world, *route, 400, "not valid JSON", content=text, headers=JSON)
 
 
 @pytest.mark.parametrize("route", BODY_ROUTES, ids=lambda r: f"{r[0]} {r[1]}")
-@pytest.mark.parametrize("text", ["[]", '[{"dataset": "shop"}]', '"shop"', "42", "true"],
-                         ids=["empty-list", "list", "string", "number", "bool"])
+@pytest.mark.parametrize(
+    "text",
+    ["[]", '[{"dataset": "shop"}]', '"shop"', "42", "true"],
+    ids=["empty-list", "list", "string", "number", "bool"],
+)
 def test_body_that_is_not_an_object_is_422(world, route, text):
     refused(world, *route, 422, "JSON object", content=text, headers=JSON)
 
@@ -212,8 +243,15 @@ def test_json_null_body_is_422(world, route):
 
 def test_json_sent_as_plain_text_is_refused(world):
     body = json.dumps(records_body("shop", "a", [("t1", {"name": "x"})]))
-    refused(world, "POST", "/records", 422, "Content-Type: application/json", content=body,
-            headers={"content-type": "text/plain"})
+    refused(
+        world,
+        "POST",
+        "/records",
+        422,
+        "Content-Type: application/json",
+        content=body,
+        headers={"content-type": "text/plain"},
+    )
 
 
 # --------------------------------------------------------------------------------------- POST /records
@@ -263,10 +301,8 @@ RECORDS_CASES = {
     "id-missing": (with_record(id=...), 422, "records[0].id"),
     "id-empty": (with_record(id=""), 422, "records[0].id"),
     "id-too-long": (with_record(id="i" * 257), 422, "256"),
-    "duplicate-ids": (batch({"id": "dup", "attributes": {}}, {"id": "dup", "attributes": {"name": "x"}}), 422,
-                      "'dup'"),
-    "duplicate-ids-number-and-text": (batch({"id": 7, "attributes": {}}, {"id": "7", "attributes": {}}), 422,
-                                      "'7'"),
+    "duplicate-ids": (batch({"id": "dup", "attributes": {}}, {"id": "dup", "attributes": {"name": "x"}}), 422, "'dup'"),
+    "duplicate-ids-number-and-text": (batch({"id": 7, "attributes": {}}, {"id": "7", "attributes": {}}), 422, "'7'"),
     # names
     "unknown-dataset": (changed(GOOD_BATCH, dataset="nosuch"), 404, "PUT /datasets/nosuch"),
     "dataset-uppercase": (changed(GOOD_BATCH, dataset="Shop"), 422, "dataset"),
@@ -291,12 +327,15 @@ def test_post_records_refused(world, body, status, fragment):
 
 RAW_RECORDS_CASES = {
     "value-nan": ('{"dataset": "shop", "source": "a", "records": [{"id": "n1", "attributes": {"x": NaN}}]}', "'x'"),
-    "value-infinity": ('{"dataset": "shop", "source": "a", "records": [{"id": "n1", "attributes": {"x": Infinity}}]}',
-                       "'x'"),
+    "value-infinity": (
+        '{"dataset": "shop", "source": "a", "records": [{"id": "n1", "attributes": {"x": Infinity}}]}',
+        "'x'",
+    ),
     "value-minus-infinity": (
-        '{"dataset": "shop", "source": "a", "records": [{"id": "n1", "attributes": {"x": -Infinity}}]}', "'x'"),
-    "id-nan": ('{"dataset": "shop", "source": "a", "records": [{"id": NaN, "attributes": {"x": 1}}]}',
-               "records[0].id"),
+        '{"dataset": "shop", "source": "a", "records": [{"id": "n1", "attributes": {"x": -Infinity}}]}',
+        "'x'",
+    ),
+    "id-nan": ('{"dataset": "shop", "source": "a", "records": [{"id": NaN, "attributes": {"x": 1}}]}', "records[0].id"),
 }
 
 
@@ -321,24 +360,25 @@ def test_post_records_over_10000_records_refused(world):
 
 def _big(route: str) -> dict:
     if route == "/records":
-        return records_body("shop", "a", [(f"big{i}", {"name": f"a long product name number {i}"})
-                                          for i in range(100)])
+        return records_body("shop", "a", [(f"big{i}", {"name": f"a long product name number {i}"}) for i in range(100)])
     if route == "/datasets/big":
         return {"instruction": "Find the product. " * 200}
     return {"pairs": [pair("a1", "a2", i % 2, "a", "a") for i in range(100)]}
 
 
 @pytest.mark.parametrize("transfer", ["content-length", "chunked"])
-@pytest.mark.parametrize(("method", "route"), [("POST", "/records"), ("PUT", "/datasets/big"),
-                                               ("POST", "/datasets/shop/calibrate")],
-                         ids=["records", "put-dataset", "calibrate"])
+@pytest.mark.parametrize(
+    ("method", "route"),
+    [("POST", "/records"), ("PUT", "/datasets/big"), ("POST", "/datasets/shop/calibrate")],
+    ids=["records", "put-dataset", "calibrate"],
+)
 def test_body_over_the_size_limit_is_413(small, transfer, method, route):
     payload = json.dumps(_big(route)).encode()
     assert len(payload) > SMALL_LIMIT
     if transfer == "content-length":
         content: Any = payload
     else:
-        content = (payload[start:start + 512] for start in range(0, len(payload), 512))
+        content = (payload[start : start + 512] for start in range(0, len(payload), 512))
     refused(small, method, route, 413, f"{SMALL_LIMIT} bytes", content=content, headers=JSON)
     assert small.get("/datasets/big").status_code == 404
 
@@ -387,8 +427,11 @@ def test_put_dataset_with_unfetched_smollm2_is_422(world, name):
 
 
 @pytest.mark.parametrize("method", ["PUT", "GET", "DELETE"])
-@pytest.mark.parametrize("name", ["Shop", "d" * 65, "my shop", "shop.v2", "caf\u00e9"],
-                         ids=["uppercase", "65-chars", "space", "dot", "non-ascii"])
+@pytest.mark.parametrize(
+    "name",
+    ["Shop", "d" * 65, "my shop", "shop.v2", "caf\u00e9"],
+    ids=["uppercase", "65-chars", "space", "dot", "non-ascii"],
+)
 def test_malformed_dataset_name_in_path_is_422(world, method, name):
     refused(world, method, f"/datasets/{name}", 422, "name", **({"json": {}} if method == "PUT" else {}))
 
@@ -424,8 +467,9 @@ MALFORMED_RECORD_PATH_CASES = {
 
 
 @pytest.mark.parametrize("method", ["GET", "DELETE"])
-@pytest.mark.parametrize(("url", "fragment"), MALFORMED_RECORD_PATH_CASES.values(),
-                         ids=MALFORMED_RECORD_PATH_CASES.keys())
+@pytest.mark.parametrize(
+    ("url", "fragment"), MALFORMED_RECORD_PATH_CASES.values(), ids=MALFORMED_RECORD_PATH_CASES.keys()
+)
 def test_malformed_record_path_is_422(world, method, url, fragment):
     refused(world, method, url, 422, fragment)
 
@@ -461,8 +505,9 @@ def test_get_match_refused(world, params, status, fragment):
 
 
 def test_get_match_not_encoded_says_so(world):
-    detail = refused(world, "GET", "/match", 409, "not encoded", params=changed(MATCH_PARAMS, right_id=PENDING_ID,
-                                                                                 right_source="a"))
+    detail = refused(
+        world, "GET", "/match", 409, "not encoded", params=changed(MATCH_PARAMS, right_id=PENDING_ID, right_source="a")
+    )
     assert PENDING_ID in detail
 
 
@@ -482,8 +527,7 @@ POST_MATCH_CASES = {
     "inline-value-a-bool": (changed(MATCH_BODY, right={"attributes": {"in_stock": False}}), 422, "'in_stock'"),
     "inline-value-too-long": (changed(MATCH_BODY, left={"attributes": {"name": "x" * 65_537}}), 422, "65536"),
     "inline-attributes-a-string": (changed(MATCH_BODY, left={"attributes": "sony tv"}), 422, "attributes"),
-    "inline-with-extra-field": (changed(MATCH_BODY, left={"attributes": {"name": "tv"}, "source": "a"}), 422,
-                                "left"),
+    "inline-with-extra-field": (changed(MATCH_BODY, left={"attributes": {"name": "tv"}, "source": "a"}), 422, "left"),
     "ref-malformed-source": (changed(MATCH_BODY, left={"source": "a b", "id": "a1"}), 422, "source"),
     "ref-missing-id": (changed(MATCH_BODY, left={"source": "a"}), 422, "id"),
     "ref-id-null": (changed(MATCH_BODY, left={"source": "a", "id": None}), 422, "id"),
@@ -532,8 +576,9 @@ GET_CANDIDATES_CASES = {
 }
 
 
-@pytest.mark.parametrize(("params", "status", "fragment"), GET_CANDIDATES_CASES.values(),
-                         ids=GET_CANDIDATES_CASES.keys())
+@pytest.mark.parametrize(
+    ("params", "status", "fragment"), GET_CANDIDATES_CASES.values(), ids=GET_CANDIDATES_CASES.keys()
+)
 def test_get_candidates_refused(world, params, status, fragment):
     refused(world, "GET", "/candidates", status, fragment, params=params)
 
@@ -567,8 +612,9 @@ POST_CANDIDATES_CASES = {
 }
 
 
-@pytest.mark.parametrize(("body", "status", "fragment"), POST_CANDIDATES_CASES.values(),
-                         ids=POST_CANDIDATES_CASES.keys())
+@pytest.mark.parametrize(
+    ("body", "status", "fragment"), POST_CANDIDATES_CASES.values(), ids=POST_CANDIDATES_CASES.keys()
+)
 def test_post_candidates_refused(world, body, status, fragment):
     refused(world, "POST", "/candidates", status, fragment, json=body)
 
@@ -597,8 +643,7 @@ CALIBRATE_CASES = {
     "pair-a-list": ({"pairs": [["a", "a1", "b", "b1", 1], *_pairs()]}, 422, "pairs[0]"),
     "objective-accuracy": ({"pairs": _pairs(), "objective": "accuracy"}, 422, "objective"),
     "objective-null": ({"pairs": _pairs(), "objective": None}, 422, "objective"),
-    "pair-malformed-source": ({"pairs": [pair("a1", "b1", 1, left_source="a b"), *_pairs()]}, 422,
-                              "left_source"),
+    "pair-malformed-source": ({"pairs": [pair("a1", "b1", 1, left_source="a b"), *_pairs()]}, 422, "left_source"),
     "pair-empty-id": ({"pairs": [pair("a1", "", 0), *_pairs()]}, 422, "right_id"),
     "pair-id-null": ({"pairs": [pair(None, "b1", 0), *_pairs()]}, 422, "left_id"),
     "pair-extra-field": ({"pairs": [{**pair("a1", "b1", 1), "weight": 2}, *_pairs()]}, 422, "weight"),
@@ -625,29 +670,35 @@ def test_calibrate_with_malformed_dataset_name_is_422(world):
 # ------------------------------------------------------------------------------ methods and routes
 
 
-@pytest.mark.parametrize(("method", "url"), [
-    ("DELETE", "/match"),
-    ("PUT", "/match"),
-    ("DELETE", "/candidates"),
-    ("PATCH", "/datasets/shop"),
-    ("POST", "/datasets/shop"),
-    ("DELETE", "/datasets"),
-    ("GET", "/records"),
-    ("PUT", "/records"),
-    ("POST", "/records/shop/a/a1"),
-    ("GET", "/datasets/shop/calibrate"),
-    ("POST", "/healthz"),
-])
+@pytest.mark.parametrize(
+    ("method", "url"),
+    [
+        ("DELETE", "/match"),
+        ("PUT", "/match"),
+        ("DELETE", "/candidates"),
+        ("PATCH", "/datasets/shop"),
+        ("POST", "/datasets/shop"),
+        ("DELETE", "/datasets"),
+        ("GET", "/records"),
+        ("PUT", "/records"),
+        ("POST", "/records/shop/a/a1"),
+        ("GET", "/datasets/shop/calibrate"),
+        ("POST", "/healthz"),
+    ],
+)
 def test_wrong_method_is_405(world, method, url):
     refused(world, method, url, 405, "method")
 
 
-@pytest.mark.parametrize(("method", "url"), [
-    ("GET", "/nope"),
-    ("POST", "/v2/records"),
-    ("GET", "/datasets/shop/records"),
-    ("DELETE", "/datasets/shop/calibration"),
-    ("GET", "/match/shop"),
-])
+@pytest.mark.parametrize(
+    ("method", "url"),
+    [
+        ("GET", "/nope"),
+        ("POST", "/v2/records"),
+        ("GET", "/datasets/shop/records"),
+        ("DELETE", "/datasets/shop/calibration"),
+        ("GET", "/match/shop"),
+    ],
+)
 def test_unknown_route_is_404(world, method, url):
     refused(world, method, url, 404, "route")

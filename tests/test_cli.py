@@ -35,7 +35,19 @@ def test_every_subcommand_has_help(command):
     assert result.returncode == 0 and "usage: llmatch " + command in result.stdout
 
 
-def test_serve_refuses_an_unmigrated_database(tmp_path):
+def test_serve_refuses_a_database_behind_on_migrations(tmp_path):
+    """A new embedded store creates itself (tests/test_faults.py); one at an older revision is never changed
+    implicitly."""
+    from alembic import command
+
+    from llmatch.db import make_engine
+    from llmatch.migrate import alembic_config
+
+    url = f"sqlite:///{tmp_path / 'llmatch.sqlite3'}"
+    with make_engine(url).begin() as connection:
+        config = alembic_config(url)
+        config.attributes["connection"] = connection
+        command.upgrade(config, "0001")
     result = subprocess.run(
         [*LLMATCH, "serve"], capture_output=True, text=True, cwd=REPO, env=_env(tmp_path), timeout=120
     )

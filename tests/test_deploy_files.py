@@ -165,7 +165,7 @@ def test_commands_match_the_roles(compose):
     services = compose["services"]
     assert services["migrate"]["command"] == ["migrate"]
     assert services["api"]["command"] == SERVE_COMMAND
-    assert services["worker"]["command"] == ["worker"]
+    assert services["worker"]["command"][0] == "worker"
     assert services["migrate"]["restart"] == "no"
 
 
@@ -252,6 +252,18 @@ def test_llmatch_variables_are_settings_fields(compose, monkeypatch):
     assert settings.default_encoder in specs, f"{settings.default_encoder!r} is not a configured encoder"
     for name in settings.encoders:
         assert specs[name].kind in ("sentence-transformers", "llm2vec"), specs[name]
+
+
+def test_inline_encodes_go_to_the_workers_gpu(compose):
+    """The API has no GPU: its inline encodes go to the worker, which serves them on the internal network."""
+    services = compose["services"]
+    command = services["worker"]["command"]
+    port = command[command.index("--serve-inline") + 1]
+    assert command[command.index("--serve-inline-host") + 1] == "0.0.0.0", command
+    assert _environment(services["api"])["LLMATCH_INLINE_ENCODER_URL"] == f"http://worker:{port}"
+    assert "LLMATCH_INLINE_ENCODER_URL" not in _environment(services["worker"])
+    assert "ports" not in services["worker"], "the inline endpoint has no authentication: keep it unpublished"
+    assert "deploy" not in services["api"], "the API needs no GPU reservation"
 
 
 # --- Dockerfile ----------------------------------------------------------------------------------------
@@ -399,3 +411,56 @@ def test_cli_offers_the_subcommands_used_by_the_deploy_files(compose):
     serve = _cli_help("serve", "--help")
     for option in ("--host", "--port", "--no-worker"):
         assert option in serve, f"`llmatch serve --help` has no {option}:\n{serve}"
+
+
+@pytest.mark.skipif(_cli_missing(), reason="llmatch.cli does not exist yet")
+def test_cli_offers_the_worker_options_compose_uses(compose):
+    options = [word for word in compose["services"]["worker"]["command"] if word.startswith("--")]
+    worker = _cli_help("worker", "--help")
+    missing = [option for option in options if option not in worker]
+    assert not missing, f"`llmatch worker --help` has no {missing}:\n{worker}"
+
+
+# --- access control ------------------------------------------------------------------------------------
+
+
+def test_deployments_ship_with_auth_on(compose):
+    """The API binds every interface without --insecure-no-auth, so `serve` refuses to start until a key
+    exists; compose gives it one from a secret file (never a literal key in the file or the image)."""
+    api = compose["services"]["api"]
+    for command in (api["command"], _json_form(_final_stage(), "CMD")):
+        assert command[command.index("--host") + 1] == "0.0.0.0", command
+        assert "--insecure-no-auth" not in command, command
+    env = _environment(api)
+    secret_path = env.get("LLMATCH_ADMIN_KEY_FILE", "")
+    assert secret_path.startswith("/run/secrets/"), env
+    secret = secret_path.removeprefix("/run/secrets/")
+    assert secret in api.get("secrets", []), api.get("secrets")
+    assert compose["secrets"][secret]["file"], compose["secrets"]
+    for name, service in compose["services"].items():
+        assert "LLMATCH_ADMIN_KEY" not in _environment(service), f"{name}: a key written into the compose file"
+        if name != "api":
+            assert not service.get("secrets"), f"{name} does not need the admin key"
+    image_env = " ".join(rest for keyword, rest in _final_stage() if keyword == "ENV")
+    assert "LLMATCH_ADMIN_KEY=" not in image_env
+    assert not [rest for _, rest in _instructions() if "--insecure-no-auth" in rest]
+
+
+def test_secrets_stay_out_of_the_image():
+    patterns = [
+        line.strip()
+        for line in DOCKERIGNORE.read_text().splitlines()
+        if line.strip() and not line.lstrip().startswith("#")
+    ]
+    assert _ignored("secrets", patterns), "the secrets folder would be sent to the build context"
+
+
+@pytest.mark.skipif(_cli_missing(), reason="llmatch.cli does not exist yet")
+def test_cli_offers_the_key_commands_the_deploy_files_name():
+    assert "--insecure-no-auth" in _cli_help("serve", "--help")
+    keys = _cli_help("keys", "--help")
+    for action in ("create", "list", "revoke"):
+        assert action in keys, keys
+    create = _cli_help("keys", "create", "--help")
+    for option in ("--name", "--scope", "--expires"):
+        assert option in create, create

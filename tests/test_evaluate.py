@@ -8,9 +8,10 @@ import shutil
 from collections import Counter
 from pathlib import Path
 
+import numpy as np
 import pytest
 
-from evaluation import deepmatcher, errors, summarize
+from evaluation import deepmatcher, errors, mappings, summarize
 from llmatch.cli import main
 
 SMALL = Path(__file__).resolve().parent / "data" / "abt_buy_small"
@@ -44,19 +45,45 @@ def test_evaluate_writes_report_markdown_and_figure(env, tmp_path, capsys):
     assert "| test |" in (out / "report.md").read_text()
     assert "Threshold chosen on valid" in capsys.readouterr().out
 
-    with (out / "test_pairs.csv").open() as handle:
-        rows = list(csv.DictReader(handle))
-    assert len(rows) == report["pairs"]["test"]
-    assert all((float(r["score"]) >= report["threshold"]) == (r["decision"] == "1") for r in rows)
-    outcomes = Counter(r["outcome"] for r in rows)
-    assert outcomes["true match"] + outcomes["missed match"] == sum(r["label"] == "1" for r in rows)
-    precision = outcomes["true match"] / (outcomes["true match"] + outcomes["false match"])
-    assert precision == pytest.approx(report["test"]["precision"])
+    rows, outcomes = {}, {}
+    for split in ("valid", "test"):
+        with (out / f"{split}_pairs.csv").open() as handle:
+            rows[split] = list(csv.DictReader(handle))
+        assert len(rows[split]) == report["pairs"][split]
+        assert all((float(r["score"]) >= report["threshold"]) == (r["decision"] == "1") for r in rows[split])
+        outcomes[split] = Counter(r["outcome"] for r in rows[split])
+        counts = outcomes[split]
+        assert counts["true match"] + counts["missed match"] == sum(r["label"] == "1" for r in rows[split])
+        precision = counts["true match"] / (counts["true match"] + counts["false match"])
+        assert precision == pytest.approx(report[split]["precision"])
 
-    assert errors.main([str(SMALL), str(out), "--show", "missed match", "--limit", "1"]) == 0
-    printed = capsys.readouterr().out.splitlines()
-    counted = {line.split(" | ")[0].strip("| "): int(line.split(" | ")[1]) for line in printed[2:6]}
-    assert counted == {outcome: outcomes[outcome] for outcome in errors.OUTCOMES}
+    for arguments, split in (([], "valid"), (["--split", "test"], "test")):  # errors are read on valid by default
+        assert errors.main([str(SMALL), str(out), *arguments, "--show", "missed match", "--limit", "1"]) == 0
+        printed = capsys.readouterr().out.splitlines()
+        counted = {line.split(" | ")[0].strip("| "): int(line.split(" | ")[1]) for line in printed[2:6]}
+        assert counted == {outcome: outcomes[split][outcome] for outcome in errors.OUTCOMES}
+    assert outcomes["valid"] != outcomes["test"]
+
+    # The probabilities are those GET /match answers; their calibration error is recomputed from test_pairs.csv.
+    calibration = report["calibration"]
+    assert calibration["method"] in ("platt", "isotonic") and calibration["bins"] == 15
+    probabilities = np.array([float(r["probability"]) for r in rows["test"]])
+    labels = np.array([int(r["label"]) for r in rows["test"]])
+    assert ((0 <= probabilities) & (probabilities <= 1)).all()
+    assert calibration["test"]["brier"] == pytest.approx(np.mean((probabilities - labels) ** 2), abs=1e-5)
+    bins = np.minimum((probabilities * 15).astype(int), 14)
+    ece = sum(
+        np.sum(bins == b) / len(labels) * abs(probabilities[bins == b].mean() - labels[bins == b].mean())
+        for b in np.unique(bins)
+    )
+    assert calibration["test"]["ece"] == pytest.approx(ece, abs=1e-5)
+    assert (out / f"{report['dataset']}-reliability.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "expected calibration error" in (out / "report.md").read_text()
+    assert mappings.main([str(out)]) == 0  # each mapping refitted on valid_pairs.csv: the service's choice again
+    compared = capsys.readouterr().out.splitlines()[2].split(" | ")
+    assert compared[0] == f"| {out.name}" and compared[5] == calibration["method"]
+    kept = 1 if calibration["method"] == "platt" else 3
+    assert float(compared[kept]) == pytest.approx(calibration["test"]["ece"], abs=6e-4)
 
     summary = summarize.table([out / "report.json"]).splitlines()
     assert len(summary) == 3 and summary[0].count("|") == summary[2].count("|")
@@ -70,25 +97,6 @@ def test_error_reading_compares_identifier_codes() -> None:
     assert errors.agreement(sony, errors.codes({"title": "sony hdrsr10 camcorder"})) == "share a code"
     assert errors.agreement(sony, errors.codes({"title": "sony hdr-ux10"})) == "codes differ"
     assert errors.agreement(sony, errors.codes({"title": "sony camcorder"})) == "no code on one side"
-
-
-def test_grid_selects_on_valid_only(env, tmp_path):
-    out = tmp_path / "grid"
-    assert main(["evaluate", str(SMALL), "--grid", "--out", str(out)]) == 0
-    report = json.loads((out / "report.json").read_text())
-    tried = report["tried"]
-    assert len(tried) == 4
-    assert {(t["config"]["serialization"], t["config"]["instruction"]) for t in tried} == {
-        (s, i)
-        for s in ("tagged", "plain")
-        for i in (
-            "Represent the text for finding another product description for the same product",
-            "Retrieve semantically similar text",
-        )
-    }
-    best = max(tried, key=lambda t: t["valid"]["f1"])
-    assert report["config"] == best["config"] and report["test"] == best["test"]
-    assert sum(t["encoding"]["from_cache"] for t in tried) == 0, "every configuration embeds other texts"
 
 
 def test_missing_file_is_a_clear_error(env, tmp_path, capsys):

@@ -67,8 +67,14 @@ def test_identifier_buckets_do_not_depend_on_the_process() -> None:
     script = "from encoder_worker.encoders import identifiers; print(identifiers._bucket('kd55x85j', 1024))"
     root = Path(__file__).resolve().parents[1]
     buckets = {
-        subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True, cwd=root,
-                       env={**os.environ, "PYTHONHASHSEED": seed}).stdout.strip()
+        subprocess.run(
+            [sys.executable, "-c", script],
+            capture_output=True,
+            text=True,
+            check=True,
+            cwd=root,
+            env={**os.environ, "PYTHONHASHSEED": seed},
+        ).stdout.strip()
         for seed in ("1", "2")
     }
     assert buckets == {str(identifiers._bucket("kd55x85j", 1024))}
@@ -153,8 +159,9 @@ def test_the_service_matches_and_blocks_with_identifier_features(client, drain, 
     texts = [left[0][1]["title"], right[0][1]["title"]]
     dense = counting_pool.encode("minilm", [EncoderInput(None, text) for text in texts])
     expected = 0.7 * float(dense[0] @ dense[1]) + 0.3  # both carry xk1007 and nothing else
-    match = client.get("/match", params={"dataset": "codes", "left_source": "a", "left_id": "1",
-                                         "right_source": "b", "right_id": "m"}).json()
+    match = client.get(
+        "/match", params={"dataset": "codes", "left_source": "a", "left_id": "1", "right_source": "b", "right_id": "m"}
+    ).json()
     assert match["score"] == pytest.approx(expected, abs=1e-4)
 
 
@@ -178,8 +185,25 @@ def test_the_identifiers_stage_trains_nothing_and_serves_the_base_with_the_weigh
 ) -> None:
     benchmark = write_model_number_benchmark(tmp_path / "models")
     out = tmp_path / "chosen"
-    assert main(["train", str(benchmark), "--base", "minilm", "--stages", "identifiers", "--serialization", "plain",
-                 "--identifier-weights", "0,0.3", "--out", str(out)]) == 0
+    assert (
+        main(
+            [
+                "train",
+                str(benchmark),
+                "--base",
+                "minilm",
+                "--stages",
+                "identifiers",
+                "--serialization",
+                "plain",
+                "--identifier-weights",
+                "0,0.3",
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
 
     manifest = read_manifest(out / "identifiers")
     stage = manifest["stages"][0]

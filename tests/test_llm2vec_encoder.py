@@ -1,7 +1,9 @@
-"""LLM2VecEncoder through the real llm2vec path, on a tiny random Llama (and on SmolLM2 when converted)."""
+"""LLM2VecEncoder on a tiny random Llama (and on SmolLM2 when converted): what it embeds, and that it embeds
+exactly what ``llm2vec.LLM2Vec.encode`` embeds for the same pairs."""
 
 from __future__ import annotations
 
+import csv
 import os
 from pathlib import Path
 
@@ -11,8 +13,15 @@ import torch
 from peft import LoraConfig, get_peft_model
 from tiny_llama import HIDDEN_SIZE, build_tiny_llama, build_tiny_non_llama
 
-from encoder_worker.encoders.base import EncoderInput
-from encoder_worker.encoders.llm2vec import LLM2VEC_SEPARATOR, LLM2VecEncoder, UnsupportedModelError
+from encoder_worker.encoders.base import EncoderInput, l2_normalise
+from encoder_worker.encoders.batching import token_batches
+from encoder_worker.encoders.llm2vec import (
+    LLM2VEC_SEPARATOR,
+    LLM2VecEncoder,
+    UnsupportedModelError,
+    instruction_text_pairs,
+    tokenize,
+)
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 TITLES = ["[name] sony tv [\\name]", "[name] canon eos r6 camera [\\name]", "dell xps 13 laptop 16gb ram"]
@@ -149,3 +158,80 @@ def test_smollm2_near_duplicates_score_higher() -> None:
     similarity = vectors[:2] @ vectors[2:].T
     assert similarity[0, 0] > similarity[0, 1]
     assert similarity[1, 1] > similarity[1, 0]
+
+
+# --- the worker's path embeds what LLM2Vec.encode embeds -------------------------------------------------------
+
+MIXED = [
+    "[name] sony tv [\\name]",
+    "canon eos r6 mirrorless camera body only " * 12,
+    "dell xps 13 laptop intel core i7 16gb ram 512gb ssd",
+    "x" * 40 + " y" * 450,  # past doc_max_length: llm2vec's own word truncation applies
+    "a",
+    "lenovo thinkpad x1 carbon gen 9, 14 inch, 1tb",
+]
+
+
+def library_vectors(encoder: LLM2VecEncoder, records: list[EncoderInput], batch_size: int = 4) -> np.ndarray:
+    """``LLM2Vec.encode`` on the pairs the worker hands it, L2-normalised."""
+    pairs = instruction_text_pairs(encoder.model, records)
+    vectors = encoder.model.encode(pairs, batch_size=batch_size, show_progress_bar=False, device="cpu")
+    return l2_normalise(vectors.float().numpy())
+
+
+@pytest.mark.parametrize("instruction", [None, INSTRUCTION])
+def test_same_vectors_as_llm2vec_encode(tiny_folder: Path, instruction: str | None) -> None:
+    encoder = LLM2VecEncoder("tiny", tiny_folder, batch_tokens=64)
+    records = inputs(MIXED, instruction)
+    np.testing.assert_allclose(encoder.encode(records, batch_size=3), library_vectors(encoder, records), atol=1e-5)
+
+
+def test_same_vectors_as_llm2vec_encode_with_weighted_mean_pooling(tiny_folder: Path) -> None:
+    encoder = LLM2VecEncoder("tiny", tiny_folder, pooling_mode="weighted_mean", batch_tokens=64)
+    records = inputs(MIXED, INSTRUCTION)
+    np.testing.assert_allclose(encoder.encode(records, batch_size=3), library_vectors(encoder, records), atol=1e-5)
+
+
+def test_batches_are_cut_by_token_count(tiny_folder: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    encoder = LLM2VecEncoder("tiny", tiny_folder, batch_tokens=48)
+    shapes: list[tuple[int, int]] = []
+    embed = encoder._embed
+
+    def spy(input_ids: list[list[int]], pooled: list[int]) -> np.ndarray:
+        shapes.append((len(input_ids), max(len(ids) for ids in input_ids)))
+        return embed(input_ids, pooled)
+
+    monkeypatch.setattr(encoder, "_embed", spy)
+    records = inputs(MIXED * 3, INSTRUCTION)
+    lengths = sorted((len(ids) for ids in tokenize(encoder.model, records).input_ids), reverse=True)
+    encoder.encode(records, batch_size=100)
+    assert sum(rows for rows, _ in shapes) == len(records)
+    assert all(rows * width <= 48 or rows == 1 for rows, width in shapes), shapes
+    assert [width for _, width in shapes] == sorted((width for _, width in shapes), reverse=True)
+    assert shapes[0][1] == lengths[0] and len(shapes) < len(records)  # longest first; short rows share batches
+
+
+def test_token_batches_cover_every_index_once_within_the_budget() -> None:
+    lengths = [5, 30, 12, 12, 1, 50, 7]
+    batches = token_batches(lengths, max_tokens=30, max_rows=3)
+    assert sorted(i for batch in batches for i in batch) == list(range(len(lengths)))
+    assert batches[0] == [5]  # longer than the budget: alone
+    for batch in batches:
+        assert len(batch) <= 3
+        assert len(batch) == 1 or len(batch) * max(lengths[i] for i in batch) <= 30
+    with pytest.raises(ValueError):
+        token_batches(lengths, max_tokens=0, max_rows=3)
+
+
+@pytest.mark.skipif(not (smollm2_folder() / "config.json").is_file(), reason="converted SmolLM2 not found")
+def test_smollm2_same_vectors_as_llm2vec_encode() -> None:
+    """Rendered benchmark records (when the shared datasets are there) or the test titles, with an instruction."""
+    table = REPO_ROOT.parent / "shared" / "datasets" / "abt_buy" / "tableB.csv"
+    texts = [*TITLES, *MIXED[:3]]
+    if table.is_file():
+        with table.open(newline="", encoding="utf-8") as handle:
+            rows = list(csv.DictReader(handle))[:24]
+        texts += [" ".join(f"[{k}] {v} [\\{k}]" for k, v in row.items() if k != "id" and v) for row in rows]
+    encoder = LLM2VecEncoder("smollm2", smollm2_folder(), batch_tokens=512)
+    records = inputs(texts, INSTRUCTION)
+    np.testing.assert_allclose(encoder.encode(records, batch_size=16), library_vectors(encoder, records), atol=1e-4)

@@ -191,10 +191,19 @@ def test_mined_negatives_are_the_nearest_right_records_of_the_same_dataset_but_n
         angles = np.array([float(item.text) for item in inputs])
         return np.stack([np.cos(angles), np.sin(angles)], axis=1)
 
-    texts = {"d/a/1": "0.0", "d/b/1": "0.05", "d/b/2": "0.1", "d/b/3": "0.2", "d/b/4": "3.0",
-             "e/a/1": "1.5", "e/b/1": "0.0", "e/b/2": "1.45"}
-    data = training_data.TrainingData(["d", "e"], "plain", None,
-                                      {key: EncoderInput(None, text) for key, text in texts.items()})
+    texts = {
+        "d/a/1": "0.0",
+        "d/b/1": "0.05",
+        "d/b/2": "0.1",
+        "d/b/3": "0.2",
+        "d/b/4": "3.0",
+        "e/a/1": "1.5",
+        "e/b/1": "0.0",
+        "e/b/2": "1.45",
+    }
+    data = training_data.TrainingData(
+        ["d", "e"], "plain", None, {key: EncoderInput(None, text) for key, text in texts.items()}
+    )
     given = [stages.Anchor("d/a/1", "d/b/1", ("d/b/4",)), stages.Anchor("e/a/1", "e/b/2", ())]
     mined = mine_negatives(angle_vectors, data, given, {("d/a/1", "d/b/1"), ("e/a/1", "e/b/2")}, count=2)
 
@@ -218,8 +227,25 @@ def test_train_command_fine_tunes_minilm_then_chooses_identifiers_and_evaluate_u
     tmp_path: Path, capsys
 ) -> None:
     out = tmp_path / "trained"
-    assert main(["train", str(SMALL_BENCHMARK), "--base", "minilm", "--out", str(out), "--epochs", "1",
-                 "--batch-size", "8", "--serialization", "plain"]) == 0  # default stages: supervised,identifiers
+    assert (
+        main(
+            [
+                "train",
+                str(SMALL_BENCHMARK),
+                "--base",
+                "minilm",
+                "--out",
+                str(out),
+                "--epochs",
+                "1",
+                "--batch-size",
+                "8",
+                "--serialization",
+                "plain",
+            ]
+        )
+        == 0
+    )  # default stages: supervised,identifiers
     dense = read_manifest(out / "supervised")
     assert dense["encoder"] == {"kind": "sentence-transformers", "model": "."}  # the trained model, dense
     assert dense["render"] == {"serialization": "plain", "instruction": None}
@@ -249,8 +275,23 @@ def test_train_command_fine_tunes_minilm_then_chooses_identifiers_and_evaluate_u
 
 def test_train_command_checks_every_stage_before_training_any(tmp_path: Path, capsys) -> None:
     out = tmp_path / "out"
-    assert main(["train", str(SMALL_BENCHMARK), "--base", "minilm", "--stages", "supervised,identifiers",
-                 "--identifier-weights", "0,2", "--out", str(out)]) == 2
+    assert (
+        main(
+            [
+                "train",
+                str(SMALL_BENCHMARK),
+                "--base",
+                "minilm",
+                "--stages",
+                "supervised,identifiers",
+                "--identifier-weights",
+                "0,2",
+                "--out",
+                str(out),
+            ]
+        )
+        == 2
+    )
     assert "--identifier-weights takes" in capsys.readouterr().out
     assert not out.exists()  # the supervised stage did not start
 
@@ -305,10 +346,21 @@ def test_stage_options_shrink_on_a_cpu(tmp_path: Path) -> None:
     from training.command import stage_options
 
     spec = EncoderSpec("tiny", "llm2vec", str(tmp_path))
-    args = Namespace(max_length=None, max_steps=None, batch_size=None, learning_rate=None, epochs=None,
-                     seed=1, lora_rank=4, eval_every=None, no_validation=False, pair_loss_weight=1.0,
-                     mined_negatives=0, identifier_weights="0,0.2",
-                     train_identifier_weight=0.0)
+    args = Namespace(
+        max_length=None,
+        max_steps=None,
+        batch_size=None,
+        learning_rate=None,
+        epochs=None,
+        seed=1,
+        lora_rank=4,
+        eval_every=None,
+        no_validation=False,
+        pair_loss_weight=1.0,
+        mined_negatives=0,
+        identifier_weights="0,0.2",
+        train_identifier_weight=0.0,
+    )
     cpu = stage_options("mntp", spec, args, "cpu")
     gpu = stage_options("mntp", spec, args, "cuda")
     assert (cpu.max_length, cpu.max_steps, cpu.batch_size) == (128, 100, 8)

@@ -58,21 +58,28 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-length", type=int, default=None, help="tokens per record (LLM on CPU: 128)")
     parser.add_argument("--lora-rank", type=int, default=16)
     parser.add_argument(
-        "--pair-loss-weight", type=float, default=1.0,
+        "--pair-loss-weight",
+        type=float,
+        default=1.0,
         help="supervised: weight of the CoSENT term over labelled pairs, non-matches included (0: InfoNCE only)",
     )
     parser.add_argument(
-        "--mined-negatives", type=int, default=0,
+        "--mined-negatives",
+        type=int,
+        default=0,
         help="supervised: per match, how many tableB records nearest its left record (by the base model; "
         "train.csv matches left out) to mine as extra negatives (0: none)",
     )
     parser.add_argument(
-        "--identifier-weights", default="0,0.05,0.1,0.15,0.2,0.25,0.3,0.4,0.5",
+        "--identifier-weights",
+        default="0,0.05,0.1,0.15,0.2,0.25,0.3,0.4,0.5",
         help="identifiers: candidate weights of identifier features (model numbers; see README) in the cosine; "
         "the one with the best valid F1 is kept in the manifest (0: off)",
     )
     parser.add_argument(
-        "--train-identifier-weight", type=float, default=0.0,
+        "--train-identifier-weight",
+        type=float,
+        default=0.0,
         help="supervised: train on cosines that already include identifier features at this weight (0: dense)",
     )
     parser.add_argument("--eval-every", type=int, default=None, help="supervised: steps between valid evaluations")
@@ -154,8 +161,9 @@ def resolve_base(name: str, settings: Settings):
 def stage_options(stage: str, spec: EncoderSpec, args: argparse.Namespace, device: str) -> StageOptions:
     """The user's choices, with defaults by stage, model kind and device (small settings on a CPU)."""
     if stage == "identifiers":  # trains nothing: only the candidate weights matter
-        return StageOptions(batch_size=1, learning_rate=0.0, seed=args.seed,
-                            identifier_weights=parse_weights(args.identifier_weights))
+        return StageOptions(
+            batch_size=1, learning_rate=0.0, seed=args.seed, identifier_weights=parse_weights(args.identifier_weights)
+        )
     if (stage, spec.kind) not in DEFAULTS:
         require_llm2vec(stage, spec.name, spec.kind)
     learning_rate, gpu_batch, cpu_batch = DEFAULTS[(stage, spec.kind)]

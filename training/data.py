@@ -66,7 +66,6 @@ def load(folders: list[Path], serialization: str, instruction: str | None) -> Tr
                 data.inputs[f"{benchmark.name}/{source}/{record['id']}"] = EncoderInput(instruction, text)
         for split, pairs in benchmark.splits.items():
             data.splits[split][benchmark.name] = [
-                TextPair(f"{benchmark.name}/a/{p.left_id}", f"{benchmark.name}/b/{p.right_id}", p.label)
-                for p in pairs
+                TextPair(f"{benchmark.name}/a/{p.left_id}", f"{benchmark.name}/b/{p.right_id}", p.label) for p in pairs
             ]
     return data

@@ -173,7 +173,11 @@ def _mntp(base: BaseEncoder, data: TrainingData, options: StageOptions, folder: 
     require_llm2vec("mntp", base.spec.name, base.spec.kind)
     texts = [item.text for item in data.record_inputs()]
     trainee = MNTPTrainee(
-        base.spec.model, base.spec.adapters, device, options.max_length or 512, options.lora,
+        base.spec.model,
+        base.spec.adapters,
+        device,
+        options.max_length or 512,
+        options.lora,
         options.gradient_checkpointing,
     )
     steps = _steps(len(texts), options)
@@ -191,7 +195,12 @@ def embedding_trainee(base: BaseEncoder, options: StageOptions, device: str, dro
     if spec.kind == "sentence-transformers":
         return SentenceTransformerTrainee(spec.model, device, options.max_length or spec.max_length)
     return LLM2VecTrainee(
-        spec.model, spec.adapters, device, options.max_length or spec.max_length or 512, options.lora, dropout,
+        spec.model,
+        spec.adapters,
+        device,
+        options.max_length or spec.max_length or 512,
+        options.lora,
+        dropout,
         options.gradient_checkpointing,
     )
 
@@ -279,18 +288,25 @@ def _supervised(base: BaseEncoder, data: TrainingData, options: StageOptions, fo
         sampled = _batch(non_matches, step, options.batch_size, options.seed + 1)
         sampled_lefts = embed([p.left for p in sampled])
         sampled_rights = embed([p.right for p in sampled])
-        scores = torch.cat([  # cosine of each labelled pair: matches, their hard negatives, sampled non-matches
-            F.cosine_similarity(lefts, rights[: len(batch)], dim=-1),
-            F.cosine_similarity(lefts[owners], rights[len(batch) : len(batch) + len(negatives)], dim=-1),
-            F.cosine_similarity(sampled_lefts, sampled_rights, dim=-1),
-        ])
+        scores = torch.cat(
+            [  # cosine of each labelled pair: matches, their hard negatives, sampled non-matches
+                F.cosine_similarity(lefts, rights[: len(batch)], dim=-1),
+                F.cosine_similarity(lefts[owners], rights[len(batch) : len(batch) + len(negatives)], dim=-1),
+                F.cosine_similarity(sampled_lefts, sampled_rights, dim=-1),
+            ]
+        )
         labels = torch.tensor([1] * len(batch) + [0] * (len(negatives) + len(sampled)), device=scores.device)
         return loss + options.pair_loss_weight * cosent(scores, labels)
 
     per_epoch = max(1, len(batch_anchors) // options.batch_size)
     settings = replace(_loop_settings(options, steps), eval_every=options.eval_every or per_epoch)
     result = loop.run(
-        "supervised", trainee, step_loss, folder, settings, validate=lambda: valid_f1(trainee, data, weight),
+        "supervised",
+        trainee,
+        step_loss,
+        folder,
+        settings,
+        validate=lambda: valid_f1(trainee, data, weight),
         resume=resume,
     )
     return trainee, result, steps
@@ -374,10 +390,12 @@ def select_identifier_weight(
         valid.append((pairs, keys, dense, identifier_vectors([item.text for item in inputs], spec.identifier_dims)))
     selection = []
     for weight in sorted(set(weights)):
-        f1 = np.mean([
-            _pair_f1(pairs, keys, combine(dense, codes, weight) if weight else dense)
-            for pairs, keys, dense, codes in valid
-        ])
+        f1 = np.mean(
+            [
+                _pair_f1(pairs, keys, combine(dense, codes, weight) if weight else dense)
+                for pairs, keys, dense, codes in valid
+            ]
+        )
         selection.append({"weight": weight, "valid_f1": round(float(f1), 4)})
     return selection
 

@@ -187,7 +187,11 @@ class MNTPTrainee:
     def loss(self, texts: Sequence[str], mask_probability: float, generator: torch.Generator) -> torch.Tensor:
         """Mask a share of the tokens; the logits at position i-1 predict the original token at position i."""
         batch = self.tokenizer(
-            list(texts), return_tensors="pt", padding=True, truncation=True, max_length=self.max_length,
+            list(texts),
+            return_tensors="pt",
+            padding=True,
+            truncation=True,
+            max_length=self.max_length,
             add_special_tokens=False,
         )
         input_ids, attention = batch["input_ids"], batch["attention_mask"]

@@ -14,6 +14,9 @@ The features of a code are the token itself and its stem, the token without the 
 (``mb111lla`` -> ``mb111``), when the stem is still a code: the same code agrees fully, a variant of it
 (``mb111ll``, ``txsr606`` against ``txsr606b``: a region, colour or finish suffix) half, another code
 (``sd6110``) not at all. A digit run is its own single feature.
+
+Each of the three rules that extend the plain letter-and-digit codes (digit runs, hyphens dropped, stems) can be
+switched off through ``IdentifierRules``, for ablations; every default keeps all three.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ import hashlib
 import math
 import re
 from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -35,29 +39,45 @@ DIGIT_RUN = re.compile(r"(?<![\w-])\d{4,}(?![\w-])")
 LETTER_SUFFIX = re.compile(r"(?<=\d)[a-z]+$")
 
 
-def identifier_tokens(text: str) -> set[str]:
+@dataclass(frozen=True)
+class IdentifierRules:
+    """Which rules beyond plain letter-and-digit codes apply (all by default; off only to measure each one)."""
+
+    digit_runs: bool = True  # numbers of four or more digits standing alone are identifiers (35113)
+    drop_hyphens: bool = True  # sd-6100 and sd6100 are the same code
+    stems: bool = True  # a code's stem is a feature too, so a suffix variant (mb111ll / mb111lla) agrees half
+
+
+ALL_RULES = IdentifierRules()
+
+
+def identifier_tokens(text: str, rules: IdentifierRules = ALL_RULES) -> set[str]:
     """The codes (lower-cased, hyphens dropped: ``sd-6100`` and ``sd6100`` agree) and digit runs of a text."""
     lowered = text.lower()
-    return {token.replace("-", "") for token in IDENTIFIER.findall(lowered)} | set(DIGIT_RUN.findall(lowered))
+    codes = IDENTIFIER.findall(lowered)
+    tokens = {token.replace("-", "") for token in codes} if rules.drop_hyphens else set(codes)
+    return tokens | set(DIGIT_RUN.findall(lowered)) if rules.digit_runs else tokens
 
 
-def identifier_features(text: str) -> set[str]:
+def identifier_features(text: str, rules: IdentifierRules = ALL_RULES) -> set[str]:
     """Each identifier token, and its stem (``stem:mb111`` for ``mb111lla``) where that is an identifier too."""
     features = set()
-    for token in identifier_tokens(text):
+    for token in identifier_tokens(text, rules):
         features.add(token)
         stem = LETTER_SUFFIX.sub("", token)
-        if IDENTIFIER.fullmatch(stem):
+        if rules.stems and IDENTIFIER.fullmatch(stem):
             features.add(f"stem:{stem}")
     return features
 
 
-def identifier_vectors(texts: Iterable[str], dims: int = DEFAULT_DIMS) -> np.ndarray:
+def identifier_vectors(
+    texts: Iterable[str], dims: int = DEFAULT_DIMS, rules: IdentifierRules = ALL_RULES
+) -> np.ndarray:
     """One unit row per text: its identifier features hashed into ``dims`` buckets; a text without any: zeros."""
     rows = []
     for text in texts:
         row = np.zeros(dims, dtype=np.float32)
-        for feature in identifier_features(text):
+        for feature in identifier_features(text, rules):
             row[_bucket(feature, dims)] += 1.0
         rows.append(row)
     return l2_normalise(np.stack(rows)) if rows else np.zeros((0, dims), dtype=np.float32)

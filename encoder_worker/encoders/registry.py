@@ -42,7 +42,8 @@ class EncoderSpec:
     adapter: str | tuple[str, ...] | None = None  # a PEFT adapter folder, or several merged in order
     pooling: str = "mean"
     max_length: int | None = None  # tokens; None: the model's own limit (LLM2Vec: 512)
-    batch_size: int = 32
+    batch_size: int = 32  # rows per forward pass, at most
+    batch_tokens: int | None = None  # padded tokens per forward pass, at most; None: by device (batching.py)
     identifier_weight: float = 0.0  # share of the cosine given to exact identifier tokens (identifiers.py); 0: off
     identifier_dims: int = DEFAULT_DIMS  # hash buckets of the identifier features
 
@@ -63,7 +64,7 @@ class EncoderSpec:
     @property
     def key(self) -> str:
         """Stable identity of the weights and settings that shape a vector; names the content cache."""
-        unused = {"name", "batch_size"}
+        unused = {"name", "batch_size", "batch_tokens"}
         if not self.identifier_weight:  # keys of encoders without identifier features stay as they were
             unused |= {"identifier_weight", "identifier_dims"}
         identity = {k: v for k, v in asdict(self).items() if k not in unused}
@@ -137,7 +138,9 @@ def _load_dense(spec: EncoderSpec, device: str) -> Encoder:
     if spec.kind == "sentence-transformers":
         from encoder_worker.encoders.sentence_transformer import SentenceTransformerEncoder
 
-        return SentenceTransformerEncoder(spec.key, spec.model, device=device, max_seq_length=spec.max_length)
+        return SentenceTransformerEncoder(
+            spec.key, spec.model, device=device, max_seq_length=spec.max_length, batch_tokens=spec.batch_tokens
+        )
     if spec.kind == "llm2vec":
         from encoder_worker.encoders.llm2vec import LLM2VecEncoder
 
@@ -148,6 +151,7 @@ def _load_dense(spec: EncoderSpec, device: str) -> Encoder:
             device=device,
             pooling_mode=spec.pooling,
             max_length=spec.max_length or 512,
+            batch_tokens=spec.batch_tokens,
         )
     raise UnknownEncoderError(f"encoder {spec.name!r} has unknown kind {spec.kind!r}")
 
@@ -158,6 +162,7 @@ class EncoderPool:
     def __init__(self, settings: Settings):
         self.specs = configured_specs(settings)
         self.device = resolve_device(settings.device)
+        self.max_text_chars = settings.max_text_chars
         self._loaded: dict[str, Encoder] = {}
         self._locks: dict[str, threading.Lock] = {name: threading.Lock() for name in self.specs}
         self._load_lock = threading.Lock()
@@ -178,7 +183,10 @@ class EncoderPool:
             return self._loaded[name]
 
     def encode(self, name: str, inputs: Sequence[EncoderInput]) -> np.ndarray:
+        """Encode with the named encoder; texts longer than ``max_text_chars`` are cut before tokenisation."""
         encoder = self.get(name)
+        limit = self.max_text_chars
+        inputs = [EncoderInput(i.instruction, i.text[:limit]) if len(i.text) > limit else i for i in inputs]
         with self._locks[name]:
             return encoder.encode(inputs, batch_size=self.spec(name).batch_size)
 

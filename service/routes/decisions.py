@@ -5,17 +5,29 @@ from __future__ import annotations
 from typing import Annotated
 
 from fastapi import APIRouter, Query
+from pydantic import AfterValidator
 
+from service import auth
 from service import decisions as logic
+from service import explain as explaining
 from service.datasets import get_dataset
 from service.deps import State
-from service.schemas import DATASET_NAME, SOURCE_NAME, CandidatesIn, CandidatesOut, MatchIn, MatchOut
+from service.schemas import (
+    DATASET_NAME,
+    SOURCE_NAME,
+    CandidatesIn,
+    CandidatesOut,
+    MatchIn,
+    MatchOut,
+    RecordRef,
+    storable_id,
+)
 
 router = APIRouter(tags=["decisions"])
 
 DatasetQuery = Annotated[str, Query(pattern=DATASET_NAME)]
 SourceQuery = Annotated[str, Query(pattern=SOURCE_NAME)]
-IdQuery = Annotated[str, Query(min_length=1, max_length=256)]
+IdQuery = Annotated[str, Query(min_length=1, max_length=256), AfterValidator(storable_id)]
 
 
 @router.get("/match", response_model=MatchOut)
@@ -26,23 +38,35 @@ def get_match(
     right_source: SourceQuery,
     right_id: IdQuery,
     state: State,
+    _: auth.Read,
+    explain: bool = False,
 ) -> MatchOut:
     """Cosine similarity of two stored records, with the calibrated decision and probability."""
     with state.session_factory() as session:
         found = get_dataset(session, dataset)
         left = logic.stored_query(session, found, left_source, left_id)
         right = logic.stored_query(session, found, right_source, right_id)
-        return logic.decide(session, found, logic.cosine(left.vector, right.vector))
+        answer = logic.decide(session, found, logic.cosine(left.vector, right.vector))
+        refs = (RecordRef(source=left_source, id=left_id), RecordRef(source=right_source, id=right_id))
+        sides = [explaining.attributes_of(session, found, ref) for ref in refs] if explain else []
+    if explain:
+        answer.explanation = explaining.explain(state.session_factory, state.pool, found, *sides)
+    return answer
 
 
 @router.post("/match", response_model=MatchOut)
-def post_match(body: MatchIn, state: State) -> MatchOut:
+def post_match(body: MatchIn, state: State, _: auth.Read) -> MatchOut:
     """Like GET /match; inline records are encoded on the spot and not stored."""
     with state.session_factory() as session:
         found = get_dataset(session, body.dataset)
-        left = logic.resolve(session, state.pool, found, body.left)
-        right = logic.resolve(session, state.pool, found, body.right)
-        return logic.decide(session, found, logic.cosine(left.vector, right.vector))
+        prepared = [logic.prepare(session, state.pool, found, side) for side in (body.left, body.right)]
+        sides = [explaining.attributes_of(session, found, side) for side in (body.left, body.right)]
+    left, right = (logic.encoded(state.pool, side) for side in prepared)  # no session open while encoding
+    with state.session_factory() as session:
+        answer = logic.decide(session, found, logic.cosine(left.vector, right.vector))
+    if body.explain:
+        answer.explanation = explaining.explain(state.session_factory, state.pool, found, *sides)
+    return answer
 
 
 @router.get("/candidates", response_model=CandidatesOut)
@@ -51,6 +75,7 @@ def get_candidates(
     source: SourceQuery,
     id: IdQuery,
     state: State,
+    _: auth.Read,
     k: Annotated[int, Query(ge=1, le=1000)] = 10,
     target_source: Annotated[str | None, Query(pattern=SOURCE_NAME)] = None,
 ) -> CandidatesOut:
@@ -62,10 +87,12 @@ def get_candidates(
 
 
 @router.post("/candidates", response_model=CandidatesOut)
-def post_candidates(body: CandidatesIn, state: State) -> CandidatesOut:
+def post_candidates(body: CandidatesIn, state: State, _: auth.Read) -> CandidatesOut:
     """Blocking for a new record given inline (encoded on the spot, not stored)."""
     with state.session_factory() as session:
         found = get_dataset(session, body.dataset)
-        query = logic.inline_query(session, state.pool, found, body.record)
+        prepared = logic.prepare_inline(session, state.pool, found, body.record)
+    query = logic.encoded(state.pool, prepared)  # no session open while encoding
+    with state.session_factory() as session:
         hits = logic.candidates(session, state.registry, found, query, body.k, body.target_source)
-        return CandidatesOut(candidates=hits)
+    return CandidatesOut(candidates=hits)

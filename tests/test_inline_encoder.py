@@ -1,0 +1,203 @@
+"""Inline encodes on the worker: a real ``llmatch worker --serve-inline`` process, and an API that sends its
+on-the-spot encodes there (``LLMATCH_INLINE_ENCODER_URL``) instead of encoding them itself."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+from conftest import PRODUCTS_B, CountingPool, records_body
+from fastapi.testclient import TestClient
+
+from encoder_worker.encoders.base import EncoderInput
+from encoder_worker.encoders.registry import EncoderPool
+from encoder_worker.encoders.sentence_transformer import packaged_minilm_path
+from encoder_worker.inline_server import MAX_INPUTS, InlineEncodeServer, decode_vectors
+from encoder_worker.worker import EncoderWorker
+from llmatch.db import make_engine
+from llmatch.migrate import upgrade_to_head
+from llmatch.settings import Settings
+from service.app import create_app
+
+ROOT = Path(__file__).resolve().parents[1]
+SONY = {"name": "sony bravia kd55x85j 55 inch 4k smart tv, black"}
+CANON = {"name": "canon eos r6 full frame mirrorless body"}
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def inline_worker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """``llmatch worker --serve-inline PORT`` in a subprocess (its own SQLite queue); yields its base URL."""
+    folder = tmp_path_factory.mktemp("inline-worker")
+    url = f"sqlite:///{folder / 'worker.sqlite3'}"
+    engine = make_engine(url)
+    upgrade_to_head(engine)
+    engine.dispose()
+    port = free_port()
+    env = {
+        **os.environ,
+        "LLMATCH_DATABASE_URL": url,
+        "LLMATCH_DATA_DIR": str(folder / "data"),
+        "LLMATCH_DEVICE": "cpu",
+        "HF_HUB_OFFLINE": "1",
+    }
+    log = (folder / "worker.log").open("w")
+    command = [sys.executable, "-m", "llmatch.cli", "worker", "--serve-inline", str(port)]
+    process = subprocess.Popen(command, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 180
+        while True:
+            assert process.poll() is None, (folder / "worker.log").read_text()[-3000:]
+            try:
+                if httpx.get(f"{base}/healthz", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            assert time.monotonic() < deadline, "the worker never served /healthz"
+            time.sleep(0.5)
+        yield base
+    finally:
+        process.terminate()
+        process.wait(timeout=60)
+        log.close()
+
+
+def api_settings(sqlite_url: str, tmp_path: Path, inline_url: str, **overrides) -> Settings:
+    return Settings(
+        database_url=sqlite_url,
+        data_dir=tmp_path / "data",
+        device="cpu",
+        index_sync_seconds=0.1,
+        inline_encoder_url=inline_url,
+        inline_encoder_timeout_seconds=180,
+        **overrides,
+    )
+
+
+@pytest.fixture
+def inline_client(sqlite_url: str, tmp_path: Path, inline_worker: str, counting_pool: CountingPool):
+    settings = api_settings(sqlite_url, tmp_path, inline_worker)
+    with TestClient(create_app(settings, pool=counting_pool, run_worker=False)) as client:
+        assert client.put("/datasets/shop", json={}).status_code == 201
+        yield client
+
+
+def test_inline_match_is_encoded_by_the_worker_process(
+    inline_client: TestClient, counting_pool: CountingPool, pool: EncoderPool
+) -> None:
+    response = inline_client.post(
+        "/match", json={"dataset": "shop", "left": {"attributes": SONY}, "right": {"attributes": CANON}}
+    )
+    assert response.status_code == 200, response.text
+    assert counting_pool.calls == []  # the API encoded nothing itself
+    left, right = pool.encode(
+        "minilm", [EncoderInput(None, f"[name] {record['name']} [\\name]") for record in (SONY, CANON)]
+    )
+    assert response.json()["score"] == pytest.approx(float(left @ right), abs=1e-5)
+
+
+def test_inline_candidates_are_encoded_by_the_worker_process(
+    inline_client: TestClient, counting_pool: CountingPool, sqlite_url: str, tmp_path: Path, inline_worker: str
+) -> None:
+    assert inline_client.post("/records", json=records_body("shop", "b", PRODUCTS_B)).status_code == 202
+    state = inline_client.app.state.service
+    EncoderWorker(state.session_factory, counting_pool, api_settings(sqlite_url, tmp_path, inline_worker)).drain()
+    state.synchronizer.poll()
+    stored = len(counting_pool.calls)
+    body = {"dataset": "shop", "record": {"attributes": SONY}, "k": 2, "target_source": "b"}
+    response = inline_client.post("/candidates", json=body)
+    assert response.status_code == 200, response.text
+    assert [c["id"] for c in response.json()["candidates"]][:1] == ["b1"]
+    assert len(counting_pool.calls) == stored  # the inline record went to the worker
+
+
+def test_unreachable_inline_encoder_is_a_503(sqlite_url: str, tmp_path: Path, counting_pool: CountingPool) -> None:
+    settings = api_settings(sqlite_url, tmp_path, f"http://127.0.0.1:{free_port()}")
+    with TestClient(create_app(settings, pool=counting_pool, run_worker=False)) as client:
+        assert client.put("/datasets/shop", json={}).status_code == 201
+        response = client.post("/candidates", json={"dataset": "shop", "record": {"attributes": SONY}})
+    assert response.status_code == 503
+    assert "unreachable" in response.json()["detail"] and "LLMATCH_INLINE_ENCODER_URL" in response.json()["detail"]
+    assert counting_pool.calls == []
+
+
+def test_worker_with_other_weights_is_refused(
+    sqlite_url: str, tmp_path: Path, inline_worker: str, counting_pool: CountingPool
+) -> None:
+    """The API's ``minilm`` cuts texts at 128 tokens, the worker's does not: other vectors, so a 503."""
+    other = {"minilm": {"kind": "sentence-transformers", "model": str(packaged_minilm_path()), "max_length": 128}}
+    settings = api_settings(sqlite_url, tmp_path, inline_worker, encoders=other)
+    with TestClient(create_app(settings, pool=EncoderPool(settings), run_worker=False)) as client:
+        assert client.put("/datasets/shop", json={}).status_code == 201
+        response = client.post(
+            "/match", json={"dataset": "shop", "left": {"attributes": SONY}, "right": {"attributes": CANON}}
+        )
+    assert response.status_code == 503
+    assert "other weights or settings" in response.json()["detail"]
+
+
+# --- the endpoint itself, in this process over the real MiniLM ---------------------------------------------------
+
+
+@pytest.fixture
+def server(pool: EncoderPool) -> Iterator[InlineEncodeServer]:
+    server = InlineEncodeServer(pool, "127.0.0.1", 0, concurrency=1, wait_seconds=0.2)
+    server.start()
+    yield server
+    server.stop()
+
+
+def post(server: InlineEncodeServer, body: object) -> httpx.Response:
+    return httpx.post(f"http://127.0.0.1:{server.port}/encode", json=body, timeout=120)
+
+
+def test_endpoint_answers_the_pools_vectors(server: InlineEncodeServer, pool: EncoderPool) -> None:
+    inputs = [EncoderInput(None, "sony tv"), EncoderInput("find the same product", "canon camera")]
+    body = {"encoder": "minilm", "key": pool.spec("minilm").key, "inputs": [i.__dict__ for i in inputs]}
+    response = post(server, body)
+    assert response.status_code == 200, response.text
+    np.testing.assert_allclose(decode_vectors(response.json(), 2), pool.encode("minilm", inputs), atol=1e-6)
+
+
+@pytest.mark.parametrize(
+    ("body", "status", "words"),
+    [
+        ("not json", 400, "not valid JSON"),
+        ({"encoder": "minilm", "inputs": [{"text": 3}]}, 400, "Each input"),
+        ({"encoder": "minilm", "inputs": []}, 400, "at least one"),
+        ({"encoder": "nope", "inputs": [{"text": "x"}]}, 404, "unknown encoder"),
+        ({"encoder": "minilm", "key": "0" * 32, "inputs": [{"text": "x"}]}, 409, "other weights"),
+        ({"encoder": "minilm", "inputs": [{"text": "x"}] * (MAX_INPUTS + 1)}, 413, "POST /records"),
+    ],
+)
+def test_endpoint_refuses_what_it_cannot_answer(server: InlineEncodeServer, body, status: int, words: str) -> None:
+    if isinstance(body, str):
+        response = httpx.post(f"http://127.0.0.1:{server.port}/encode", content=body, timeout=30)
+    else:
+        response = post(server, body)
+    assert response.status_code == status
+    assert words in response.json()["detail"]
+
+
+def test_endpoint_is_bounded(server: InlineEncodeServer) -> None:
+    assert server.slots.acquire(timeout=1)  # the one slot is taken (as by a long encode)
+    try:
+        response = post(server, {"encoder": "minilm", "inputs": [{"text": "sony tv"}]})
+    finally:
+        server.slots.release()
+    assert response.status_code == 503 and "busy" in response.json()["detail"]
+    assert post(server, {"encoder": "minilm", "inputs": [{"text": "sony tv"}]}).status_code == 200
