@@ -40,17 +40,9 @@ INLINE = {"attributes": {"name": "bose qc 45 headset"}}
 
 
 @pytest.fixture
-def settings(database_url: str, tmp_path: Path) -> Settings:
+def settings(settings: Settings) -> Settings:
     """The shared fixture's settings, with keys re-read on every request (no cache delay to wait for)."""
-    return Settings(
-        database_url=database_url,
-        data_dir=tmp_path / "data",
-        worker_batch_size=16,
-        worker_poll_seconds=0.05,
-        index_sync_seconds=0.1,
-        device="cpu",
-        auth_cache_seconds=0,
-    )
+    return settings.model_copy(update={"auth_cache_seconds": 0})
 
 
 def make_key(client: TestClient, name: str, scopes: list[str], expires_days: float | None = None) -> str:
