@@ -127,18 +127,23 @@ def llm2vec_sides(pool: Any, name: str) -> tuple[Side, Side, Callable[[Sequence[
 
 def sentence_transformer_sides(pool: Any, name: str) -> tuple[Side, Side, Callable[[Sequence[Any]], int]]:
     """(``SentenceTransformer.encode``, the worker's path, a token counter) for encoder ``name``."""
+    from sentence_transformers import SentenceTransformer
+
     from encoder_worker.encoders.base import l2_normalise
     from encoder_worker.encoders.sentence_transformer import sentence_text
 
-    encoder, batch_size = pool.get(name), pool.spec(name).batch_size
+    encoder, spec = pool.get(name), pool.spec(name)
+    model = SentenceTransformer(str(spec.model), device=encoder.model.device, local_files_only=True)
+    if spec.max_length:
+        model.max_seq_length = spec.max_length
 
     def library(inputs: Sequence[Any]) -> np.ndarray:
         texts = [sentence_text(item) for item in inputs]
-        return l2_normalise(encoder.model.encode(texts, batch_size=batch_size, show_progress_bar=False))
+        return l2_normalise(model.encode(texts, batch_size=spec.batch_size, show_progress_bar=False))
 
     def token_count(inputs: Sequence[Any]) -> int:
         texts = [sentence_text(item) for item in inputs]
-        return int(encoder.model.tokenize(texts)["attention_mask"].sum())
+        return int(model.tokenize(texts)["attention_mask"].sum())
 
     return (
         Side("SentenceTransformer.encode", library),

@@ -21,6 +21,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     settings = get_settings()
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if args.command != "migrate":  # Alembic's start-up check says what it does at INFO; only migrate needs that
+        logging.getLogger("alembic").setLevel(logging.WARNING)
     return int(args.handler(args, settings) or 0)
 
 

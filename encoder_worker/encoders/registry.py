@@ -6,6 +6,7 @@ import hashlib
 import json
 import logging
 import threading
+import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -128,7 +129,9 @@ def load_encoder(spec: EncoderSpec, device: str) -> Encoder:
         missing = [path for path in (spec.model, *spec.adapters) if not _available(path)]
         raise EncoderUnavailableError(f"encoder {spec.name!r}: model folder {missing[0]} does not exist")
     log.info("loading encoder %s (%s, %s) on %s", spec.name, spec.kind, spec.model, device)
+    started = time.monotonic()
     dense = _load_dense(spec, device)
+    log.info("encoder %s loaded in %.1f s", spec.name, time.monotonic() - started)
     if not spec.identifier_weight:
         return dense
     return IdentifierEncoder(dense, spec.key, spec.identifier_weight, spec.identifier_dims)

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 from encoder_worker.encoders.base import EncoderInput, l2_normalise
 from encoder_worker.encoders.batching import default_batch_tokens, token_batches
+from encoder_worker.encoders.sentence_folder import load_plain_model
 
 
 def packaged_minilm_path() -> Path:
@@ -23,7 +25,8 @@ class SentenceTransformerEncoder:
 
     ``encode`` gives what ``SentenceTransformer.encode`` gives, with every text tokenised once, in one
     batched call, batches cut by token count over texts sorted by token length, under
-    ``torch.inference_mode``."""
+    ``torch.inference_mode``. A folder of the usual Transformer and Pooling modules runs on transformers
+    alone (``sentence_folder``); any other on the sentence-transformers library."""
 
     def __init__(
         self,
@@ -33,45 +36,93 @@ class SentenceTransformerEncoder:
         max_seq_length: int | None = None,
         batch_tokens: int | None = None,
     ):
-        from sentence_transformers import SentenceTransformer
-
         self.key = key
-        self.model = SentenceTransformer(str(model_path), device=device, local_files_only=True)
+        self.model = load_plain_model(model_path, device) or _library_model(model_path, device)
         if max_seq_length:
             self.model.max_seq_length = max_seq_length
-        self.dim = int(self.model.get_sentence_embedding_dimension())
+        self.dim = self.model.dim
         self.batch_tokens = batch_tokens or default_batch_tokens(device)
 
     def encode(self, inputs: Sequence[EncoderInput], batch_size: int = 32) -> np.ndarray:
         """``batch_size`` caps the rows of a forward pass, ``batch_tokens`` its padded tokens."""
         if not inputs:
             return np.zeros((0, self.dim), dtype=np.float32)
-        from sentence_transformers.models import Transformer
-
         texts = [sentence_text(item) for item in inputs]
-        transformer = self.model[0]
-        if not isinstance(transformer, Transformer) or self.model.default_prompt_name is not None:
+        if isinstance(self.model, LibraryOnlyModel):
             # Another first module, or a default prompt: sentence-transformers' own loop knows what to do.
-            vectors = self.model.encode(texts, batch_size=batch_size, convert_to_numpy=True, show_progress_bar=False)
+            vectors = self.model.library.encode(
+                texts, batch_size=batch_size, convert_to_numpy=True, show_progress_bar=False
+            )
             return l2_normalise(vectors)
-        return l2_normalise(self._encode_by_tokens(transformer, texts, batch_size))
+        return l2_normalise(self._encode_by_tokens(texts, batch_size))
 
-    def _encode_by_tokens(self, transformer, texts: list[str], batch_size: int) -> np.ndarray:
+    def _encode_by_tokens(self, texts: list[str], batch_size: int) -> np.ndarray:
         import torch
 
         # What Transformer.tokenize does to each text, for all texts at once and without padding.
-        texts = [text.strip().lower() if transformer.do_lower_case else text.strip() for text in texts]
-        tokenizer = transformer.tokenizer
-        encoded = tokenizer(texts, truncation="longest_first", max_length=transformer.max_seq_length)
+        model = self.model
+        texts = [text.strip().lower() if model.do_lower_case else text.strip() for text in texts]
+        encoded = model.tokenizer(texts, truncation="longest_first", max_length=model.max_seq_length)
         rows = [{name: encoded[name][i] for name in encoded} for i in range(len(texts))]
         vectors = np.zeros((len(texts), self.dim), dtype=np.float32)
-        device = self.model.device
         with torch.inference_mode():
             for batch in token_batches([len(row["input_ids"]) for row in rows], self.batch_tokens, batch_size):
-                features = pad(tokenizer, [rows[i] for i in batch])
-                features = {name: tensor.to(device) for name, tensor in features.items()}
-                vectors[batch] = self.model(features)["sentence_embedding"].float().cpu().numpy()
+                features = pad(model.tokenizer, [rows[i] for i in batch])
+                features = {name: tensor.to(model.device) for name, tensor in features.items()}
+                vectors[batch] = model.embed(features).float().cpu().numpy()
         return vectors
+
+
+class LibraryModel:
+    """A ``SentenceTransformer`` whose first module is a Transformer, seen as ``PlainSentenceModel`` is."""
+
+    def __init__(self, library: Any):
+        self.library = library
+        self.transformer = library[0]
+        self.tokenizer = self.transformer.tokenizer
+        self.do_lower_case = self.transformer.do_lower_case
+        self.dim = int(library.get_sentence_embedding_dimension())
+
+    @property
+    def max_seq_length(self) -> int:
+        return self.transformer.max_seq_length
+
+    @max_seq_length.setter
+    def max_seq_length(self, value: int) -> None:
+        self.library.max_seq_length = value
+
+    @property
+    def device(self) -> Any:
+        return self.library.device
+
+    def embed(self, features: dict[str, Any]) -> Any:
+        return self.library(features)["sentence_embedding"]
+
+
+class LibraryOnlyModel:
+    """A ``SentenceTransformer`` only its own ``encode`` can run (another first module, a default prompt)."""
+
+    def __init__(self, library: Any):
+        self.library = library
+        self.dim = int(library.get_sentence_embedding_dimension())
+
+    @property
+    def max_seq_length(self) -> int:
+        return self.library.max_seq_length
+
+    @max_seq_length.setter
+    def max_seq_length(self, value: int) -> None:
+        self.library.max_seq_length = value
+
+
+def _library_model(model_path: str | Path, device: str) -> LibraryModel | LibraryOnlyModel:
+    from sentence_transformers import SentenceTransformer
+    from sentence_transformers.models import Transformer
+
+    library = SentenceTransformer(str(model_path), device=device, local_files_only=True)
+    if isinstance(library[0], Transformer) and library.default_prompt_name is None:
+        return LibraryModel(library)
+    return LibraryOnlyModel(library)
 
 
 def pad(tokenizer, rows: list[dict[str, list[int]]]) -> dict:
