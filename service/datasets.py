@@ -9,7 +9,8 @@ from encoder_worker.encoders.registry import EncoderPool, EncoderUnavailableErro
 from llmatch.models import PENDING, RECORD_STATUSES, Calibration, Dataset, IndexChange, Record
 from llmatch.vectors import delete_orphaned_embeddings
 from service.errors import NotFound, Unprocessable
-from service.schemas import CalibrationOut, DatasetConfigIn, DatasetOut, StatusCounts
+from service.index import IndexPolicy
+from service.schemas import CalibrationOut, DatasetConfigIn, DatasetOut, IndexOptionsOut, StatusCounts
 
 TEXT_FIELDS = ("encoder", "serialization", "attributes", "instruction")
 NULLABLE = ("attributes", "instruction")
@@ -40,9 +41,13 @@ def check_encoder(pool: EncoderPool, name: str) -> None:
 def put_dataset(
     session: Session, pool: EncoderPool, name: str, body: DatasetConfigIn, default_encoder: str
 ) -> tuple[Dataset, bool]:
-    """Create or update a dataset; returns (dataset, created). Text changes re-queue its records."""
+    """Create or update a dataset; returns (dataset, created). Text changes re-queue its records; index options
+    change only how its vectors are indexed (see ``index_options``)."""
     # Fields sent are changed; null clears attributes and instruction, and keeps encoder and serialization.
     given = {k: v for k, v in body.model_dump(exclude_unset=True).items() if v is not None or k in NULLABLE}
+    given.pop("index", None)
+    if "index" in body.model_fields_set:
+        given["index_options"] = index_options(body)
     if "encoder" in given:
         check_encoder(pool, given["encoder"])
     dataset = session.scalar(select(Dataset).where(Dataset.name == name).with_for_update())
@@ -55,6 +60,7 @@ def put_dataset(
             serialization=given.get("serialization", "tagged"),
             attributes=given.get("attributes"),
             instruction=given.get("instruction"),
+            index_options=given.get("index_options"),
             seen_attributes=[],
         )
         session.add(dataset)
@@ -67,6 +73,18 @@ def put_dataset(
         requeue_dataset(session, dataset)
     session.flush()
     return dataset, False
+
+
+def index_options(body: DatasetConfigIn) -> dict[str, object] | None:
+    """The options to store from a body's ``index``: the fields given; None (the server's settings) for null or {}."""
+    if body.index is None:
+        return None
+    return body.index.model_dump(exclude_none=True) or None
+
+
+def effective_policy(dataset: Dataset, base: IndexPolicy) -> IndexPolicy:
+    """The index policy in force for ``dataset``: its own options over the process's ``base`` policy."""
+    return base.with_options(dataset.index_options)
 
 
 def requeue_dataset(session: Session, dataset: Dataset) -> None:
@@ -98,7 +116,8 @@ def delete_dataset(session: Session, name: str) -> int:
     return dataset.id
 
 
-def describe(session: Session, dataset: Dataset) -> DatasetOut:
+def describe(session: Session, dataset: Dataset, base_policy: IndexPolicy | None = None) -> DatasetOut:
+    """The dataset's configuration and status; ``index`` is its policy over ``base_policy`` (the process's)."""
     counts: dict[str, StatusCounts] = {}
     rows = session.execute(
         select(Record.source, Record.status, func.count())
@@ -124,6 +143,7 @@ def describe(session: Session, dataset: Dataset) -> DatasetOut:
         records=dict(sorted(counts.items())),
         totals=totals,
         calibration=calibration_out(calibration),
+        index=IndexOptionsOut(**effective_policy(dataset, base_policy or IndexPolicy()).as_dict()),
         created_at=dataset.created_at,
         updated_at=dataset.updated_at,
     )

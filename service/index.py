@@ -24,7 +24,7 @@ import time
 import zlib
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -95,6 +95,14 @@ class IndexPolicy:
             storage=settings.index_storage,
         )
 
+    def with_options(self, options: dict[str, Any] | None) -> IndexPolicy:
+        """This policy with a dataset's own options (``Dataset.index_options``) over it; unknown keys are ignored."""
+        names = {field.name for field in fields(self)}
+        return replace(self, **{k: v for k, v in (options or {}).items() if k in names and v is not None})
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
     def structure(self, size: int) -> str:
         """``flat`` or ``ivf`` for an index of ``size`` vectors."""
         if self.kind == "flat" or size < MIN_APPROXIMATE_SIZE:
@@ -102,6 +110,12 @@ class IndexPolicy:
         if self.kind == "ivf" or size >= self.approximate_above:
             return "ivf"
         return "flat"
+
+
+def storage_of(index: faiss.Index) -> str:
+    """``float16`` when the FAISS index holds scalar-quantised (half precision) vectors, else ``float32``."""
+    inner = faiss.downcast_index(index.index) if isinstance(index, faiss.IndexIDMap) else faiss.downcast_index(index)
+    return "float16" if isinstance(inner, faiss.IndexScalarQuantizer | faiss.IndexIVFScalarQuantizer) else "float32"
 
 
 def nlist_for(size: int) -> int:
@@ -200,6 +214,21 @@ class VectorIndex:
             self._changed()
             if self._needs_restructure():
                 self._restructure()
+
+    def set_policy(self, policy: IndexPolicy) -> bool:
+        """Follow ``policy`` from now on: rebuilt at once when it wants another structure or storage for this size,
+        else only its nprobe changes. Returns whether the FAISS structure was rebuilt."""
+        with self._lock:
+            if policy == self.policy:
+                return False
+            self.policy = policy
+            if self.structure == "ivf":
+                self.cpu.nprobe = policy.nprobe
+                self._gpu_stale = True  # the GPU copy carries the old nprobe
+            if policy.structure(self.size) != self.structure or storage_of(self.cpu) != policy.storage:
+                self._restructure()
+                return True
+            return False
 
     def embedding_ids_of(self, record_ids: np.ndarray) -> np.ndarray:
         """The embedding id this index holds for each record id, -1 where it holds none."""
@@ -368,7 +397,8 @@ class VectorIndex:
         index._record_ids, index._embedding_ids = ids[0].astype(np.int64), ids[1].astype(np.int64)
         if index.structure == "ivf":
             index.cpu.nprobe = index.policy.nprobe
-        if index._needs_restructure():
+        # Files saved under another policy (e.g. before a dataset's options changed): rebuilt to this one.
+        if storage_of(index.cpu) != index.policy.storage or index._needs_restructure():
             index._restructure()
         return index
 
@@ -496,6 +526,27 @@ class IndexRegistry:
     def policy_for(self, key: IndexKey) -> IndexPolicy:
         return self.dataset_policies.get(key[0], self.policy)
 
+    def set_policy(self, dataset_id: int, policy: IndexPolicy | None) -> list[IndexKey]:
+        """Use ``policy`` for the dataset's indexes (None: the process's policy); its loaded indexes switch to it
+        at once. Returns the keys of the indexes whose FAISS structure was rebuilt."""
+        with self._lock:
+            if policy is None or policy == self.policy:
+                self.dataset_policies.pop(dataset_id, None)
+            else:
+                self.dataset_policies[dataset_id] = policy
+            effective = self.policy_for((dataset_id, ""))
+            loaded = [(key, index) for key, index in self._indexes.items() if key[0] == dataset_id]
+        rebuilt = [key for key, index in loaded if index.set_policy(effective)]
+        if rebuilt:
+            log.info("dataset %d now indexed with %s", dataset_id, effective)
+        return rebuilt
+
+    def forget_policies(self, keep: set[int]) -> None:
+        """Drop the policies of datasets not in ``keep`` (deleted ones)."""
+        with self._lock:
+            for dataset_id in set(self.dataset_policies) - keep:
+                del self.dataset_policies[dataset_id]
+
     def get(self, key: IndexKey) -> VectorIndex | None:
         with self._lock:
             return self._indexes.get(key)
@@ -534,6 +585,7 @@ class IndexRegistry:
 
     def drop_dataset(self, dataset_id: int) -> None:
         with self._save_lock, self._lock:
+            self.dataset_policies.pop(dataset_id, None)
             for key in [k for k in self._indexes if k[0] == dataset_id]:
                 del self._indexes[key]
                 self._saved.pop(key, None)

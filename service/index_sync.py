@@ -33,6 +33,7 @@ class IndexSynchronizer:
         self.registry = registry
         self.cursor: ChangeCursor | None = None  # set by load_all
         self._poll_lock = threading.Lock()
+        self._options_lock = threading.Lock()  # index options are read and applied in the order they were read
         self.reloads = 0  # times the log had lost entries this process had not read, and indexes were reloaded
         self.stop_event = threading.Event()
         self.rebuilt: list[IndexKey] = []
@@ -49,6 +50,7 @@ class IndexSynchronizer:
             consistent_snapshot(session)  # the cursor's position and the records read below: one moment
             self.cursor = cursor_for(session)
             self.cursor.start(session)
+            self._follow_datasets(session, drop_deleted=False)  # each dataset's policy before its indexes load
             for key, (record_ids, embedding_ids) in _encoded_pairs(session).items():
                 expected = fingerprint(record_ids, embedding_ids)
                 registry = self.registry
@@ -59,7 +61,7 @@ class IndexSynchronizer:
                     registry.save(key)
                     self.rebuilt.append(key)
                 else:
-                    registry.put(key, index, saved=True)
+                    registry.put(key, index, saved=index.version == 0)  # restructured on load: save it anew
                     self.loaded_from_file.append(key)
         self.registry.loaded = True
         self.last_success = time.monotonic()
@@ -85,7 +87,7 @@ class IndexSynchronizer:
             fresh = self.cursor.read(session)
             vectors = _vectors_by_embedding(session, {c.embedding_id for c in fresh if c.embedding_id})
             self._apply(fresh, vectors)
-            self._drop_deleted_datasets(session)
+            self._follow_datasets(session)
         self.cursor.advance()
         return len(fresh)
 
@@ -138,10 +140,24 @@ class IndexSynchronizer:
         for listener in self.listeners:
             listener(entered, dict(removals))
 
-    def _drop_deleted_datasets(self, session: Session) -> None:
-        existing = set(session.scalars(select(Dataset.id)))
-        for dataset_id in {key[0] for key in self.registry.keys()} - existing:
-            self.registry.drop_dataset(dataset_id)
+    def follow_index_options(self) -> None:
+        """Switch the indexes of every dataset to its stored index options now (polls do it too)."""
+        with self.session_factory() as session:
+            self._follow_datasets(session, drop_deleted=False)
+
+    def _follow_datasets(self, session: Session, drop_deleted: bool = True) -> None:
+        """One query over the datasets: apply each one's index options (``Dataset.index_options`` over the
+        process's policy; a changed policy rebuilds its loaded indexes) and drop the indexes of deleted ones."""
+        registry = self.registry
+        with self._options_lock:
+            rows = session.execute(select(Dataset.id, Dataset.index_options)).all()
+            for dataset_id, options in rows:
+                registry.set_policy(dataset_id, registry.policy.with_options(options))
+            existing = {dataset_id for dataset_id, _ in rows}
+            registry.forget_policies(keep=existing)
+        if drop_deleted:
+            for dataset_id in {key[0] for key in registry.keys()} - existing:
+                registry.drop_dataset(dataset_id)
 
 
 # Rows read per round trip when loading ids and vectors at start-up.

@@ -149,6 +149,24 @@ class IngestResult(BaseModel):
     unchanged: int
 
 
+class IndexOptionsIn(Strict):
+    """A dataset's own FAISS index policy; a field left out (or null) follows the server's LLMATCH_INDEX_* setting."""
+
+    kind: Literal["auto", "flat", "ivf"] | None = None
+    approximate_above: int | None = Field(default=None, ge=1)
+    nprobe: int | None = Field(default=None, ge=1, le=65536)
+    storage: Literal["float32", "float16"] | None = None
+
+
+class IndexOptionsOut(BaseModel):
+    """The index policy in force for a dataset: its own options merged over the server's settings."""
+
+    kind: str
+    approximate_above: int
+    nprobe: int
+    storage: str
+
+
 class DatasetConfigIn(Strict):
     encoder: Annotated[str, StringConstraints(min_length=1, max_length=128)] | None = None
     serialization: Literal["tagged", "plain"] | None = None
@@ -156,6 +174,7 @@ class DatasetConfigIn(Strict):
         default=None, min_length=1, max_length=MAX_ATTRIBUTES, json_schema_extra={"uniqueItems": True}
     )
     instruction: Annotated[str, StringConstraints(max_length=4096)] | None = None
+    index: IndexOptionsIn | None = None  # null clears the dataset's own index policy
 
     @field_validator("attributes")
     @classmethod
@@ -200,6 +219,7 @@ class DatasetOut(BaseModel):
     records: dict[str, StatusCounts]
     totals: StatusCounts
     calibration: CalibrationOut | None
+    index: IndexOptionsOut
     created_at: UtcDateTime
     updated_at: UtcDateTime
 

@@ -26,14 +26,18 @@ router = APIRouter(prefix="/datasets", tags=["datasets"])
 def put_dataset(
     name: DatasetPath, state: State, response: Response, access: auth.Manage, body: DatasetConfigIn | None = None
 ) -> DatasetOut:
-    """Create (201) or update (200) a dataset; changes to its text re-queue its records."""
+    """Create (201) or update (200) a dataset; changes to its text re-queue its records, changes to its index
+    options rebuild its loaded indexes (other processes follow within an index sync interval)."""
     body = body or DatasetConfigIn()
     with transaction(state.session_factory) as session:
         dataset, created = logic.put_dataset(session, state.pool, name, body, state.settings.default_encoder)
         action = "dataset.create" if created else "dataset.configure"
         audit.record(session, access.actor, action, name, body.model_dump(exclude_unset=True))
         response.status_code = status.HTTP_201_CREATED if created else status.HTTP_200_OK
-        return logic.describe(session, dataset)
+        described = logic.describe(session, dataset, state.registry.policy)
+    if "index" in body.model_fields_set:
+        state.synchronizer.follow_index_options()  # committed: this process's indexes switch now
+    return described
 
 
 @router.get("", response_model=DatasetList)
@@ -41,13 +45,13 @@ def list_datasets(state: State, access: auth.AnyKey) -> DatasetList:
     """The datasets this key can read."""
     with state.session_factory() as session:
         readable = [d for d in logic.all_datasets(session) if access.can(d.name, "read")]
-        return DatasetList(datasets=[logic.describe(session, d) for d in readable])
+        return DatasetList(datasets=[logic.describe(session, d, state.registry.policy) for d in readable])
 
 
 @router.get("/{name}", response_model=DatasetOut)
 def get_dataset(name: DatasetPath, state: State, _: auth.Read) -> DatasetOut:
     with state.session_factory() as session:
-        return logic.describe(session, logic.get_dataset(session, name))
+        return logic.describe(session, logic.get_dataset(session, name), state.registry.policy)
 
 
 @router.delete("/{name}", status_code=status.HTTP_204_NO_CONTENT)
