@@ -122,7 +122,9 @@ def items() -> list[data.Record]:
 
 def test_killed_workers_lose_and_fail_nothing(items):
     """Two ``llmatch worker`` processes on PostgreSQL, two SIGKILLs while they drain."""
-    run = worker_faults.drain(items, workers=2, kills=2, lease_seconds=3, kill_every=(0.2, 1.0), batch_size=32)
+    run = worker_faults.drain(
+        items, workers=2, kills=2, lease_seconds=3, kill_every=(0.2, 1.0), batch_size=32, policy="eager"
+    )
     assert run.kills == 2
     assert (run.lost, run.failed, run.pending) == (0, 0, 0)
     assert run.encoded == len(items)

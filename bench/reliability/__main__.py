@@ -28,14 +28,14 @@ from bench.reliability.procs import PG_SERVER, terminate_on_sigterm
 SCENARIOS = ("worker", "api", "index", "load", "fuzz")
 SIZES = {
     "small": {
-        "worker": {"records": 500, "workers": 2, "kills": 5},
+        "worker": {"records": 500, "workers": 2, "kills": 5, "policies": "clock"},
         "api": {"records": 400, "kills": 3},
         "index": {"records": 300, "probes": 30},
         "load": {"records": 500, "seconds": 5.0},
         "fuzz": {"max_examples": 25},
     },
     "full": {
-        "worker": {"records": 10_000, "workers": 2, "kills": 100},
+        "worker": {"records": 10_000, "workers": 2, "kills": 100, "policies": "clock,eager"},
         "api": {"records": 3_000, "kills": 20},
         "index": {"records": 1_000, "probes": 100},
         "load": {"records": 1_000, "seconds": 60.0},
@@ -106,6 +106,7 @@ def run_worker(size: dict, args: argparse.Namespace) -> dict:
         records(size["records"]),
         workers=size["workers"],
         kills=size["kills"],
+        policies=tuple(size["policies"].split(",")),
         lease_seconds=args.lease,
         seed=args.seed,
     )
@@ -143,11 +144,9 @@ def worker_table(result: dict) -> str:
         "kills", "workers", "records", "lost", "failed", "pending", "encoded_twice", "extra_encodes",
         "max_attempts", "drain_seconds",
     )  # fmt: skip
-    rows = [
-        [label, *(result[run][k] for k in keys)] for label, run in (("fault-free", "baseline"), ("SIGKILLs", "faulted"))
-    ]
-    table = markdown_table(["run", *keys], rows)
-    return f"{table}\n\ndrain time under faults / fault-free: **{result['drain_ratio']}**"
+    rows = [["fault-free", *(result["baseline"][k] for k in keys), "1.00"]]
+    rows += [[f"SIGKILLs ({run['policy']})", *(run[k] for k in keys), run["drain_ratio"]] for run in result["faulted"]]
+    return markdown_table(["run", *keys, "drain ratio"], rows)
 
 
 def api_table(result: dict) -> str:
@@ -181,8 +180,8 @@ TABLES = {"worker": worker_table, "api": api_table, "index": index_table, "load"
 def passed(name: str, result) -> bool:
     """The promises each scenario checks (figures such as the drain ratio are reported, not judged)."""
     if name == "worker":
-        return all(result[run]["lost"] == result[run]["failed"] == result[run]["pending"] == 0 for run in result
-                   if run in ("baseline", "faulted"))  # fmt: skip
+        runs = [result["baseline"], *result["faulted"]]
+        return all(run["lost"] == run["failed"] == run["pending"] == 0 for run in runs)
     if name == "api":
         return result["missing"] == result["content_differs"] == result["not_encoded"] == result["answers_5xx"] == 0
     if name == "index":
