@@ -2,7 +2,8 @@
 renews while it is alive (measured on the database's clock). A worker that dies loses nothing: when its lease
 runs out the records are claimed again. Before each encoder call the worker notes which records are in it
 (``inflight_batch``), so the next claimer knows whether a dead worker was encoding a record alone (the record is
-blamed: one attempt) or in a group (no one is blamed; the records are encoded alone next time)."""
+blamed: one attempt) or in a group (no one is blamed; the records are encoded alone next time). Once the encoder
+has returned, the records are marked so (``inflight_batch`` 0): a death while storing blames no one."""
 
 from __future__ import annotations
 
@@ -55,7 +56,7 @@ def settle_expired(session: Session, max_attempts: int) -> int:
 
     A record that was being encoded alone when its worker died is charged an attempt, and fails once it has used
     ``max_attempts``; one that was in a group of n is encoded next in groups of at most n // 4; one not yet
-    started is just freed."""
+    started, or whose encoder call had returned (a death while storing), is just freed."""
     now = db_now(session)
     expired = and_(Record.status == PENDING, Record.claim_token.is_not(None), Record.lease_until < now)
     freed = 0
@@ -65,7 +66,7 @@ def settle_expired(session: Session, max_attempts: int) -> int:
             Record.inflight_batch > 1,
             {"batch_limit": case((Record.inflight_batch < 8, 1), else_=Record.inflight_batch // 4)},
         ),
-        (Record.inflight_batch.is_(None), {}),
+        (or_(Record.inflight_batch.is_(None), Record.inflight_batch == 0), {}),
     ):
         result = session.execute(
             update(Record)
@@ -151,6 +152,20 @@ def mark_inflight(session: Session, token: str, records: Sequence[ClaimedRecord]
         update(Record)
         .where(Record.id.in_([r.record_id for r in records]), Record.claim_token == token)
         .values(inflight_batch=texts)
+        .execution_options(synchronize_session=False)
+    )
+
+
+def mark_encoded(session: Session, token: str, records: Sequence[ClaimedRecord]) -> None:
+    """The encoder call holding these records returned: if their worker dies now, they were not the cause."""
+    session.execute(
+        update(Record)
+        .where(
+            Record.id.in_([r.record_id for r in records]),
+            Record.claim_token == token,
+            Record.inflight_batch.is_not(None),
+        )
+        .values(inflight_batch=0)
         .execution_options(synchronize_session=False)
     )
 

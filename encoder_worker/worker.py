@@ -31,6 +31,7 @@ from encoder_worker.queue import (
     claim_batch,
     complete,
     give_back,
+    mark_encoded,
     mark_inflight,
     release,
     renew,
@@ -104,6 +105,7 @@ class EncoderWorker:
             except BaseException:
                 wait(stores)  # what was encoded before the failure is kept
                 raise
+            wait(stores)  # every store settles before a failed one is raised
             for store in stores:
                 store.result()
         return result
@@ -217,6 +219,8 @@ class EncoderWorker:
                 done_encoders.add(encoder_name)
                 continue
             self._outage_delay.pop(encoder_name, None)
+            if vectors or errors:  # queued before the store: a death from now on blames none of these records
+                stores.append(self._db.submit(self._mark_encoded, claim.token, chunk))
             batch = (claim.token, encoder_name, encoder_key, chunk, vectors, errors, result)
             stores.append(self._db.submit(self._store_batch, *batch))
 
@@ -231,6 +235,11 @@ class EncoderWorker:
             group = by_limit[limit]
             for start in range(0, len(group), limit):
                 yield group[start : start + limit]
+
+    def _mark_encoded(self, token: str, records: list[ClaimedRecord]) -> None:
+        """(Database thread) note that the encoder returned for these records."""
+        with transaction(self.session_factory) as session:
+            mark_encoded(session, token, records)
 
     def _store_batch(
         self,

@@ -115,6 +115,18 @@ class ConnectionWatchingPool(CountingPool):
         return super().encode(name, inputs)
 
 
+def test_sixteen_concurrent_requests_reuse_their_connections(client):
+    engine = client.app.state.service.engine
+    opened = []
+    event.listen(engine, "connect", lambda conn, _record: opened.append(conn))
+    engine.dispose()  # start from an empty pool
+    for _ in range(3):  # 16 at once, three times: the pool keeps them, nothing is opened again
+        held = [engine.connect() for _ in range(16)]
+        for connection in held:
+            connection.close()
+    assert len(opened) == 16
+
+
 def test_no_database_connection_is_held_while_encoding_inline(products, settings, counting_pool):
     pool = ConnectionWatchingPool(counting_pool)
     pool.holders, pool.held = {}, []
@@ -182,6 +194,25 @@ def test_a_worker_killed_mid_batch_keeps_what_it_stored(client, settings, counti
     with pytest.raises(Crash):
         EncoderWorker(factory, CrashingOn(counting_pool), settings).run_once()
     assert _statuses(factory) == {ENCODED: 40, PENDING: 1}, "finished encoder batches were stored"
+
+
+def test_a_worker_that_dies_after_its_encoder_returned_blames_no_record(client, settings, counting_pool, monkeypatch):
+    client.put("/datasets/shop", json={})
+    client.post("/records", json=records_body("shop", "a", _rows(3)))
+    factory = _factory(client)
+    settings = settings.model_copy(update={"worker_commit_size": 1, "worker_max_attempts": 3})  # each one alone
+    for _ in range(3):  # three deaths between the encoder's answer and the store: an outside kill, not the record
+        worker = EncoderWorker(factory, counting_pool, settings)
+        monkeypatch.setattr(worker, "_store", lambda *args: (_ for _ in ()).throw(Crash()))
+        with pytest.raises(Crash):
+            worker.run_once()
+        _expire_leases(factory)
+    with transaction(factory) as session:
+        assert settle_expired(session, max_attempts=3) == 3
+    with factory() as session:
+        assert set(session.execute(select(Record.attempts, Record.batch_limit)).all()) == {(0, None)}
+    make_worker(settings, counting_pool).drain()
+    assert _statuses(factory) == {ENCODED: 3}
 
 
 def test_a_live_worker_keeps_its_claim_past_the_lease(client, settings, counting_pool):
