@@ -72,8 +72,8 @@ def rendered_texts(table: Table) -> list[str]:
     return [render(record["attributes"], config, table.columns) for record in table.records]
 
 
-def load_encoder_pool() -> Any:
-    """The default MiniLM encoder on CPU, loaded and warmed up in this process."""
+def load_encoder_pool(encoder: str = ENCODER) -> Any:
+    """An encoder of the service's configuration (default MiniLM) on CPU, loaded and warmed up in this process."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
     from encoder_worker.encoders.base import EncoderInput
@@ -81,7 +81,7 @@ def load_encoder_pool() -> Any:
     from llmatch.settings import Settings
 
     pool = EncoderPool(Settings(device="cpu"))
-    pool.encode(ENCODER, [EncoderInput(None, "warm up")])
+    pool.encode(encoder, [EncoderInput(None, "warm up")])
     return pool
 
 
@@ -243,8 +243,8 @@ def check(response: httpx.Response, expected: int = 200) -> httpx.Response:
     return response
 
 
-def create_dataset(client: httpx.Client, name: str = DATASET) -> None:
-    check(client.put(f"/datasets/{name}", json={"encoder": ENCODER}), 201)
+def create_dataset(client: httpx.Client, name: str = DATASET, encoder: str = ENCODER) -> None:
+    check(client.put(f"/datasets/{name}", json={"encoder": encoder}), 201)
 
 
 def post_records(

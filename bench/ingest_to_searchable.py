@@ -1,7 +1,8 @@
 """Ingest to searchable: how long from the first POST /records until every record can be searched.
 
-Baseline, measured in the same run before the server starts: the MiniLM encoder's raw records/s in this
-process on exactly the texts the service embeds.
+Baseline, measured in the same run before the server starts: the encoder's raw records/s in this process
+(``EncoderPool.encode``, the worker's own path) on exactly the texts the service embeds, in chunks of
+the POST batches. ``--encoder smollm2`` measures the LLM2Vec path (after ``make smollm2``).
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ SOURCE = "b"
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=common.HelpFormatter)
     parser.add_argument("--records", type=int, default=20_000, help="records to ingest")
+    parser.add_argument("--encoder", default=common.ENCODER, help="encoder of the dataset (minilm, smollm2, ...)")
     parser.add_argument("--table", type=Path, default=common.DEFAULT_TABLE, help="CSV table, first column the id")
     parser.add_argument("--batch", type=int, default=1000, help="records per POST /records")
     common.add_server_arguments(parser)
@@ -42,13 +44,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def raw_encoder(texts: list[str], chunk: int) -> dict[str, Any]:
+def raw_encoder(texts: list[str], chunk: int, encoder: str) -> dict[str, Any]:
     """The encoder alone, in this process, on the same texts (chunked like the POST batches)."""
-    pool = common.load_encoder_pool()
+    pool = common.load_encoder_pool(encoder)
     inputs = common.encoder_inputs(texts)
     started = time.perf_counter()
     for start in tqdm(range(0, len(inputs), chunk), desc="raw encoder", unit=" chunks"):
-        pool.encode(common.ENCODER, inputs[start : start + chunk])
+        pool.encode(encoder, inputs[start : start + chunk])
     seconds = time.perf_counter() - started
     del pool
     gc.collect()
@@ -71,7 +73,7 @@ def probe_records(records: list[dict], count: int, seed: int) -> list[tuple[str,
 def measure_ingest(server: common.Server, table: common.Table, args: argparse.Namespace) -> dict[str, Any]:
     records = table.records
     with server.client() as client:
-        common.create_dataset(client)
+        common.create_dataset(client, encoder=args.encoder)
         warmed = False if args.no_warm_encoder else warm_server_encoder(client)
         started = time.perf_counter()
         latencies = common.post_records(client, SOURCE, records, args.batch)
@@ -103,7 +105,7 @@ def build_report(args: argparse.Namespace, texts: list[str], raw: dict, run: dic
             "batch": args.batch,
             "backend": "postgresql" if args.database_url else "sqlite",
             "worker_batch_size": args.worker_batch_size or "default",
-            "encoder": common.ENCODER,
+            "encoder": args.encoder,
             "server_encoder_warmed": run["server_encoder_warmed"],
             "probes": args.probes,
         },
@@ -138,7 +140,8 @@ def markdown(report: dict[str, Any]) -> str:
         ("POST /records / raw encoder", f"{ratios['post_records_vs_raw_encoder']:.2f}x", ""),
     ]
     title = (
-        f"## Ingest to searchable: {config['records']:,} records ({config['unique_texts']:,} distinct texts), "
+        f"## Ingest to searchable, {config['encoder']}: {config['records']:,} records "
+        f"({config['unique_texts']:,} distinct texts), "
         f"{config['backend']}, batch {config['batch']}, worker batch {config['worker_batch_size']}, "
         f"{report['machine']['cpu_cores']} CPU cores"
     )
@@ -149,7 +152,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     table = common.read_table(args.table, args.records)
     texts = common.rendered_texts(table)
-    raw = raw_encoder(texts, args.batch)
+    raw = raw_encoder(texts, args.batch, args.encoder)
     log_copy = args.out.with_suffix(".server.log")
     with common.fresh_database(args.database_url) as database_url:
         with common.Server(database_url, args.worker_batch_size, log_copy=log_copy) as server:

@@ -19,16 +19,24 @@ def is_sqlite(engine: Engine) -> bool:
 WRITE = "llmatch_write"
 
 
-def make_engine(url: str) -> Engine:
-    """Create an engine. SQLite gets WAL, a busy timeout, durable commits, and two kinds of transaction:
-    reads begin deferred (WAL lets them run beside a writer, on a snapshot), writes take the write lock up front."""
+# Connections a process keeps open: at least the requests it serves at once (a connection opened per request
+# costs a PostgreSQL backend start, or on SQLite a file open, four pragmas and a parse of the schema).
+DEFAULT_POOL_SIZE = 20
+
+
+def make_engine(url: str, pool_size: int = DEFAULT_POOL_SIZE) -> Engine:
+    """Create an engine keeping ``pool_size`` connections open (as many more, closed after use, for bursts).
+    SQLite gets WAL, a busy timeout, durable commits, and two kinds of transaction: reads begin deferred (WAL
+    lets them run beside a writer, on a snapshot), writes take the write lock up front."""
     parsed = make_url(url)
     if parsed.get_backend_name() != "sqlite":
-        return create_engine(url, pool_pre_ping=True, pool_size=10, max_overflow=20)
+        return create_engine(url, pool_pre_ping=True, pool_size=pool_size, max_overflow=pool_size)
 
     if parsed.database and parsed.database != ":memory:":
         Path(parsed.database).parent.mkdir(parents=True, exist_ok=True)
-    engine = create_engine(url, connect_args={"timeout": 60, "check_same_thread": False})
+    engine = create_engine(
+        url, connect_args={"timeout": 60, "check_same_thread": False}, pool_size=pool_size, max_overflow=pool_size
+    )
 
     @event.listens_for(engine, "connect")
     def _on_connect(dbapi_connection, _record) -> None:

@@ -18,6 +18,12 @@ class Settings(BaseSettings):
 
     data_dir: Path = Field(default=Path(".data"), description="Index files, caches and the SQLite file.")
     database_url: str | None = Field(default=None, description="SQLAlchemy URL; default: a SQLite file under data_dir.")
+    db_pool_size: int = Field(
+        default=20,
+        ge=1,
+        le=1000,
+        description="Database connections each process keeps open (at least the requests it serves at once).",
+    )
     index_directory: Path | None = Field(default=None, description="Index files; default: data_dir/indexes.")
     default_encoder: str = "minilm"
     encoders: dict[str, dict[str, Any] | str] = Field(

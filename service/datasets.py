@@ -21,8 +21,12 @@ def get_dataset(session: Session, name: str, *, lock: bool = False) -> Dataset:
     query = select(Dataset).where(Dataset.name == name)
     dataset = session.scalar(query.with_for_update() if lock else query)
     if dataset is None:
-        raise NotFound(f"Unknown dataset {name!r}; create it with PUT /datasets/{name}.")
+        raise unknown_dataset(name)
     return dataset
+
+
+def unknown_dataset(name: str) -> NotFound:
+    return NotFound(f"Unknown dataset {name!r}; create it with PUT /datasets/{name}.")
 
 
 def check_encoder(pool: EncoderPool, name: str) -> None:

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-from sqlalchemy import select, tuple_
+from sqlalchemy import and_, or_, select, tuple_
 from sqlalchemy.orm import Session
 
 from encoder_worker.encoders.base import EncoderInput
@@ -17,10 +17,10 @@ from encoder_worker.render import input_hash, render
 from llmatch.models import ENCODED, Calibration, Dataset, Embedding, Record
 from llmatch.vectors import from_bytes
 from service import calibration as calib
-from service.datasets import sources
+from service.datasets import sources, unknown_dataset
 from service.errors import Conflict, NotFound, without_paths
 from service.index import IndexRegistry
-from service.records import get_record
+from service.records import unknown_record
 from service.schemas import (
     CalibrateIn,
     CalibrateOut,
@@ -41,16 +41,50 @@ class Query:
     source: str | None = None
 
 
+def dataset_and_calibration(session: Session, name: str) -> tuple[Dataset, Calibration | None]:
+    """The dataset called ``name`` (404 when there is none) and its active calibration, in one query."""
+    row = session.execute(
+        select(Dataset, Calibration)
+        .outerjoin(Calibration, Calibration.dataset_id == Dataset.id)
+        .where(Dataset.name == name)
+    ).first()
+    if row is None:
+        raise unknown_dataset(name)
+    return row[0], row[1]
+
+
 def stored_query(session: Session, dataset: Dataset, source: str, record_id: str) -> Query:
-    """The stored vector of a record: 404 when unknown, 409 while it is not encoded."""
-    record = get_record(session, dataset, source, record_id)
-    if record.status != ENCODED or record.embedding is None:
-        last_error = f" Last error: {without_paths(record.error)}" if record.error else ""
-        raise Conflict(
-            f"Record {record_id!r} in source {source!r} is {record.status}, not encoded yet; "
-            "retry once the encoder worker has processed it." + last_error
+    """The stored vector of a record (one query): 404 when unknown, 409 while it is not encoded."""
+    return stored_queries(session, dataset, [(source, record_id)])[0]
+
+
+def stored_queries(session: Session, dataset: Dataset, refs: Sequence[tuple[str, str]]) -> list[Query]:
+    """The stored vectors of several records of a dataset, in one query; the first unknown (404) or not yet
+    encoded (409) record, in the order given, is the error."""
+    rows = session.execute(
+        select(
+            Record.id, Record.source, Record.external_id, Record.status, Record.error, Embedding.vector, Embedding.dim
         )
-    return Query(from_bytes(record.embedding.vector, record.embedding.dim), record.id, source)
+        .outerjoin(Embedding, Record.embedding_id == Embedding.id)
+        .where(
+            Record.dataset_id == dataset.id,
+            or_(*(and_(Record.source == source, Record.external_id == rid) for source, rid in dict.fromkeys(refs))),
+        )
+    ).all()
+    found = {(row.source, row.external_id): row for row in rows}
+    queries = []
+    for source, record_id in refs:
+        row = found.get((source, record_id))
+        if row is None:
+            raise unknown_record(dataset, source, record_id)
+        if row.status != ENCODED or row.vector is None:
+            last_error = f" Last error: {without_paths(row.error)}" if row.error else ""
+            raise Conflict(
+                f"Record {record_id!r} in source {source!r} is {row.status}, not encoded yet; "
+                "retry once the encoder worker has processed it." + last_error
+            )
+        queries.append(Query(from_bytes(row.vector, row.dim), row.id, source))
+    return queries
 
 
 @dataclass(frozen=True)
@@ -105,7 +139,11 @@ def cosine(left: np.ndarray, right: np.ndarray) -> float:
 
 def decide(session: Session, dataset: Dataset, score: float) -> MatchOut:
     """Score plus the dataset's calibrated threshold, decision and probability (null while uncalibrated)."""
-    calibration = active_calibration(session, dataset)
+    return decision(active_calibration(session, dataset), score)
+
+
+def decision(calibration: Calibration | None, score: float) -> MatchOut:
+    """Score plus ``calibration``'s threshold, decision and probability (null without one)."""
     if calibration is None:
         return MatchOut(score=score, threshold=None, match=None, probability=None)
     return MatchOut(
@@ -121,9 +159,16 @@ def active_calibration(session: Session, dataset: Dataset) -> Calibration | None
 
 
 def candidates(
-    session: Session, registry: IndexRegistry, dataset: Dataset, query: Query, k: int, target_source: str | None
+    session: Session,
+    registry: IndexRegistry,
+    dataset: Dataset,
+    calibration: Calibration | None,
+    query: Query,
+    k: int,
+    target_source: str | None,
 ) -> list[Candidate]:
-    """The ``k`` nearest records of the target sources, best first, never the query record itself."""
+    """The ``k`` nearest records of the target sources, best first, never the query record itself; ``match``
+    by the dataset's active ``calibration``."""
     known = sources(session, dataset.id)
     if target_source is not None and target_source not in known:
         raise NotFound(
@@ -138,7 +183,7 @@ def candidates(
         held = registry.embedding_ids(key, np.array([hit.record_id for hit in found], dtype=np.int64))
         hits.extend((hit.score, hit.record_id, int(e)) for hit, e in zip(found, held, strict=True))
     hits.sort(key=lambda item: -item[0])
-    return _as_candidates(session, dataset, hits[:k])
+    return _as_candidates(session, dataset, calibration, hits[:k])
 
 
 def _default_targets(known: Sequence[str], query_source: str | None) -> list[str]:
@@ -147,7 +192,9 @@ def _default_targets(known: Sequence[str], query_source: str | None) -> list[str
     return others or ([query_source] if query_source else list(known))
 
 
-def _as_candidates(session: Session, dataset: Dataset, hits: list[tuple[float, int, int]]) -> list[Candidate]:
+def _as_candidates(
+    session: Session, dataset: Dataset, calibration: Calibration | None, hits: list[tuple[float, int, int]]
+) -> list[Candidate]:
     """Name the hits; drop any the index holds stale (a record deleted, re-queued or re-encoded since the index
     saw it, or not of this dataset): only what the database says is encoded, with this vector, is served."""
     if not hits:
@@ -164,7 +211,6 @@ def _as_candidates(session: Session, dataset: Dataset, hits: list[tuple[float, i
         for row in rows
         if row.dataset_id == dataset.id and row.status == ENCODED and row.embedding_id == held[row.id]
     }
-    calibration = active_calibration(session, dataset)
     return [
         Candidate(
             source=names[rid][0],

@@ -120,8 +120,12 @@ def get_record(session: Session, dataset: Dataset, source: str, record_id: str) 
         select(Record).where(Record.dataset_id == dataset.id, Record.source == source, Record.external_id == record_id)
     )
     if record is None:
-        raise NotFound(f"No record {record_id!r} in source {source!r} of dataset {dataset.name!r}.")
+        raise unknown_record(dataset, source, record_id)
     return record
+
+
+def unknown_record(dataset: Dataset, source: str, record_id: str) -> NotFound:
+    return NotFound(f"No record {record_id!r} in source {source!r} of dataset {dataset.name!r}.")
 
 
 def record_out(dataset: Dataset, record: Record) -> RecordOut:

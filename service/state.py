@@ -38,7 +38,7 @@ class ServiceState:
     @classmethod
     def open(cls, settings: Settings, pool: EncoderPool | None = None, run_worker: bool = True) -> ServiceState:
         """Connect, check the schema is migrated, and load (or rebuild) every index."""
-        engine = make_engine(settings.resolved_database_url)
+        engine = make_engine(settings.resolved_database_url, settings.db_pool_size)
         problem = ensure_schema(engine)
         if problem:
             engine.dispose()

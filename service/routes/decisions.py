@@ -43,10 +43,9 @@ def get_match(
 ) -> MatchOut:
     """Cosine similarity of two stored records, with the calibrated decision and probability."""
     with state.session_factory() as session:
-        found = get_dataset(session, dataset)
-        left = logic.stored_query(session, found, left_source, left_id)
-        right = logic.stored_query(session, found, right_source, right_id)
-        answer = logic.decide(session, found, logic.cosine(left.vector, right.vector))
+        found, calibration = logic.dataset_and_calibration(session, dataset)
+        left, right = logic.stored_queries(session, found, [(left_source, left_id), (right_source, right_id)])
+        answer = logic.decision(calibration, logic.cosine(left.vector, right.vector))
         refs = (RecordRef(source=left_source, id=left_id), RecordRef(source=right_source, id=right_id))
         sides = [explaining.attributes_of(session, found, ref) for ref in refs] if explain else []
     if explain:
@@ -81,9 +80,10 @@ def get_candidates(
 ) -> CandidatesOut:
     """Blocking: the k nearest records of the target sources to a stored record."""
     with state.session_factory() as session:
-        found = get_dataset(session, dataset)
+        found, calibration = logic.dataset_and_calibration(session, dataset)
         query = logic.stored_query(session, found, source, id)
-        return CandidatesOut(candidates=logic.candidates(session, state.registry, found, query, k, target_source))
+        hits = logic.candidates(session, state.registry, found, calibration, query, k, target_source)
+    return CandidatesOut(candidates=hits)
 
 
 @router.post("/candidates", response_model=CandidatesOut)
@@ -94,5 +94,6 @@ def post_candidates(body: CandidatesIn, state: State, _: auth.Read) -> Candidate
         prepared = logic.prepare_inline(session, state.pool, found, body.record)
     query = logic.encoded(state.pool, prepared)  # no session open while encoding
     with state.session_factory() as session:
-        hits = logic.candidates(session, state.registry, found, query, body.k, body.target_source)
+        calibration = logic.active_calibration(session, found)
+        hits = logic.candidates(session, state.registry, found, calibration, query, body.k, body.target_source)
     return CandidatesOut(candidates=hits)
