@@ -30,8 +30,7 @@ from urllib.parse import urlencode
 import numpy as np
 
 from bench.common import OUT_DIR, HelpFormatter, machine, markdown_table, write_report
-from bench.reliability.data import Record, by_source, create_dataset, ingest, records, wait_encoded
-from bench.reliability.load import expect_searchable
+from bench.reliability.data import Record, by_source, expect_searchable, records, store_encoded
 from bench.reliability.procs import Server, fresh_store, running
 
 DATASET = "load"
@@ -184,10 +183,8 @@ def run_backend(backend: str, items: list[Record], args: argparse.Namespace) -> 
         with running(server):
             server.wait_ready()
             with server.client() as client:
-                create_dataset(client, DATASET)
-                ingest(client, DATASET, items)
-                wait_encoded(client, DATASET, len(items), timeout=3600)
-                expect_searchable(client, items[0])
+                store_encoded(client, DATASET, items, timeout=3600)
+                expect_searchable(client, DATASET, items[0])
             target = list(by_source(items))[-1]
             baseline = faiss_baseline(store, target, 1000, args.seed)
             phases = []

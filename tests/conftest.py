@@ -3,6 +3,7 @@ encoder (loaded once), and API clients over them."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import uuid
 from collections.abc import Iterator, Sequence
@@ -31,6 +32,19 @@ BACKENDS = ("sqlite", "pg")
 
 def _pg_admin() -> psycopg.Connection:
     return psycopg.connect(PG_ADMIN_URL, autocommit=True)
+
+
+@contextlib.contextmanager
+def empty_pg_database(prefix: str) -> Iterator[str]:
+    """The URL of a new PostgreSQL database without tables, dropped afterwards."""
+    name = f"{prefix}_{uuid.uuid4().hex[:10]}"
+    with _pg_admin() as admin:
+        admin.execute(f'CREATE DATABASE "{name}"')
+    try:
+        yield str(make_url(PG_ADMIN_URL).set(drivername="postgresql+psycopg", database=name))
+    finally:
+        with _pg_admin() as admin:
+            admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
 @pytest.fixture(scope="session")

@@ -9,15 +9,13 @@ import subprocess
 import sys
 import threading
 import time
-import uuid
 from datetime import timedelta
 from pathlib import Path
 from threading import get_ident
 
 import numpy as np
-import psycopg
 import pytest
-from conftest import PG_ADMIN_URL, PRODUCTS_A, CountingPool, make_worker, records_body
+from conftest import PRODUCTS_A, CountingPool, empty_pg_database, make_worker, records_body
 from fastapi.testclient import TestClient
 from sqlalchemy import event, func, make_url, select, update
 
@@ -383,11 +381,7 @@ def test_a_store_behind_on_migrations_or_on_postgresql_is_refused(tmp_path):
         config = alembic_config(old)
         config.attributes["connection"] = connection
         command.upgrade(config, "0001")
-    empty_pg = f"llmatch_empty_{uuid.uuid4().hex[:10]}"
-    with psycopg.connect(PG_ADMIN_URL, autocommit=True) as admin:
-        admin.execute(f'CREATE DATABASE "{empty_pg}"')
-    try:
-        pg = str(make_url(PG_ADMIN_URL).set(drivername="postgresql+psycopg", database=empty_pg))
+    with empty_pg_database("llmatch_empty") as pg:
         for database_url in (old, pg):
             env = {"LLMATCH_DATABASE_URL": database_url, "LLMATCH_DATA_DIR": str(tmp_path)}
             done = subprocess.run(
@@ -398,9 +392,6 @@ def test_a_store_behind_on_migrations_or_on_postgresql_is_refused(tmp_path):
                 text=True,
             )
             assert done.returncode == 2 and "llmatch migrate" in done.stderr, done.stderr
-    finally:
-        with psycopg.connect(PG_ADMIN_URL, autocommit=True) as admin:
-            admin.execute(f'DROP DATABASE IF EXISTS "{empty_pg}" WITH (FORCE)')
 
 
 def test_worker_settles_expired_claims_at_claim_time(client, settings, counting_pool):

@@ -4,16 +4,14 @@ the others, and checked against index files saved under another policy."""
 
 from __future__ import annotations
 
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
-import psycopg
 import pytest
-from conftest import PG_ADMIN_URL, CountingPool
+from conftest import CountingPool, empty_pg_database
 from fastapi.testclient import TestClient
-from sqlalchemy import inspect, make_url, select, text, update
+from sqlalchemy import inspect, select, text, update
 
 from bench.vectors import Space, store_vectors
 from llmatch.db import make_engine
@@ -247,14 +245,8 @@ def empty_database(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[s
     if request.param == "sqlite":
         yield f"sqlite:///{tmp_path / 'migrate.sqlite3'}"
         return
-    name = f"llmatch_migrate_{uuid.uuid4().hex[:10]}"
-    with psycopg.connect(PG_ADMIN_URL, autocommit=True) as admin:
-        admin.execute(f'CREATE DATABASE "{name}"')
-    try:
-        yield str(make_url(PG_ADMIN_URL).set(drivername="postgresql+psycopg", database=name))
-    finally:
-        with psycopg.connect(PG_ADMIN_URL, autocommit=True) as admin:
-            admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    with empty_pg_database("llmatch_migrate") as url:
+        yield url
 
 
 def _migrate(engine, revision: str, down: bool = False) -> None:

@@ -83,6 +83,25 @@ def ingest(client: httpx.Client, dataset: str, items: list[Record], batch: int =
         expect(client.post("/records", json=body), 202)
 
 
+def store_encoded(client: httpx.Client, dataset: str, items: list[Record], timeout: float) -> None:
+    """Create ``dataset``, ingest ``items`` and wait until every one is encoded."""
+    create_dataset(client, dataset)
+    ingest(client, dataset, items)
+    wait_encoded(client, dataset, len(items), timeout=timeout)
+
+
+def expect_searchable(client: httpx.Client, dataset: str, record: Record, timeout: float = 30.0) -> None:
+    """Wait until the index follower has applied the stored vectors (a first record has candidates)."""
+    deadline = time.monotonic() + timeout
+    params = {"dataset": dataset, "source": record.source, "id": record.id, "k": 1}
+    while time.monotonic() < deadline:
+        response = client.get("/candidates", params=params)
+        if response.status_code == 200 and response.json()["candidates"]:
+            return
+        time.sleep(0.2)
+    raise TimeoutError("stored records are not searchable")
+
+
 def totals(client: httpx.Client, dataset: str) -> dict[str, int]:
     return expect(client.get(f"/datasets/{dataset}"), 200).json()["totals"]
 

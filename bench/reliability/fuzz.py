@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 
 from bench.common import REPO_ROOT, llmatch_command
-from bench.reliability.data import Record, create_dataset, ingest, wait_encoded
+from bench.reliability.data import Record, store_encoded
 from bench.reliability.procs import Server, Store, fresh_store, running
 
 DATASET = "shop"
@@ -92,9 +92,7 @@ def run(items: list[Record], *, backend: str, max_examples: int, seed: int = 1, 
             server.wait_ready()
             with server.client() as client:
                 client.headers["Authorization"] = f"Bearer {key}"
-                create_dataset(client, DATASET)
-                ingest(client, DATASET, items)
-                wait_encoded(client, DATASET, len(items), timeout=600)
+                store_encoded(client, DATASET, items, timeout=600)
             result = fuzz(server.url, key=key, max_examples=max_examples, seed=seed, timeout=timeout)
             result["server_log_tracebacks"] = server.log_path.read_text(errors="replace").count("Traceback")
     result["backend"] = backend

@@ -11,7 +11,7 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from bench.reliability.data import Record, create_dataset, ingest, wait_encoded
+from bench.reliability.data import Record, store_encoded
 from bench.reliability.procs import Server, fresh_store, running
 
 DATASET = "index_faults"
@@ -76,9 +76,7 @@ def run(
         with running(server):
             server.wait_ready()
             with server.client() as client:
-                create_dataset(client, DATASET)
-                ingest(client, DATASET, items)
-                wait_encoded(client, DATASET, len(items), timeout=1800)
+                store_encoded(client, DATASET, items, timeout=1800)
             time.sleep(2)  # the follower applies the last changes (it polls every half second)
             before = answers(server, sample, k)
             check_before(before)

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 import httpx
 import numpy as np
 
-from bench.reliability.data import Record, by_source, create_dataset, ingest, inline_queries, wait_encoded
+from bench.reliability.data import Record, by_source, expect_searchable, inline_queries, store_encoded
 from bench.reliability.procs import Server, fresh_store, running
 
 DATASET = "load"
@@ -135,10 +135,8 @@ def run(
         with running(server):
             server.wait_ready()
             with server.client() as client:
-                create_dataset(client, DATASET)
-                ingest(client, DATASET, stored)
-                wait_encoded(client, DATASET, len(stored), timeout=1800)
-                expect_searchable(client, stored[0])
+                store_encoded(client, DATASET, stored, timeout=1800)
+                expect_searchable(client, DATASET, stored[0])
             reads = _phase(server, seconds, {"reads": (readers, read, 200)})
             rows.append(reads["reads"].row("reads alone", "GET /match + /candidates", readers, seconds))
             kinds = {
@@ -162,15 +160,3 @@ def _revised(items: list[Record], round_: int) -> list[Record]:
         Record(r.source, r.id, {k: v + mark if isinstance(v, str) else v for k, v in r.attributes.items()})
         for r in items
     ]
-
-
-def expect_searchable(client: httpx.Client, record: Record, timeout: float = 30.0) -> None:
-    """Wait until the index follower has applied the stored vectors (a first record has candidates)."""
-    deadline = time.monotonic() + timeout
-    params = {"dataset": DATASET, "source": record.source, "id": record.id, "k": 1}
-    while time.monotonic() < deadline:
-        response = client.get("/candidates", params=params)
-        if response.status_code == 200 and response.json()["candidates"]:
-            return
-        time.sleep(0.2)
-    raise TimeoutError("stored records are not searchable")

@@ -73,34 +73,8 @@ class SentenceTransformerEncoder:
         return vectors
 
 
-class LibraryModel:
-    """A ``SentenceTransformer`` whose first module is a Transformer, seen as ``PlainSentenceModel`` is."""
-
-    def __init__(self, library: Any):
-        self.library = library
-        self.transformer = library[0]
-        self.tokenizer = self.transformer.tokenizer
-        self.do_lower_case = self.transformer.do_lower_case
-        self.dim = int(library.get_sentence_embedding_dimension())
-
-    @property
-    def max_seq_length(self) -> int:
-        return self.transformer.max_seq_length
-
-    @max_seq_length.setter
-    def max_seq_length(self, value: int) -> None:
-        self.library.max_seq_length = value
-
-    @property
-    def device(self) -> Any:
-        return self.library.device
-
-    def embed(self, features: dict[str, Any]) -> Any:
-        return self.library(features)["sentence_embedding"]
-
-
-class LibraryOnlyModel:
-    """A ``SentenceTransformer`` only its own ``encode`` can run (another first module, a default prompt)."""
+class LibraryBacked:
+    """A loaded ``SentenceTransformer``: its dimension and its (settable) token limit."""
 
     def __init__(self, library: Any):
         self.library = library
@@ -113,6 +87,27 @@ class LibraryOnlyModel:
     @max_seq_length.setter
     def max_seq_length(self, value: int) -> None:
         self.library.max_seq_length = value
+
+
+class LibraryOnlyModel(LibraryBacked):
+    """A ``SentenceTransformer`` only its own ``encode`` can run (another first module, a default prompt)."""
+
+
+class LibraryModel(LibraryBacked):
+    """A ``SentenceTransformer`` whose first module is a Transformer, seen as ``PlainSentenceModel`` is."""
+
+    def __init__(self, library: Any):
+        super().__init__(library)
+        transformer = library[0]
+        self.tokenizer = transformer.tokenizer
+        self.do_lower_case = transformer.do_lower_case
+
+    @property
+    def device(self) -> Any:
+        return self.library.device
+
+    def embed(self, features: dict[str, Any]) -> Any:
+        return self.library(features)["sentence_embedding"]
 
 
 def _library_model(model_path: str | Path, device: str) -> LibraryModel | LibraryOnlyModel:
