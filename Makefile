@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 
-.PHONY: setup run test lint smollm2 browser
+.PHONY: setup run test lint smollm2 mpnet browser
 
 $(BIN)/llmatch: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -20,6 +20,9 @@ run: setup
 
 smollm2: setup
 	$(BIN)/llmatch fetch-smollm2
+
+mpnet: setup
+	$(BIN)/llmatch fetch-mpnet
 
 lint: setup
 	$(BIN)/ruff check .

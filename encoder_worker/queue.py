@@ -16,7 +16,7 @@ from typing import Any
 from sqlalchemy import and_, case, or_, select, update
 from sqlalchemy.orm import Session
 
-from encoder_worker.render import RenderConfig, input_hash, render
+from encoder_worker.render import input_hash, render, render_config
 from llmatch.db import db_now
 from llmatch.models import ENCODED, FAILED, PENDING, Dataset, IndexChange, Record
 
@@ -128,10 +128,6 @@ def _rendered(record: Record, dataset: Dataset) -> ClaimedRecord:
         attempts=record.attempts,
         batch_limit=record.batch_limit,
     )
-
-
-def render_config(dataset: Dataset) -> RenderConfig:
-    return RenderConfig(dataset.serialization, dataset.attributes, dataset.instruction)
 
 
 def renew(session: Session, token: str, lease_seconds: float) -> int:

