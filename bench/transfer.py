@@ -11,6 +11,7 @@ Evaluation always uses the full valid.csv (threshold) and test.csv. A finished r
 command is run again (delete ``--work`` to start afresh); trained weights are removed once evaluated.
 
     python -m bench.transfer --train-pairs 1500 --valid-pairs 500
+    python -m bench.transfer --train-pairs 500 --valid-pairs 200 --skip-loo   # the all-together run alone
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ def main() -> None:
     report: dict[str, Any] = {"config": {k: str(v) for k, v in vars(args).items()}, "machine": common.machine()}
     samples = {name: sample(name, args) for name in args.datasets}
     results: dict[str, Any] = {"leave_one_out": {}, "all_together": {}}
-    for held_out in args.datasets:
+    for held_out in [] if args.skip_loo else args.datasets:
         others = [samples[name] for name in args.datasets if name != held_out]
         results["leave_one_out"][held_out] = run(f"without-{held_out}", others, [held_out], args)[held_out]
         common.write_report(args.out, {**report, "results": results})
@@ -49,6 +50,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--valid-pairs", type=int, default=500, help="most valid pairs per benchmark (training)")
     parser.add_argument("--seed", type=int, default=0, help="of the samples and of training")
     parser.add_argument("--skip-all", action="store_true", help="leave-one-out only")
+    parser.add_argument("--skip-loo", action="store_true", help="the encoder trained on all benchmarks only")
     parser.add_argument("--work", type=Path, default=common.OUT_DIR / NAME, help="samples, models and reports")
     parser.add_argument("--out", type=Path, default=common.default_out(NAME))
     return parser.parse_args()

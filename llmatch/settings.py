@@ -10,6 +10,8 @@ from typing import Any, Literal
 from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from llmatch.db import DEFAULT_POOL_SIZE
+
 
 class Settings(BaseSettings):
     """Process settings. None is needed for the embedded default (SQLite file, CPU, MiniLM)."""
@@ -19,7 +21,7 @@ class Settings(BaseSettings):
     data_dir: Path = Field(default=Path(".data"), description="Index files, caches and the SQLite file.")
     database_url: str | None = Field(default=None, description="SQLAlchemy URL; default: a SQLite file under data_dir.")
     db_pool_size: int = Field(
-        default=20,
+        default=DEFAULT_POOL_SIZE,
         ge=1,
         le=1000,
         description="Database connections each process keeps open (at least the requests it serves at once).",

@@ -130,6 +130,16 @@ def test_killed_workers_lose_and_fail_nothing(items):
     assert run.encoded == len(items)
 
 
+def test_kill_intervals_are_given_as_low_high_seconds():
+    from bench.reliability.__main__ import seconds_range
+
+    assert seconds_range("2-6") == (2.0, 6.0)
+    assert seconds_range("0.5-2") == (0.5, 2.0)
+    for wrong in ("6-2", "0-1", "x-2"):
+        with pytest.raises(ValueError):
+            seconds_range(wrong)
+
+
 def test_killed_server_keeps_every_acknowledged_record(items):
     """``llmatch serve`` SIGKILLed twice during concurrent ingestion: every 202 is stored and encoded."""
     run = api_faults.run(items, kills=2, clients=3, batch=10, uptime=(0.5, 1.5))

@@ -28,14 +28,15 @@ from bench.reliability.procs import PG_SERVER, terminate_on_sigterm
 SCENARIOS = ("worker", "api", "index", "load", "fuzz")
 SIZES = {
     "small": {
-        "worker": {"records": 500, "workers": 2, "kills": 5, "policies": "clock"},
+        "worker": {"records": 500, "workers": 2, "kills": 5, "policies": "clock", "kill_every": "0.5-2"},
         "api": {"records": 400, "kills": 3},
         "index": {"records": 300, "probes": 30},
         "load": {"records": 500, "seconds": 5.0},
         "fuzz": {"max_examples": 25},
     },
     "full": {
-        "worker": {"records": 10_000, "workers": 2, "kills": 100, "policies": "clock,eager"},
+        # a kill every 0.5-2 s; `--set worker.kill_every=2-6` spreads the kills over the drain
+        "worker": {"records": 10_000, "workers": 2, "kills": 100, "policies": "clock,eager", "kill_every": "0.5-2"},
         "api": {"records": 3_000, "kills": 20},
         "index": {"records": 1_000, "probes": 100},
         "load": {"records": 1_000, "seconds": 60.0},
@@ -107,9 +108,19 @@ def run_worker(size: dict, args: argparse.Namespace) -> dict:
         workers=size["workers"],
         kills=size["kills"],
         policies=tuple(size["policies"].split(",")),
+        kill_every=seconds_range(size["kill_every"]),
         lease_seconds=args.lease,
         seed=args.seed,
     )
+
+
+def seconds_range(text: str) -> tuple[float, float]:
+    """``"2-6"`` as (2.0, 6.0): the bounds of a uniformly drawn interval in seconds."""
+    low, _, high = text.partition("-")
+    bounds = (float(low), float(high or low))
+    if not 0 < bounds[0] <= bounds[1]:
+        raise ValueError(f"kill_every {text!r}: give LOW-HIGH seconds, 0 < LOW <= HIGH")
+    return bounds
 
 
 def run_api(size: dict, args: argparse.Namespace) -> dict:
@@ -145,7 +156,10 @@ def worker_table(result: dict) -> str:
         "max_attempts", "drain_seconds",
     )  # fmt: skip
     rows = [["fault-free", *(result["baseline"][k] for k in keys), "1.00"]]
-    rows += [[f"SIGKILLs ({run['policy']})", *(run[k] for k in keys), run["drain_ratio"]] for run in result["faulted"]]
+    every = "" if result.get("kill_every") is None else ", every {}-{} s".format(*result["kill_every"])
+    rows += [
+        [f"SIGKILLs ({run['policy']}{every})", *(run[k] for k in keys), run["drain_ratio"]] for run in result["faulted"]
+    ]
     return markdown_table(["run", *keys, "drain ratio"], rows)
 
 

@@ -153,4 +153,4 @@ def run(items: list[Record], *, workers: int, kills: int, policies: tuple[str, .
                 "extra_encodes_from_faults": run.extra_encodes - baseline.extra_encodes,
             }
         )
-    return {"baseline": asdict(baseline), "faulted": faulted}
+    return {"baseline": asdict(baseline), "faulted": faulted, "kill_every": options.get("kill_every")}

@@ -41,7 +41,11 @@ class PlainSentenceModel:
 
         self.layout = layout
         self.model = AutoModel.from_pretrained(str(layout.transformer_path), local_files_only=True).to(device).eval()
-        self.tokenizer = AutoTokenizer.from_pretrained(str(layout.transformer_path), local_files_only=True)
+        # clean_up_tokenization_spaces only affects decoding, which an encoder never does; naming it silences
+        # transformers 4.44's warning about its coming default.
+        self.tokenizer = AutoTokenizer.from_pretrained(
+            str(layout.transformer_path), local_files_only=True, clean_up_tokenization_spaces=True
+        )
         self.do_lower_case = layout.do_lower_case
         self.max_seq_length = layout.max_seq_length or min(
             self.model.config.max_position_embeddings, self.tokenizer.model_max_length
