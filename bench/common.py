@@ -132,7 +132,9 @@ def fresh_database(url: str | None) -> Iterator[str | None]:
 
 
 class Server:
-    """``llmatch migrate`` then ``llmatch serve`` on a free port with a fresh data directory; stopped on exit."""
+    """``llmatch migrate`` then ``llmatch serve`` on a free port with a fresh data directory; stopped on exit.
+    The data directory links to this checkout's downloaded models (``.data/models``: SmolLM2, mpnet), so that
+    the server finds the encoders the benchmark names."""
 
     def __init__(
         self,
@@ -173,6 +175,11 @@ class Server:
     def __enter__(self) -> Server:
         self._tmp = tempfile.TemporaryDirectory(prefix="llmatch-bench-")
         try:
+            from llmatch.settings import Settings
+
+            models = Settings().models_dir.resolve()
+            if models.is_dir():
+                (self.data_dir / "models").symlink_to(models, target_is_directory=True)
             self._start()
         except BaseException:
             self.__exit__(None, None, None)

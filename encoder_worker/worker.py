@@ -129,7 +129,7 @@ class EncoderWorker:
         return Claim(claim.token, sorted(claim.records, key=lambda r: (r.encoder, len(r.text))))
 
     def close(self) -> None:
-        """Give back a prefetched claim (its records are free at once) and stop the database thread."""
+        """Give back a prefetched claim (its records are free at once); stop the database and heartbeat threads."""
         prefetched, self._prefetched = self._prefetched, None
         if prefetched is not None:
             claim = prefetched.result()
@@ -140,6 +140,8 @@ class EncoderWorker:
                     self._held.discard(claim.token)
         self._db_stopped.set()
         self._db.shutdown(wait=True)
+        if self._beat is not None:
+            self._beat.join()
 
     def run(self) -> None:
         """Process batches until ``stop()``; sleeps while the queue is empty."""

@@ -10,8 +10,12 @@ import signal
 import sys
 from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from llmatch.settings import Settings, get_settings
+
+if TYPE_CHECKING:
+    from encoder_worker.encoders.registry import EncoderPool
 
 log = logging.getLogger("llmatch")
 
@@ -66,6 +70,12 @@ def build_parser() -> argparse.ArgumentParser:
     worker.add_argument("--serve-inline-host", default="127.0.0.1", help="address of --serve-inline")
     worker.add_argument(
         "--serve-inline-concurrency", type=int, default=4, help="inline requests encoded or waiting at once"
+    )
+    worker.add_argument(
+        "--no-restart",
+        action="store_true",
+        help="encode in this process: a crash ends the command (default: a parent process that loaded the encoder "
+        "once starts a new encoding process at once)",
     )
     worker.set_defaults(handler=run_worker)
 
@@ -194,18 +204,28 @@ def run_keys(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def run_worker(args: argparse.Namespace, settings: Settings) -> int:
+    if not _check_schema(settings):
+        return 2
+    if args.no_restart:
+        return _run_worker_loop(args, settings, None)
+    from encoder_worker.supervisor import Supervisor, preloaded_pool
+
+    pool = preloaded_pool(settings)
+    return Supervisor(lambda: _run_worker_loop(args, settings, pool)).run()
+
+
+def _run_worker_loop(args: argparse.Namespace, settings: Settings, pool: EncoderPool | None) -> int:
+    """The worker loop in this process, on ``pool`` (a new one when None), until SIGTERM or a drained queue."""
     from prometheus_client import start_http_server
 
     from encoder_worker.encoders.registry import EncoderPool
     from encoder_worker.worker import EncoderWorker
     from llmatch.db import make_engine, make_session_factory
 
-    if not _check_schema(settings):
-        return 2
     if args.metrics_port:
         start_http_server(args.metrics_port)
     engine = make_engine(settings.resolved_database_url)
-    pool = EncoderPool(settings)
+    pool = pool or EncoderPool(settings)
     worker = EncoderWorker(make_session_factory(engine), pool, settings)
     if args.serve_inline is not None:
         from encoder_worker.inline_server import InlineEncodeServer

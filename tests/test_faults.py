@@ -166,15 +166,17 @@ def test_a_record_that_kills_its_worker_fails_alone_and_spares_the_others(client
     client.post("/records", json=records_body("shop", "a", rows))
     factory = _factory(client)
     settings = settings.model_copy(update={"worker_commit_size": 8, "worker_max_attempts": 3})
-    worker = EncoderWorker(factory, CrashingOn(counting_pool), settings)
     deaths = 0
-    for _ in range(10):  # each death is followed by a restart once the lease has run out
+    for _ in range(10):  # each death is followed by a new worker once the lease has run out
+        worker = EncoderWorker(factory, CrashingOn(counting_pool), settings)
         try:
             if worker.run_once().claimed == 0:
                 break
         except Crash:
             deaths += 1
-            _expire_leases(factory)
+        finally:
+            worker.close()  # its heartbeat stops: a dead process renews no lease
+        _expire_leases(factory)
     assert _statuses(factory) == {ENCODED: 20, FAILED: 1}
     assert deaths == 4, "one death in its group (of five: next alone), then three alone"
     bad = client.get("/records/shop/a/bad").json()

@@ -143,6 +143,7 @@ def test_worker_killed_mid_batch_loses_and_duplicates_nothing(client, settings, 
         cwd=REPO,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
+        start_new_session=True,  # its own process group: the parent and the encoding process it forked
     )
 
     def claimed() -> bool:
@@ -152,7 +153,7 @@ def test_worker_killed_mid_batch_loses_and_duplicates_nothing(client, settings, 
     try:
         _wait_for(claimed, 120, "the worker to claim a batch")
     finally:
-        process.send_signal(signal.SIGKILL)
+        os.killpg(process.pid, signal.SIGKILL)  # both processes, as when the machine or container goes
         process.wait()
     counts = _counts(factory)
     assert counts.get(PENDING, 0) >= 256, f"killed before finishing its first batch: {counts}"

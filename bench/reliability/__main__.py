@@ -28,15 +28,30 @@ from bench.reliability.procs import PG_SERVER, terminate_on_sigterm
 SCENARIOS = ("worker", "api", "index", "load", "fuzz")
 SIZES = {
     "small": {
-        "worker": {"records": 500, "workers": 2, "kills": 5, "policies": "clock", "kill_every": "0.5-2"},
+        "worker": {
+            "records": 500,
+            "workers": 2,
+            "kills": 5,
+            "policies": "clock",
+            "kill_every": "0.5-2",
+            "target": "encoder",
+        },
         "api": {"records": 400, "kills": 3},
         "index": {"records": 300, "probes": 30},
         "load": {"records": 500, "seconds": 5.0},
         "fuzz": {"max_examples": 25},
     },
     "full": {
-        # a kill every 0.5-2 s; `--set worker.kill_every=2-6` spreads the kills over the drain
-        "worker": {"records": 10_000, "workers": 2, "kills": 100, "policies": "clock,eager", "kill_every": "0.5-2"},
+        # a kill every 0.5-2 s; `--set worker.kill_every=2-6` spreads the kills over the drain;
+        # `--set worker.target=worker` kills whole worker commands (cold starts) instead of encoding processes
+        "worker": {
+            "records": 10_000,
+            "workers": 2,
+            "kills": 100,
+            "policies": "clock,eager",
+            "kill_every": "0.5-2",
+            "target": "encoder",
+        },
         "api": {"records": 3_000, "kills": 20},
         "index": {"records": 1_000, "probes": 100},
         "load": {"records": 1_000, "seconds": 60.0},
@@ -109,6 +124,7 @@ def run_worker(size: dict, args: argparse.Namespace) -> dict:
         kills=size["kills"],
         policies=tuple(size["policies"].split(",")),
         kill_every=seconds_range(size["kill_every"]),
+        target=size["target"],
         lease_seconds=args.lease,
         seed=args.seed,
     )
@@ -157,6 +173,7 @@ def worker_table(result: dict) -> str:
     )  # fmt: skip
     rows = [["fault-free", *(result["baseline"][k] for k in keys), "1.00"]]
     every = "" if result.get("kill_every") is None else ", every {}-{} s".format(*result["kill_every"])
+    every = {"encoder": ", encoding process", "worker": ", whole worker"}.get(result.get("target"), "") + every
     rows += [
         [f"SIGKILLs ({run['policy']}{every})", *(run[k] for k in keys), run["drain_ratio"]] for run in result["faulted"]
     ]

@@ -1,7 +1,8 @@
 """``python -m bench.reliability.counted ARGS...`` runs ``llmatch ARGS...`` unchanged, except that every input
 sent through an encoder is appended, as a hash of its instruction and text, to
 ``$LLMATCH_BENCH_ENCODE_LOG/<pid>.log`` once the encoder has returned its vector (one line per input, written
-and flushed before the vectors are used). A SIGKILLed process keeps what it wrote: the harness counts records
+and flushed before the vectors are used), ``<pid>`` being the process that encoded (a worker's encoding
+process, not the parent that forked it). A SIGKILLed process keeps what it wrote: the harness counts records
 encoded twice, and encoder calls at restarts, from these files."""
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import sys
 import threading
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TextIO
 
 
 def input_hash(instruction: str | None, text: str) -> str:
@@ -23,7 +25,7 @@ def install(log_dir: Path) -> None:
     from encoder_worker.encoders.registry import EncoderPool
 
     log_dir.mkdir(parents=True, exist_ok=True)
-    handle = (log_dir / f"{os.getpid()}.log").open("a", buffering=1, encoding="utf-8")
+    handles: dict[int, TextIO] = {}
     lock = threading.Lock()
     encode = EncoderPool.encode
 
@@ -31,8 +33,11 @@ def install(log_dir: Path) -> None:
         vectors = encode(self, name, inputs, *args, **kwargs)
         lines = "".join(f"{input_hash(item.instruction, item.text)}\n" for item in inputs)
         with lock:
-            handle.write(lines)
-            handle.flush()
+            pid = os.getpid()
+            if pid not in handles:
+                handles[pid] = (log_dir / f"{pid}.log").open("a", buffering=1, encoding="utf-8")
+            handles[pid].write(lines)
+            handles[pid].flush()
         return vectors
 
     EncoderPool.encode = counted

@@ -221,10 +221,40 @@ class Server(Process):
 
 
 class Worker(Process):
-    """A standalone ``llmatch worker``."""
+    """A standalone ``llmatch worker``: a parent holding the loaded encoder, and the encoding process it forks
+    (and forks again when that one dies)."""
 
     def __init__(self, store: Store, name: str, env: dict[str, str] | None = None):
         super().__init__(store, ["worker"], name, env)
+
+    def encoding_pid(self) -> int | None:
+        """The encoding process now running (the parent's child), if any (Linux: read from /proc)."""
+        if not self.alive():
+            return None
+        try:
+            children = Path(f"/proc/{self.pid}/task/{self.pid}/children").read_text().split()
+        except OSError:
+            return None
+        return int(children[0]) if children else None
+
+    def kill_encoder(self, timeout: float = 10.0) -> bool:
+        """SIGKILL the encoding process, as an out-of-memory kill or a segfault ends it, and wait until its
+        parent has reaped it. False when there was none to kill."""
+        pid = self.encoding_pid()
+        if pid is None:
+            return False
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+        deadline = time.monotonic() + timeout
+        while self.encoding_pid() == pid and time.monotonic() < deadline:
+            time.sleep(0.01)
+        return True
+
+    def encoded_inputs(self) -> int:
+        """Inputs the current encoding process has sent through an encoder so far."""
+        pid = self.encoding_pid()
+        path = self.store.encode_log_dir / f"{pid}.log"
+        return sum(1 for _ in path.open()) if pid and path.exists() else 0
 
 
 @contextlib.contextmanager

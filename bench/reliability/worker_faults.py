@@ -1,5 +1,11 @@
-"""Worker faults: ``llmatch worker`` processes encode a load while a driver SIGKILLs one at random and restarts
-it; the same load is first drained without faults, on a fresh database of its own, as the baseline.
+"""Worker faults: ``llmatch worker`` processes encode a load while a driver SIGKILLs one at random; the same
+load is first drained without faults, on a fresh database of its own, as the baseline.
+
+What a kill hits (``target``):
+- ``encoder``: the encoding process, as an out-of-memory kill or a segfault in native code ends it; the
+  worker's parent process, which holds the loaded encoder, forks a new one.
+- ``worker``: the whole command (parent and child, as when a machine or container goes), which the driver then
+  starts again from cold: importing torch and loading the model.
 
 When kills happen (``policy``):
 - ``clock``: at moments drawn by a clock of its own (every ``kill_every`` seconds), independent of what the
@@ -27,6 +33,7 @@ from bench.reliability.procs import Server, Store, Worker, fresh_store, running
 
 DATASET = "worker_faults"
 POLICIES = ("clock", "eager")
+TARGETS = ("encoder", "worker")
 
 
 @dataclass
@@ -46,7 +53,7 @@ class DrainRun:
     encoded_twice: int  # distinct inputs encoded more than once
     extra_encodes: int  # encoder inputs beyond one per distinct input
     max_attempts: int
-    worker_starts: int
+    worker_starts: int  # processes that encoded: each start of a worker, each fork of an encoding process
 
 
 def drain(
@@ -61,11 +68,14 @@ def drain(
     timeout: float = 1800.0,
     seed: int = 0,
     policy: str = "clock",
+    target: str = "encoder",
 ) -> DrainRun:
     """Ingest ``items`` into a fresh store, then drain them with ``workers`` workers while ``kills`` SIGKILLs
     hit a randomly chosen busy worker (one that has encoded since its start), timed by ``policy``."""
     if policy not in POLICIES:
         raise ValueError(f"policy {policy!r}: choose among {', '.join(POLICIES)}")
+    if target not in TARGETS:
+        raise ValueError(f"target {target!r}: choose among {', '.join(TARGETS)}")
     rng = random.Random(seed)
     settings = {"worker_lease_seconds": lease_seconds, "worker_batch_size": batch_size, "worker_poll_seconds": 0.2}
     with fresh_store(backend, **settings) as store:
@@ -90,15 +100,22 @@ def drain(
                     if done_kills < kills and now >= next_kill:
                         busy = [w for w in pool if w.alive() and w.encoded_inputs() > 0]
                         if busy:
-                            victim = rng.choice(busy)
-                            victim.kill()
-                            victim.start()
-                            done_kills += 1
+                            done_kills += _kill(rng.choice(busy), target)
                         if busy or policy == "clock":
                             next_kill = now + rng.uniform(*kill_every)
                     time.sleep(0.1)
                 drained = time.monotonic() - started
-            return _outcome(store, len(items), kills, done_kills, workers, drained, sum(w.starts for w in pool))
+            starts = sum(w.starts for w in pool) + (done_kills if target == "encoder" else 0)
+            return _outcome(store, len(items), kills, done_kills, workers, drained, starts)
+
+
+def _kill(victim: Worker, target: str) -> int:
+    """SIGKILL the victim's encoding process, or the whole worker (started again at once); 1 when killed."""
+    if target == "encoder":
+        return int(victim.kill_encoder())
+    victim.kill()
+    victim.start()
+    return 1
 
 
 def _remaining(store: Store) -> int:
@@ -153,4 +170,9 @@ def run(items: list[Record], *, workers: int, kills: int, policies: tuple[str, .
                 "extra_encodes_from_faults": run.extra_encodes - baseline.extra_encodes,
             }
         )
-    return {"baseline": asdict(baseline), "faulted": faulted, "kill_every": options.get("kill_every")}
+    return {
+        "baseline": asdict(baseline),
+        "faulted": faulted,
+        "kill_every": options.get("kill_every"),
+        "target": options.get("target", "encoder"),
+    }
