@@ -131,6 +131,16 @@ def fresh_database(url: str | None) -> Iterator[str | None]:
             connection.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name)))
 
 
+def link_checkout_models(data_dir: Path) -> None:
+    """Make ``data_dir/models`` the models folder of this process's settings (``.data/models`` by default, where
+    ``make smollm2`` and ``make mpnet`` put them), when there is one."""
+    from llmatch.settings import Settings
+
+    models = Settings().models_dir.resolve()
+    if models.is_dir():
+        (data_dir / "models").symlink_to(models, target_is_directory=True)
+
+
 class Server:
     """``llmatch migrate`` then ``llmatch serve`` on a free port with a fresh data directory; stopped on exit.
     The data directory links to this checkout's downloaded models (``.data/models``: SmolLM2, mpnet), so that
@@ -175,11 +185,7 @@ class Server:
     def __enter__(self) -> Server:
         self._tmp = tempfile.TemporaryDirectory(prefix="llmatch-bench-")
         try:
-            from llmatch.settings import Settings
-
-            models = Settings().models_dir.resolve()
-            if models.is_dir():
-                (self.data_dir / "models").symlink_to(models, target_is_directory=True)
+            link_checkout_models(self.data_dir)
             self._start()
         except BaseException:
             self.__exit__(None, None, None)
