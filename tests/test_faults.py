@@ -156,8 +156,11 @@ class CrashingOn(CountingPool):
 
 
 def _expire_leases(factory) -> None:
+    """End every lease now: a second ago, so that a claim in the same millisecond (SQLite's clock resolution)
+    already finds them expired."""
     with transaction(factory) as session:
-        session.execute(update(Record).where(Record.claim_token.is_not(None)).values(lease_until=db_now(session)))
+        past = db_now(session) - timedelta(seconds=1)
+        session.execute(update(Record).where(Record.claim_token.is_not(None)).values(lease_until=past))
 
 
 def test_a_record_that_kills_its_worker_fails_alone_and_spares_the_others(client, settings, counting_pool):
@@ -177,7 +180,13 @@ def test_a_record_that_kills_its_worker_fails_alone_and_spares_the_others(client
         finally:
             worker.close()  # its heartbeat stops: a dead process renews no lease
         _expire_leases(factory)
-    assert _statuses(factory) == {ENCODED: 20, FAILED: 1}
+    with factory() as session:
+        state = session.execute(
+            select(Record.external_id, Record.status, Record.claim_token, Record.lease_until, Record.attempts).where(
+                Record.status != ENCODED
+            )
+        ).all()
+    assert _statuses(factory) == {ENCODED: 20, FAILED: 1}, f"after {deaths} deaths: {state}"
     assert deaths == 4, "one death in its group (of five: next alone), then three alone"
     bad = client.get("/records/shop/a/bad").json()
     assert bad["status"] == "failed" and "died 3 times" in bad["error"]
