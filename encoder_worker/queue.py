@@ -131,11 +131,23 @@ def _rendered(record: Record, dataset: Dataset) -> ClaimedRecord:
 
 
 def renew(session: Session, token: str, lease_seconds: float) -> int:
-    """Extend the lease of a live claim's unfinished records; returns how many it still holds."""
+    """Extend the lease of a live claim's unfinished records; returns how many it renewed.
+
+    Rows another transaction has locked are skipped, not waited for: they are the worker's own records being
+    stored (marked encoded, or given back) by its database thread. Waiting for them let the heartbeat and that
+    thread lock the same rows in opposite orders on PostgreSQL, and the deadlock cost the heartbeat its beat;
+    a few lost beats in a row ended a live worker's lease, and another worker encoded the batch again. A row
+    skipped now is renewed by the next beat if it is still pending."""
     until = db_now(session) + timedelta(seconds=lease_seconds)
+    unlocked = (
+        select(Record.id)
+        .where(Record.claim_token == token, Record.status == PENDING)
+        .with_for_update(skip_locked=True)
+        .scalar_subquery()
+    )
     result = session.execute(
         update(Record)
-        .where(Record.claim_token == token, Record.status == PENDING)
+        .where(Record.id.in_(unlocked))
         .values(lease_until=until)
         .execution_options(synchronize_session=False)
     )

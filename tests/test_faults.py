@@ -9,6 +9,7 @@ import subprocess
 import sys
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from datetime import timedelta
 from pathlib import Path
 from threading import get_ident
@@ -19,7 +20,7 @@ from conftest import PRODUCTS_A, CountingPool, empty_pg_database, make_worker, r
 from fastapi.testclient import TestClient
 from sqlalchemy import event, func, make_url, select, update
 
-from encoder_worker.queue import settle_expired
+from encoder_worker.queue import claim_batch, renew, settle_expired
 from encoder_worker.worker import EncoderWorker
 from llmatch.db import db_now, make_engine, transaction
 from llmatch.models import ENCODED, FAILED, PENDING, ChangeLogPruned, Dataset, IndexChange, Record
@@ -222,6 +223,27 @@ def test_a_worker_that_dies_after_its_encoder_returned_blames_no_record(client, 
         assert set(session.execute(select(Record.attempts, Record.batch_limit)).all()) == {(0, None)}
     make_worker(settings, counting_pool).drain()
     assert _statuses(factory) == {ENCODED: 3}
+
+
+def test_a_lease_renewal_skips_rows_being_stored_instead_of_waiting(pg_url, tmp_path, counting_pool):
+    """On PostgreSQL the heartbeat's renewal and the worker's own store could lock a claim's rows in opposite
+    orders and deadlock; a renewal that never waits for a row lock cannot be part of a deadlock."""
+    settings = Settings(database_url=pg_url, data_dir=tmp_path, device="cpu")
+    with TestClient(create_app(settings, pool=counting_pool, run_worker=False)) as api:
+        api.put("/datasets/shop", json={})
+        api.post("/records", json=records_body("shop", "a", _rows(4)))
+        factory = _factory(api)
+        with transaction(factory) as session:
+            claim = claim_batch(session, 10, 60)
+        locked = min(r.record_id for r in claim.records)
+
+        def renew_claim() -> int:
+            with transaction(factory) as session:
+                return renew(session, claim.token, 60)
+
+        with ThreadPoolExecutor(max_workers=1) as pool, transaction(factory) as store:
+            store.execute(update(Record).where(Record.id == locked).values(inflight_batch=0))  # a store in progress
+            assert pool.submit(renew_claim).result(timeout=10) == len(claim.records) - 1
 
 
 def test_a_live_worker_keeps_its_claim_past_the_lease(client, settings, counting_pool):
