@@ -13,6 +13,7 @@ a GPU the parent loads nothing and every child starts cold."""
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import logging
 import os
@@ -99,8 +100,8 @@ class Supervisor:
             return pid
         code = 1
         try:
-            for sig in (signal.SIGTERM, signal.SIGINT):
-                signal.signal(sig, signal.SIG_DFL if sig == signal.SIGTERM else signal.default_int_handler)
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
+            signal.signal(signal.SIGINT, signal.default_int_handler)
             _die_with_parent(parent)
             code = self.run_child()
         except KeyboardInterrupt:
@@ -123,10 +124,8 @@ class Supervisor:
     def _stop(self, signum: int, _frame: object) -> None:
         self.stopping = True
         if self.child:
-            try:
+            with contextlib.suppress(ProcessLookupError):
                 os.kill(self.child, signal.SIGTERM)
-            except ProcessLookupError:
-                pass
 
     def _sleep(self, seconds: float) -> bool:
         """Sleep unless asked to stop; True when asked."""

@@ -10,6 +10,7 @@ import sys
 import time
 from pathlib import Path
 
+from conftest import records_body
 from fastapi.testclient import TestClient
 from sqlalchemy import text
 
@@ -17,7 +18,6 @@ from encoder_worker.supervisor import RestartPolicy, Supervisor
 from llmatch.db import make_engine
 from llmatch.settings import Settings
 from service.app import create_app
-from tests.conftest import records_body
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -181,12 +181,15 @@ class Process:
         except subprocess.TimeoutExpired:
             self.kill()
 
+    def encoding_pid(self) -> int | None:
+        """The process that encodes for this command: the command's own."""
+        return self.pid
+
     def encoded_inputs(self) -> int:
-        """Inputs this process (its current incarnation) has sent through an encoder so far."""
-        if self.popen is None:
-            return 0
-        path = self.store.encode_log_dir / f"{self.popen.pid}.log"
-        return sum(1 for _ in path.open()) if path.exists() else 0
+        """Inputs the process that encodes (its current incarnation) has sent through an encoder so far."""
+        pid = self.encoding_pid()
+        path = self.store.encode_log_dir / f"{pid}.log"
+        return sum(1 for _ in path.open()) if pid and path.exists() else 0
 
     def log_tail(self, lines: int = 30) -> str:
         if not self.log_path.exists():
@@ -249,12 +252,6 @@ class Worker(Process):
         while self.encoding_pid() == pid and time.monotonic() < deadline:
             time.sleep(0.01)
         return True
-
-    def encoded_inputs(self) -> int:
-        """Inputs the current encoding process has sent through an encoder so far."""
-        pid = self.encoding_pid()
-        path = self.store.encode_log_dir / f"{pid}.log"
-        return sum(1 for _ in path.open()) if pid and path.exists() else 0
 
 
 @contextlib.contextmanager
