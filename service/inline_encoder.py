@@ -8,6 +8,7 @@ the content cache) stay this process's configuration; the worker refuses a name 
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
 from typing import Any
 
@@ -16,7 +17,7 @@ import numpy as np
 
 from encoder_worker.encoders.base import EncoderInput
 from encoder_worker.encoders.registry import EncoderPool
-from encoder_worker.inline_server import decode_vectors
+from encoder_worker.inline_server import MAX_BODY_BYTES, MAX_INPUTS, decode_vectors
 from llmatch.settings import Settings
 from service.errors import ServiceUnavailable
 
@@ -34,14 +35,20 @@ class RemoteEncodes:
         return getattr(self.inner, name)
 
     def encode(self, name: str, inputs: Sequence[EncoderInput]) -> np.ndarray:
-        """Vectors of ``inputs`` from the worker; 503 with what to fix when it cannot give them."""
-        body = {
-            "encoder": name,
-            "key": self.inner.spec(name).key,
-            "inputs": [{"instruction": item.instruction, "text": item.text} for item in inputs],
-        }
+        """Vectors of ``inputs`` from the worker, each text cut to ``max_text_chars`` as the local pool does and
+        sent in requests the worker accepts; 503 with what to fix when it cannot give them."""
+        limit = self.inner.max_text_chars
+        items = [json.dumps({"instruction": item.instruction, "text": item.text[:limit]}) for item in inputs]
+        envelope = f'{{"encoder":{json.dumps(name)},"key":{json.dumps(self.inner.spec(name).key)},"inputs":['
+        chunks = request_chunks(items, len(envelope) + 2) or [[]]
+        return np.concatenate([self._post(envelope + ",".join(chunk) + "]}", len(chunk)) for chunk in chunks])
+
+    def _post(self, body: str, count: int) -> np.ndarray:
+        """Vectors of one request's ``count`` inputs."""
         try:
-            response = self._client.post(self.url, json=body)
+            response = self._client.post(
+                self.url, content=body.encode("ascii"), headers={"Content-Type": "application/json"}
+            )
         except httpx.TimeoutException:
             raise ServiceUnavailable(
                 f"The inline encoder at {self.url} did not answer within {self.timeout:g} s "
@@ -57,12 +64,31 @@ class RemoteEncodes:
                 f"The inline encoder at {self.url} refused the request ({response.status_code}: {_detail(response)})."
             )
         try:
-            return decode_vectors(response.json(), len(inputs))
+            return decode_vectors(response.json(), count)
         except (ValueError, KeyError, TypeError) as error:
             raise ServiceUnavailable(f"The inline encoder at {self.url} sent an unreadable answer ({error}).") from None
 
     def close(self) -> None:
         self._client.close()
+
+
+def request_chunks(items: list[str], envelope_bytes: int) -> list[list[str]]:
+    """``items`` (JSON texts) in order, grouped so that no request has more than ``MAX_INPUTS`` of them or more
+    than ``MAX_BODY_BYTES`` in all (``envelope_bytes`` of it around the items)."""
+    chunks: list[list[str]] = []
+    size = 0
+    for item in items:
+        if envelope_bytes + len(item) > MAX_BODY_BYTES:
+            raise ServiceUnavailable(
+                "One text is too long for the inline encoder's request limit; an operator must lower "
+                "LLMATCH_MAX_TEXT_CHARS."
+            )
+        if not chunks or len(chunks[-1]) == MAX_INPUTS or size + 1 + len(item) > MAX_BODY_BYTES:
+            chunks.append([])
+            size = envelope_bytes
+        chunks[-1].append(item)
+        size += len(item) + 1
+    return chunks
 
 
 def _detail(response: httpx.Response) -> str:

@@ -3,6 +3,7 @@ on-the-spot encodes there (``LLMATCH_INLINE_ENCODER_URL``) instead of encoding t
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import subprocess
@@ -20,12 +21,14 @@ from fastapi.testclient import TestClient
 from encoder_worker.encoders.base import EncoderInput
 from encoder_worker.encoders.registry import EncoderPool
 from encoder_worker.encoders.sentence_transformer import packaged_minilm_path
-from encoder_worker.inline_server import MAX_INPUTS, InlineEncodeServer, decode_vectors
+from encoder_worker.inline_server import MAX_BODY_BYTES, MAX_INPUTS, InlineEncodeServer, decode_vectors
+from encoder_worker.render import RenderConfig, render
 from encoder_worker.worker import EncoderWorker
 from llmatch.db import make_engine
 from llmatch.migrate import upgrade_to_head
 from llmatch.settings import Settings
 from service.app import create_app
+from service.inline_encoder import RemoteEncodes
 
 ROOT = Path(__file__).resolve().parents[1]
 SONY = {"name": "sony bravia kd55x85j 55 inch 4k smart tv, black"}
@@ -91,7 +94,7 @@ def api_settings(sqlite_url: str, tmp_path: Path, inline_url: str, **overrides) 
 @pytest.fixture
 def inline_client(sqlite_url: str, tmp_path: Path, inline_worker: str, counting_pool: CountingPool):
     settings = api_settings(sqlite_url, tmp_path, inline_worker)
-    with TestClient(create_app(settings, pool=counting_pool, run_worker=False)) as client:
+    with TestClient(create_app(settings, pool=counting_pool, run_worker=False), base_url="http://localhost") as client:
         assert client.put("/datasets/shop", json={}).status_code == 201
         yield client
 
@@ -125,9 +128,24 @@ def test_inline_candidates_are_encoded_by_the_worker_process(
     assert len(counting_pool.calls) == stored  # the inline record went to the worker
 
 
+def test_record_at_the_contracts_maxima_is_encoded_by_the_worker(
+    inline_client: TestClient, counting_pool: CountingPool, pool: EncoderPool
+) -> None:
+    """256 values of 65,536 characters (16 million in all): cut to the text limit before it leaves the API."""
+    words = " ".join(f"sony bravia kd{i} 4k smart tv é😀" for i in range(4_000))[:65_536]
+    biggest = {f"attribute {i:03d}": f"{i} {words}"[:65_536] for i in range(256)}
+    response = inline_client.post(
+        "/match", json={"dataset": "shop", "left": {"attributes": biggest}, "right": {"attributes": SONY}}
+    )
+    assert response.status_code == 200, response.text[:500]
+    assert counting_pool.calls == []
+    left, right = pool.encode("minilm", [EncoderInput(None, render(r, RenderConfig())) for r in (biggest, SONY)])
+    assert response.json()["score"] == pytest.approx(float(left @ right), abs=1e-5)
+
+
 def test_unreachable_inline_encoder_is_a_503(sqlite_url: str, tmp_path: Path, counting_pool: CountingPool) -> None:
     settings = api_settings(sqlite_url, tmp_path, f"http://127.0.0.1:{free_port()}")
-    with TestClient(create_app(settings, pool=counting_pool, run_worker=False)) as client:
+    with TestClient(create_app(settings, pool=counting_pool, run_worker=False), base_url="http://localhost") as client:
         assert client.put("/datasets/shop", json={}).status_code == 201
         response = client.post("/candidates", json={"dataset": "shop", "record": {"attributes": SONY}})
     assert response.status_code == 503
@@ -141,7 +159,9 @@ def test_worker_with_other_weights_is_refused(
     """The API's ``minilm`` cuts texts at 128 tokens, the worker's does not: other vectors, so a 503."""
     other = {"minilm": {"kind": "sentence-transformers", "model": str(packaged_minilm_path()), "max_length": 128}}
     settings = api_settings(sqlite_url, tmp_path, inline_worker, encoders=other)
-    with TestClient(create_app(settings, pool=EncoderPool(settings), run_worker=False)) as client:
+    with TestClient(
+        create_app(settings, pool=EncoderPool(settings), run_worker=False), base_url="http://localhost"
+    ) as client:
         assert client.put("/datasets/shop", json={}).status_code == 201
         response = client.post(
             "/match", json={"dataset": "shop", "left": {"attributes": SONY}, "right": {"attributes": CANON}}
@@ -171,6 +191,20 @@ def test_endpoint_answers_the_pools_vectors(server: InlineEncodeServer, pool: En
     response = post(server, body)
     assert response.status_code == 200, response.text
     np.testing.assert_allclose(decode_vectors(response.json(), 2), pool.encode("minilm", inputs), atol=1e-6)
+
+
+def test_remote_encodes_send_requests_the_worker_accepts(server: InlineEncodeServer, pool: EncoderPool) -> None:
+    """More texts than one request takes, and long texts whose JSON passes the body limit together."""
+    short = [EncoderInput(None, f"product {i} sony tv") for i in range(2 * MAX_INPUTS + 1)]
+    long = [EncoderInput("find the same product", f"{i} " + "😀" * 20_000) for i in range(48)]
+    assert sum(len(json.dumps(i.text[: pool.max_text_chars])) for i in long) > MAX_BODY_BYTES
+    inputs = short + long
+    remote = RemoteEncodes(pool, f"http://127.0.0.1:{server.port}", timeout=120)
+    try:
+        vectors = remote.encode("minilm", inputs)
+    finally:
+        remote.close()
+    np.testing.assert_allclose(vectors, pool.encode("minilm", inputs), atol=1e-5)
 
 
 @pytest.mark.parametrize(
