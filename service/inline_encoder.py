@@ -9,6 +9,7 @@ the content cache) stay this process's configuration; the worker refuses a name 
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import Sequence
 from typing import Any
 
@@ -20,6 +21,8 @@ from encoder_worker.encoders.registry import EncoderPool
 from encoder_worker.inline_server import MAX_BODY_BYTES, MAX_INPUTS, decode_vectors
 from llmatch.settings import Settings
 from service.errors import ServiceUnavailable
+
+log = logging.getLogger(__name__)
 
 
 class RemoteEncodes:
@@ -50,23 +53,26 @@ class RemoteEncodes:
                 self.url, content=body.encode("ascii"), headers={"Content-Type": "application/json"}
             )
         except httpx.TimeoutException:
-            raise ServiceUnavailable(
-                f"The inline encoder at {self.url} did not answer within {self.timeout:g} s "
-                "(LLMATCH_INLINE_ENCODER_TIMEOUT_SECONDS); retry, or check the worker serving inline encodes."
+            raise self._unavailable(
+                f"did not answer within {self.timeout:g} s (LLMATCH_INLINE_ENCODER_TIMEOUT_SECONDS); retry, or check "
+                "the worker serving inline encodes"
             ) from None
         except httpx.HTTPError as error:
-            raise ServiceUnavailable(
-                f"The inline encoder at {self.url} is unreachable ({error.__class__.__name__}); start the worker "
-                "with --serve-inline PORT or correct LLMATCH_INLINE_ENCODER_URL."
+            raise self._unavailable(
+                f"is unreachable ({error.__class__.__name__}); start the worker with --serve-inline PORT or correct "
+                "LLMATCH_INLINE_ENCODER_URL"
             ) from None
         if response.status_code != 200:
-            raise ServiceUnavailable(
-                f"The inline encoder at {self.url} refused the request ({response.status_code}: {_detail(response)})."
-            )
+            raise self._unavailable(f"refused the request ({response.status_code}: {_detail(response)})")
         try:
             return decode_vectors(response.json(), count)
         except (ValueError, KeyError, TypeError) as error:
-            raise ServiceUnavailable(f"The inline encoder at {self.url} sent an unreadable answer ({error}).") from None
+            raise self._unavailable(f"sent an unreadable answer ({error})") from None
+
+    def _unavailable(self, problem: str) -> ServiceUnavailable:
+        """A 503 saying ``problem``; the worker's address goes to the log only, never to the client."""
+        log.warning("inline encoder at %s %s", self.url, problem)
+        return ServiceUnavailable(f"The inline encoder {problem}.")
 
     def close(self) -> None:
         self._client.close()
@@ -92,10 +98,12 @@ def request_chunks(items: list[str], envelope_bytes: int) -> list[list[str]]:
 
 
 def _detail(response: httpx.Response) -> str:
+    """The worker's own ``detail``; any other body is logged, not passed on (it may come from something else)."""
     try:
         return str(response.json()["detail"]).rstrip(".")
     except (ValueError, KeyError, TypeError):
-        return response.text[:200] or "no detail"
+        log.warning("inline encoder answered %d without a JSON detail: %r", response.status_code, response.text[:200])
+        return "no readable detail"
 
 
 def inline_encoder_pool(pool: EncoderPool, settings: Settings) -> EncoderPool | RemoteEncodes:

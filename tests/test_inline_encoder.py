@@ -143,13 +143,19 @@ def test_record_at_the_contracts_maxima_is_encoded_by_the_worker(
     assert response.json()["score"] == pytest.approx(float(left @ right), abs=1e-5)
 
 
-def test_unreachable_inline_encoder_is_a_503(sqlite_url: str, tmp_path: Path, counting_pool: CountingPool) -> None:
-    settings = api_settings(sqlite_url, tmp_path, f"http://127.0.0.1:{free_port()}")
+def test_unreachable_inline_encoder_is_a_503(
+    sqlite_url: str, tmp_path: Path, counting_pool: CountingPool, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The operator's log names the worker's address; the client's detail does not."""
+    address = f"127.0.0.1:{free_port()}"
+    settings = api_settings(sqlite_url, tmp_path, f"http://{address}")
     with TestClient(create_app(settings, pool=counting_pool, run_worker=False), base_url="http://localhost") as client:
         assert client.put("/datasets/shop", json={}).status_code == 201
         response = client.post("/candidates", json={"dataset": "shop", "record": {"attributes": SONY}})
     assert response.status_code == 503
     assert "unreachable" in response.json()["detail"] and "LLMATCH_INLINE_ENCODER_URL" in response.json()["detail"]
+    assert address not in response.text
+    assert any(address in line and "unreachable" in line for line in caplog.messages)
     assert counting_pool.calls == []
 
 
@@ -168,6 +174,7 @@ def test_worker_with_other_weights_is_refused(
         )
     assert response.status_code == 503
     assert "other weights or settings" in response.json()["detail"]
+    assert inline_worker.removeprefix("http://") not in response.text
 
 
 # --- the endpoint itself, in this process over the real MiniLM ---------------------------------------------------
