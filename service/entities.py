@@ -472,7 +472,9 @@ def list_entities(session: Session, dataset: Dataset, min_size: int, limit: int,
 def get_entity(session: Session, dataset: Dataset, entity_id: str) -> EntityOut:
     """One entity with its records and the accepted pairs that link them."""
     _require_calibrated(session, dataset)
-    entity = session.get(Entity, int(entity_id)) if entity_id.isdigit() and len(entity_id) < 19 else None
+    # Entity ids are ASCII decimal text (int() would also read "١" as 1) within a BIGINT.
+    known = entity_id.isascii() and entity_id.isdigit() and len(entity_id) < 19
+    entity = session.get(Entity, int(entity_id)) if known else None
     if entity is None or entity.dataset_id != dataset.id:
         raise NotFound(
             f"No entity {entity_id!r} in dataset {dataset.name!r}; GET /datasets/{dataset.name}/entities lists them."

@@ -24,6 +24,7 @@ MAX_ATTRIBUTES = 256
 MAX_VALUE_CHARS = 65_536
 MAX_RECORDS = 10_000
 MAX_PAIRS = 200_000
+MAX_COUNT = 2**31 - 1  # sizes, offsets and thresholds of counts: beyond any dataset, within every integer column
 
 DatasetName = Annotated[str, StringConstraints(pattern=DATASET_NAME)]
 SourceName = Annotated[str, StringConstraints(pattern=SOURCE_NAME)]
@@ -153,7 +154,7 @@ class IndexOptionsIn(Strict):
     """A dataset's own FAISS index policy; a field left out (or null) follows the server's LLMATCH_INDEX_* setting."""
 
     kind: Literal["auto", "flat", "ivf"] | None = None
-    approximate_above: int | None = Field(default=None, ge=1)
+    approximate_above: int | None = Field(default=None, ge=1, le=MAX_COUNT)
     nprobe: int | None = Field(default=None, ge=1, le=65536)
     storage: Literal["float32", "float16"] | None = None
 

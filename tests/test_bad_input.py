@@ -702,3 +702,139 @@ def test_wrong_method_is_405(world, method, url):
 )
 def test_unknown_route_is_404(world, method, url):
     refused(world, method, url, 404, "route")
+
+
+# ------------------------------------------------------------------------------------ integer bounds
+
+# A valid value for every parameter a route may require, so that only the integer under test is wrong.
+PARAMETER_EXAMPLES = {
+    "name": "shop",
+    "dataset": "shop",
+    "source": "a",
+    "record_id": "a1",
+    "id": "a1",
+    "left_source": "a",
+    "left_id": "a1",
+    "right_source": "b",
+    "right_id": "b1",
+    "entity_id": "1",
+}
+HUGE_INTEGERS = [2**64, 10**30]
+
+
+def integer_parameters(client: TestClient) -> list[tuple[str, str, dict, dict]]:
+    """(method, path, the integer parameter, the operation) of every operation in the OpenAPI document."""
+    found = []
+    for path, operations in client.app.openapi()["paths"].items():
+        for method, operation in operations.items():
+            for parameter in operation.get("parameters", []):
+                if parameter["schema"].get("type") == "integer":
+                    found.append((method.upper(), path, parameter, operation))
+    return found
+
+
+def request_for(path: str, operation: dict, name: str, value: int) -> tuple[str, dict[str, Any]]:
+    """The URL and query of ``operation`` with the parameter ``name`` set to ``value``, the others valid."""
+    assert "requestBody" not in operation, f"{path}: give test_integer_parameters an example body"
+    values: dict[str, Any] = {}
+    for parameter in operation.get("parameters", []):
+        if parameter["name"] == name:
+            values[name] = value
+        elif parameter.get("required") or parameter["in"] == "path":
+            assert parameter["name"] in PARAMETER_EXAMPLES, f"add {parameter['name']!r} to PARAMETER_EXAMPLES"
+            values[parameter["name"]] = PARAMETER_EXAMPLES[parameter["name"]]
+    in_path = {p["name"] for p in operation.get("parameters", []) if p["in"] == "path"}
+    url = path.format(**{key: values.pop(key) for key in in_path})
+    return url, values
+
+
+def test_every_integer_parameter_has_a_maximum(world):
+    found = integer_parameters(world)
+    assert {(path, parameter["name"]) for _, path, parameter, _ in found} >= {
+        ("/candidates", "k"),
+        ("/datasets/{name}/entities", "min_size"),
+        ("/datasets/{name}/entities", "offset"),
+        ("/datasets/{name}/entities", "limit"),
+        ("/datasets/{name}/review", "limit"),
+    }
+    unbounded = [f"{method} {path} {p['name']}" for method, path, p, _ in found if "maximum" not in p["schema"]]
+    assert not unbounded, f"integer parameters without a maximum: {unbounded}"
+
+
+def request_schemas(document: dict) -> set[str]:
+    """The names of every schema a request body may contain, followed through references."""
+    pending = [
+        json.dumps(operation["requestBody"])
+        for operations in document["paths"].values()
+        for operation in operations.values()
+        if "requestBody" in operation
+    ]
+    seen: set[str] = set()
+    while pending:
+        for name in re.findall(r'"#/components/schemas/([^"]+)"', pending.pop()):
+            if name not in seen:
+                seen.add(name)
+                pending.append(json.dumps(document["components"]["schemas"][name]))
+    return seen
+
+
+def integer_schemas(schema: Any, where: str) -> Iterator[tuple[str, dict]]:
+    """Every integer schema nested in ``schema``, with where it is."""
+    if isinstance(schema, dict):
+        if schema.get("type") == "integer":
+            yield where, schema
+        for key, value in schema.items():
+            yield from integer_schemas(value, f"{where}.{key}")
+    elif isinstance(schema, list):
+        for index, value in enumerate(schema):
+            yield from integer_schemas(value, f"{where}[{index}]")
+
+
+def test_every_integer_field_of_a_request_body_has_a_maximum(world):
+    document = world.app.openapi()
+    fields = [
+        (where, schema)
+        for name in sorted(request_schemas(document))
+        for where, schema in integer_schemas(document["components"]["schemas"][name], name)
+    ]
+    assert {where for where, _ in fields} >= {
+        "CandidatesIn.properties.k",
+        "IndexOptionsIn.properties.approximate_above.anyOf[0]",
+        "IndexOptionsIn.properties.nprobe.anyOf[0]",
+    }
+    unbounded = [where for where, schema in fields if "maximum" not in schema and "enum" not in schema]
+    assert not unbounded, f"integer fields of request bodies without a maximum: {unbounded}"
+
+
+@pytest.mark.parametrize("value", HUGE_INTEGERS, ids=["2**64", "10**30"])
+def test_integer_parameters_beyond_64_bits_are_422(world, value):
+    found = integer_parameters(world)
+    assert found
+    for method, path, parameter, operation in found:
+        url, params = request_for(path, operation, parameter["name"], value)
+        refused(world, method, url, 422, parameter["name"], params=params)
+        # The largest value allowed is answered (the 422 above comes from the bound, not another parameter).
+        url, params = request_for(path, operation, parameter["name"], parameter["schema"].get("maximum", value))
+        response = world.request(method, url, params=params)
+        assert response.status_code in (200, 404, 409), f"{method} {url} {params}: {response.text[:300]}"
+
+
+@pytest.mark.parametrize("value", HUGE_INTEGERS, ids=["2**64", "10**30"])
+@pytest.mark.parametrize(
+    ("method", "url", "body"),
+    [
+        ("POST", "/candidates", lambda v: {"dataset": "shop", "record": {"attributes": {"name": "tv"}}, "k": v}),
+        ("PUT", "/datasets/shop", lambda v: {"index": {"approximate_above": v}}),
+        ("PUT", "/datasets/shop", lambda v: {"index": {"nprobe": v}}),
+        ("POST", "/datasets/shop/calibrate", lambda v: with_label(v)),
+        ("PUT", "/datasets/shop/labels", lambda v: with_label(v)),
+    ],
+    ids=["candidates-k", "index-approximate-above", "index-nprobe", "calibrate-label", "labels-label"],
+)
+def test_integer_fields_beyond_64_bits_are_422(world, method, url, body, value):
+    refused(world, method, url, 422, "", json=body(value))
+
+
+@pytest.mark.parametrize("entity_id", ["²", "١", "0" * 18 + "²", "9" * 19, "-1", "+1", " 1"])
+def test_entity_id_that_is_not_ascii_digits_is_404(world, entity_id):
+    refused(world, "GET", f"/datasets/shop/entities/{entity_id}", 404, "No entity")

@@ -10,7 +10,7 @@ from service import auth
 from service import entities as logic
 from service.datasets import get_dataset
 from service.deps import DatasetPath, State
-from service.schemas import EntitiesOut, EntityOut
+from service.schemas import MAX_COUNT, EntitiesOut, EntityOut
 
 router = APIRouter(prefix="/datasets", tags=["entities"])
 
@@ -20,9 +20,9 @@ def list_entities(
     name: DatasetPath,
     state: State,
     _: auth.Read,
-    min_size: Annotated[int, Query(ge=1)] = 2,
+    min_size: Annotated[int, Query(ge=1, le=MAX_COUNT)] = 2,
     limit: Annotated[int, Query(ge=1, le=1000)] = 100,
-    offset: Annotated[int, Query(ge=0)] = 0,
+    offset: Annotated[int, Query(ge=0, le=MAX_COUNT)] = 0,
 ) -> EntitiesOut:
     """Entities of at least ``min_size`` records, largest first."""
     with state.session_factory() as session:
