@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
 
-from sqlalchemy import and_, case, or_, select, update
+from sqlalchemy import ColumnElement, and_, case, or_, select, update
 from sqlalchemy.orm import Session
 
 from encoder_worker.render import input_hash, render, render_config
@@ -259,20 +259,26 @@ def unclaim(session: Session, token: str, records: Sequence[ClaimedRecord]) -> N
     )
 
 
+def requeue(session: Session, which: ColumnElement[bool], *, reset_attempts: bool = True) -> int:
+    """Put the records matching ``which`` back to pending with nothing left of a claim (token, lease, the group
+    sizes of an encoder call) or of their last vector and error; with ``reset_attempts``, their attempts start
+    again at 0. Returns how many. The one way records go back to the queue: a claim field kept from before
+    would charge the new version for a death it did not cause."""
+    values: dict[str, Any] = {
+        "status": PENDING,
+        "embedding_id": None,
+        "claim_token": None,
+        "lease_until": None,
+        "inflight_batch": None,
+        "batch_limit": None,
+        "error": None,
+    }
+    if reset_attempts:
+        values["attempts"] = 0
+    result = session.execute(update(Record).where(which).values(**values).execution_options(synchronize_session=False))
+    return result.rowcount or 0
+
+
 def requeue_failed(session: Session, dataset_id: int) -> int:
     """Put a dataset's failed records back in the queue with their attempts reset; returns how many."""
-    result = session.execute(
-        update(Record)
-        .where(Record.dataset_id == dataset_id, Record.status == FAILED)
-        .values(
-            status=PENDING,
-            attempts=0,
-            error=None,
-            batch_limit=None,
-            claim_token=None,
-            lease_until=None,
-            inflight_batch=None,
-        )
-        .execution_options(synchronize_session=False)
-    )
-    return result.rowcount or 0
+    return requeue(session, and_(Record.dataset_id == dataset_id, Record.status == FAILED))

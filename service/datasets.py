@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-from sqlalchemy import delete, func, insert, null, select, update
+from sqlalchemy import delete, func, insert, null, select
 from sqlalchemy.orm import Session
 
 from encoder_worker.encoders.registry import EncoderPool, EncoderUnavailableError, UnknownEncoderError
-from llmatch.models import PENDING, RECORD_STATUSES, Calibration, Dataset, IndexChange, Record
+from encoder_worker.queue import requeue
+from llmatch.models import RECORD_STATUSES, Calibration, Dataset, IndexChange, Record
 from llmatch.vectors import delete_orphaned_embeddings
 from service.errors import NotFound, Unprocessable
 from service.index import IndexPolicy
@@ -93,11 +94,7 @@ def effective_policy(dataset: Dataset, base: IndexPolicy) -> IndexPolicy:
 
 def requeue_dataset(session: Session, dataset: Dataset) -> None:
     """Send every record of the dataset back to the queue and drop its now stale calibration."""
-    session.execute(
-        update(Record)
-        .where(Record.dataset_id == dataset.id)
-        .values(status=PENDING, embedding_id=None, claim_token=None, lease_until=None, attempts=0, error=None)
-    )
+    requeue(session, Record.dataset_id == dataset.id)
     # Logged after the update so the log ends with the removal even if a worker encoded a record meanwhile.
     session.execute(
         insert(IndexChange).from_select(

@@ -7,6 +7,7 @@ from collections.abc import Sequence
 from sqlalchemy import insert, select, update
 from sqlalchemy.orm import Session
 
+from encoder_worker.queue import requeue
 from encoder_worker.render import content_hash, render, render_config
 from llmatch.models import PENDING, Dataset, IndexChange, Record
 from llmatch.vectors import delete_orphaned_embeddings
@@ -75,21 +76,11 @@ def _replace(session: Session, dataset: Dataset, source: str, changed: list[tupl
     """New content replaces the old version: back to the queue, out of the index."""
     session.execute(
         update(Record),
-        [
-            {
-                "id": record.id,
-                "attributes": attributes,
-                "content_hash": digest,
-                "status": PENDING,
-                "embedding_id": None,
-                "claim_token": None,
-                "lease_until": None,
-                "attempts": 0,
-                "error": None,
-            }
-            for record, attributes, digest in changed
-        ],
+        [{"id": record.id, "attributes": attributes, "content_hash": digest} for record, attributes, digest in changed],
     )
+    ids = [record.id for record, _, _ in changed]
+    for start in range(0, len(ids), 1000):
+        requeue(session, Record.id.in_(ids[start : start + 1000]))
     # Logged after the update, whatever the status read above: a worker may have encoded the old version
     # since, and the log must end with the removal.
     session.execute(
