@@ -81,6 +81,13 @@ class Settings(BaseSettings):
     max_dataset_attributes: int = Field(
         default=1_024, ge=1, description="Distinct attribute names per dataset; a batch that would exceed it gets 422."
     )
+    max_dataset_sources: int = Field(
+        default=64,
+        ge=1,
+        le=100_000,
+        description="Sources per dataset (each one is searched by every candidates query); a batch of records for "
+        "a new source past it gets 422.",
+    )
     max_inline_encodes: int = Field(
         default=8, ge=1, description="Concurrent on-the-spot encodes (POST /match, POST /candidates); more get 429."
     )

@@ -1,4 +1,4 @@
-"""Bounds one client cannot break: concurrent on-the-spot encodes, and distinct attribute names per dataset.
+"""Bounds one client cannot break: concurrent on-the-spot encodes, distinct attribute names and sources per dataset.
 
 The others live where they apply: the request body limit in ``service/app.py`` (``BodySizeLimit``), the cut
 of rendered text before tokenisation in ``EncoderPool.encode``, ``k`` and the per-record maxima in
@@ -13,10 +13,12 @@ from typing import Any
 
 import numpy as np
 from fastapi import HTTPException
+from sqlalchemy import distinct, func, select
+from sqlalchemy.orm import Session
 
 from encoder_worker.encoders.base import EncoderInput
 from encoder_worker.encoders.registry import EncoderPool
-from llmatch.models import Dataset
+from llmatch.models import Dataset, Record
 from service.errors import Unprocessable
 
 RETRY_AFTER_SECONDS = 1
@@ -61,4 +63,19 @@ def check_attribute_names(dataset: Dataset, attribute_maps: Iterable[Mapping[str
             f"These records would give dataset {dataset.name!r} {total} distinct attribute names; the limit is "
             f"{limit} (LLMATCH_MAX_DATASET_ATTRIBUTES): reuse its attribute names, or put different kinds of "
             "records in different datasets."
+        )
+
+
+def check_source_count(session: Session, dataset: Dataset, source: str, limit: int) -> None:
+    """422 when records of a new ``source`` would bring the dataset past ``limit`` sources (each one is searched
+    by every candidates query)."""
+    known = select(Record.id).where(Record.dataset_id == dataset.id, Record.source == source).limit(1)
+    if session.scalar(known) is not None:
+        return
+    count = session.scalar(select(func.count(distinct(Record.source))).where(Record.dataset_id == dataset.id)) or 0
+    if count >= limit:
+        raise Unprocessable(
+            f"Dataset {dataset.name!r} already has {count} sources and the limit is {limit} "
+            f"(LLMATCH_MAX_DATASET_SOURCES), so source {source!r} cannot be added: store these records under one "
+            "of its sources, or in another dataset."
         )

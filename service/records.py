@@ -13,16 +13,24 @@ from llmatch.models import PENDING, Dataset, IndexChange, Record
 from llmatch.vectors import delete_orphaned_embeddings
 from service.datasets import get_dataset
 from service.errors import NotFound, without_paths
-from service.limits import check_attribute_names
+from service.limits import check_attribute_names, check_source_count
 from service.schemas import IngestResult, RecordIn, RecordOut
 
 
 def ingest(
-    session: Session, dataset_name: str, source: str, records: Sequence[RecordIn], max_attributes: int | None = None
+    session: Session,
+    dataset_name: str,
+    source: str,
+    records: Sequence[RecordIn],
+    max_attributes: int | None = None,
+    max_sources: int | None = None,
 ) -> IngestResult:
     """Store a batch durably in the caller's transaction. New or changed records are queued for encoding.
-    With ``max_attributes``, a batch that would bring the dataset past that many attribute names gets 422."""
+    With ``max_attributes``, a batch that would bring the dataset past that many attribute names gets 422;
+    with ``max_sources``, likewise for sources."""
     dataset = get_dataset(session, dataset_name, lock=True)  # serialises ingestion per dataset
+    if max_sources is not None:
+        check_source_count(session, dataset, source, max_sources)
     if max_attributes is not None:
         check_attribute_names(dataset, (r.attributes for r in records), max_attributes)
     incoming = {r.id: (r.attributes, content_hash(r.attributes)) for r in records}

@@ -134,6 +134,27 @@ def test_distinct_attribute_names_per_dataset_are_capped(settings, counting_pool
         assert client.get("/datasets/wide").json()["seen_attributes"] == ["c0", "c1", "c2", "c3", "c4"]
 
 
+# ------------------------------------------------------------------------------------- sources per dataset
+
+
+def test_sources_per_dataset_are_capped(settings, counting_pool):
+    with limited_client(settings, counting_pool, max_dataset_sources=3) as client:
+        assert client.put("/datasets/many", json={}).status_code == 201
+        for source in ("a", "b", "c"):
+            body = records_body("many", source, [(f"{source}1", {"name": "v"})])
+            assert client.post("/records", json=body).status_code == 202
+        fourth = records_body("many", "d", [("d1", {"name": "v"})])
+        detail = assert_refusal(client.post("/records", json=fourth), 422, "LLMATCH_MAX_DATASET_SOURCES", "'d'")
+        assert "3" in detail
+        assert set(client.get("/datasets/many").json()["records"]) == {"a", "b", "c"}, "a refused batch was stored"
+        # Known sources take more records; a source emptied by deletion frees its place.
+        more = records_body("many", "c", [("c2", {"name": "w"})])
+        assert client.post("/records", json=more).status_code == 202
+        assert client.delete("/records/many/a/a1").status_code == 204
+        assert client.post("/records", json=fourth).status_code == 202
+        assert set(client.get("/datasets/many").json()["records"]) == {"b", "c", "d"}
+
+
 # ------------------------------------------------------------------------------- concurrent inline encodes
 
 

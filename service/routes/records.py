@@ -18,9 +18,16 @@ router = APIRouter(prefix="/records", tags=["records"])
 @router.post("", status_code=status.HTTP_202_ACCEPTED, response_model=IngestResult)
 def post_records(body: RecordsIn, state: State, _: auth.Write) -> IngestResult:
     """Store 1-10,000 records durably (committed before the answer); encoding follows asynchronously."""
-    limit = state.settings.max_dataset_attributes
+    settings = state.settings
     with transaction(state.session_factory) as session:
-        result = logic.ingest(session, body.dataset, body.source, body.records, max_attributes=limit)
+        result = logic.ingest(
+            session,
+            body.dataset,
+            body.source,
+            body.records,
+            max_attributes=settings.max_dataset_attributes,
+            max_sources=settings.max_dataset_sources,
+        )
     return result
 
 
