@@ -107,3 +107,41 @@ def test_a_replaced_record_is_not_blamed_for_a_death_its_old_version_was_near(cl
         assert settle_expired(session, max_attempts=3) == 5
     with factory() as session:
         assert session.scalar(select(func.max(Record.attempts))) == 0, "a death in a group blames no one"
+
+
+def _replace_both(client: TestClient) -> None:
+    rows = [("x1", {"name": "new text of x1"}), ("x2", {"name": "new text of x2"})]
+    assert client.post("/records", json=records_body("shop", "a", rows)).json()["updated"] == 2
+
+
+def _plain(client: TestClient) -> None:
+    assert client.put("/datasets/shop", json={"serialization": "plain"}).status_code == 200
+
+
+def _embedding_of(factory, external_id: str) -> int | None:
+    with factory() as session:
+        return session.scalar(select(Record.embedding_id).where(Record.external_id == external_id))
+
+
+@pytest.mark.parametrize("put_back", [_replace_both, _plain], ids=["replaced", "reconfigured"])
+def test_vectors_no_record_holds_any_more_are_deleted(client, drain, put_back: Callable[[TestClient], None]):
+    client.put("/datasets/shop", json={})
+    client.put("/datasets/other", json={})
+    rows = [("x1", {"name": "a text only shop has"}), ("x2", {"name": "a text both datasets have"})]
+    client.post("/records", json=records_body("shop", "a", rows))
+    client.post("/records", json=records_body("other", "a", [("y1", {"name": "a text both datasets have"})]))
+    drain()
+    factory = _factory(client)
+    only_shop, shared = _embedding_of(factory, "x1"), _embedding_of(factory, "x2")
+    assert only_shop is not None and shared == _embedding_of(factory, "y1")
+    put_back(client)
+    with factory() as session:
+        kept = set(session.scalars(select(Embedding.id)))
+    assert only_shop not in kept, "the vector of a text no record has any more was kept"
+    assert shared in kept and _embedding_of(factory, "y1") == shared, "a vector another dataset holds was deleted"
+    drain()
+    assert client.get("/records/other/a/y1").json()["status"] == "encoded"
+    assert {client.get(f"/records/shop/a/{rid}").json()["status"] for rid in ("x1", "x2")} == {"encoded"}
+    with factory() as session:
+        held = set(session.scalars(select(Record.embedding_id)))
+        assert set(session.scalars(select(Embedding.id))) == held, "every stored vector belongs to a record"
