@@ -117,6 +117,9 @@ class Settings(BaseSettings):
         default=0.5, ge=0, le=1, description="support guard: share of cross pairs at or above the threshold."
     )
     entity_max_size: int = Field(default=3, ge=0, description="Largest entity a merge may make; 0: no cap.")
+    review_max_records: int = Field(
+        default=2000, ge=1, le=1_000_000, description="Records whose candidates one /review call reads at most."
+    )
 
     @field_validator("encoders", mode="before")
     @classmethod

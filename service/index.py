@@ -250,6 +250,11 @@ class VectorIndex:
         with self._lock:
             return fingerprint(self._record_ids, self._embedding_ids)
 
+    def record_ids(self) -> np.ndarray:
+        """The record ids this index holds, sorted (a copy)."""
+        with self._lock:
+            return self._record_ids.copy()
+
     def _positions(self, record_ids: np.ndarray) -> np.ndarray:
         """Each record id's position in the sorted id arrays, -1 where absent."""
         if self._record_ids.size == 0:
@@ -563,6 +568,16 @@ class IndexRegistry:
     def keys(self) -> list[IndexKey]:
         with self._lock:
             return list(self._indexes)
+
+    def size(self, key: IndexKey) -> int:
+        """Vectors the index of ``key`` holds (0 when none is loaded)."""
+        index = self.get(key)
+        return 0 if index is None else index.size
+
+    def record_ids(self, key: IndexKey) -> np.ndarray:
+        """The record ids the index of ``key`` holds, sorted (empty when none is loaded)."""
+        index = self.get(key)
+        return np.empty(0, dtype=np.int64) if index is None else index.record_ids()
 
     def upsert(self, key: IndexKey, record_ids: np.ndarray, embedding_ids: np.ndarray, vectors: np.ndarray) -> None:
         with self._lock:

@@ -13,6 +13,7 @@ from sqlalchemy.orm import Session
 
 from llmatch.models import ENCODED, Embedding, Record
 from llmatch.vectors import stack
+from service.index import IndexRegistry
 
 
 @dataclass(frozen=True)
@@ -43,7 +44,7 @@ def load_encoded(session: Session, dataset_id: int, record_ids: Iterable[int] | 
     if record_ids is None:
         rows = list(session.execute(query.execution_options(yield_per=10_000)))
     else:
-        wanted = sorted(set(record_ids))
+        wanted = sorted({int(record_id) for record_id in record_ids})
         rows = []
         for start in range(0, len(wanted), 500):
             rows += session.execute(query.where(Record.id.in_(wanted[start : start + 500]))).all()
@@ -98,3 +99,79 @@ def candidate_pairs(
                     key = (int(row), other) if row < other else (other, int(row))
                     pairs[key] = min(float(score), 1.0)
     return pairs
+
+
+@dataclass(frozen=True)
+class IndexedPairs:
+    """Candidate pairs found through a process's loaded indexes, keyed by record ids (smaller first), with the
+    (source, external id) of every record they name."""
+
+    scores: dict[tuple[int, int], float]
+    names: dict[int, tuple[str, str]]
+
+
+def query_sample(registry: IndexRegistry, dataset_id: int, limit: int, avoid: Iterable[int], seed: int) -> np.ndarray:
+    """Up to ``limit`` record ids held by the dataset's indexes, sorted: all of them when they are no more, else
+    a deterministic shuffle by ``seed`` that takes records outside ``avoid`` first."""
+    held = [registry.record_ids(key) for key in registry.keys() if key[0] == dataset_id]
+    ids = np.unique(np.concatenate(held)) if held else np.empty(0, dtype=np.int64)
+    if ids.size <= limit:
+        return ids
+    avoided = np.isin(ids, np.fromiter(avoid, dtype=np.int64))
+    order = np.lexsort((_shuffled_rank(ids, seed), avoided))
+    return np.sort(ids[order[:limit]])
+
+
+def _shuffled_rank(ids: np.ndarray, seed: int) -> np.ndarray:
+    """A pseudo-random but repeatable rank per id (splitmix64 of the id and the seed)."""
+    with np.errstate(over="ignore"):
+        x = ids.astype(np.uint64) + np.uint64(seed % (1 << 63)) * np.uint64(0x9E3779B97F4A7C15)
+        x ^= x >> np.uint64(30)
+        x *= np.uint64(0xBF58476D1CE4E5B9)
+        x ^= x >> np.uint64(27)
+        x *= np.uint64(0x94D049BB133111EB)
+        x ^= x >> np.uint64(31)
+    return x
+
+
+def indexed_candidate_pairs(
+    session: Session, registry: IndexRegistry, dataset_id: int, queries: EncodedRecords, k: int
+) -> IndexedPairs:
+    """The pairs of each query record with its ``k`` nearest records in its target sources, searched in this
+    process's loaded indexes; hits the database no longer holds encoded with that vector are dropped."""
+    known = [key[1] for key in registry.keys() if key[0] == dataset_id and registry.size(key) > 0]
+    hits: dict[tuple[int, int], float] = {}
+    held: dict[int, int] = {}  # record id -> embedding id the index holds for it
+    for source in sorted(set(queries.sources)):
+        rows = np.array([i for i, s in enumerate(queries.sources) if s == source], dtype=np.int64)
+        for target in target_sources(known, source):
+            index = registry.get((dataset_id, target))
+            if index is None or index.size == 0:
+                continue
+            scores, found = index.search(queries.vectors[rows], k + (1 if target == source else 0))
+            embedding_ids = index.embedding_ids_of(found.ravel()).reshape(found.shape)
+            for q, row in enumerate(rows):
+                query_id = int(queries.ids[row])
+                for score, other, embedding_id in zip(scores[q], found[q], embedding_ids[q], strict=True):
+                    if other < 0 or other == query_id:
+                        continue
+                    held[int(other)] = int(embedding_id)
+                    key = (min(query_id, int(other)), max(query_id, int(other)))
+                    hits[key] = min(float(score), 1.0)
+    names = {int(i): (s, e) for i, s, e in zip(queries.ids, queries.sources, queries.external_ids, strict=True)}
+    names.update(_current_names(session, dataset_id, held))
+    return IndexedPairs({key: s for key, s in hits.items() if key[0] in names and key[1] in names}, names)
+
+
+def _current_names(session: Session, dataset_id: int, held: dict[int, int]) -> dict[int, tuple[str, str]]:
+    """(source, external id) of the records still encoded in the dataset with the vector the index holds."""
+    wanted = sorted(held)
+    names: dict[int, tuple[str, str]] = {}
+    for start in range(0, len(wanted), 500):
+        rows = session.execute(
+            select(Record.id, Record.source, Record.external_id, Record.embedding_id).where(
+                Record.dataset_id == dataset_id, Record.status == ENCODED, Record.id.in_(wanted[start : start + 500])
+            )
+        )
+        names.update({i: (s, e) for i, s, e, embedding_id in rows if embedding_id == held[i]})
+    return names

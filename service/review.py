@@ -7,6 +7,10 @@ range where the other class must lie (so the first match, or non-match, is found
 middle of the candidate pairs' score range. ``balanced`` takes the nearest pairs
 alternately from above and below that threshold; ``diverse`` keeps a page from asking about one record many
 times (one pair per record, then the rest in order).
+
+The cost of a call is bounded: candidate pairs are those of at most ``max_records`` query records (all of them
+in a smaller dataset; else a repeatable sample that changes as labels are stored and takes records not yet in
+a label first), searched in the process's loaded indexes; only their vectors and the labelled records' are read.
 """
 
 from __future__ import annotations
@@ -14,30 +18,42 @@ from __future__ import annotations
 from typing import Literal
 
 import numpy as np
-from sqlalchemy import select
+from sqlalchemy import select, tuple_
 from sqlalchemy.orm import Session
 
 from llmatch.models import Dataset, Record
 from service import calibration as calib
 from service.decisions import active_calibration
+from service.index import IndexRegistry
 from service.labels import labelled_keys, pair_key
-from service.pairs import EncodedRecords, candidate_pairs, load_encoded
+from service.pairs import EncodedRecords, indexed_candidate_pairs, load_encoded, query_sample
 from service.schemas import ReviewOut, ReviewPair, ReviewRecord
 
 Strategy = Literal["uncertainty", "balanced", "diverse"]
 Basis = Literal["calibration", "labels", "middle", "none"]
+Names = dict[int, tuple[str, str]]
 
 
-def review(session: Session, dataset: Dataset, limit: int, k: int, strategy: Strategy = "uncertainty") -> ReviewOut:
+def review(
+    session: Session,
+    registry: IndexRegistry,
+    dataset: Dataset,
+    limit: int,
+    k: int,
+    strategy: Strategy = "uncertainty",
+    max_records: int = 2000,
+) -> ReviewOut:
     """Up to ``limit`` unlabelled candidate pairs, the most informative first."""
-    records = load_encoded(session, dataset.id)
     labelled = labelled_keys(session, dataset.id)
-    pairs = {rows: score for rows, score in candidate_pairs(records, k).items() if _key(records, *rows) not in labelled}
+    known = _labelled_records(session, dataset.id, labelled)
+    sample = query_sample(registry, dataset.id, max_records, known.ids.tolist(), seed=len(labelled))
+    found = indexed_candidate_pairs(session, registry, dataset.id, load_encoded(session, dataset.id, sample), k)
+    pairs = {ids: score for ids, score in found.scores.items() if _key(found.names, *ids) not in labelled}
     if not pairs:
         return ReviewOut(pairs=[], threshold=None, basis="none")
     calibration = active_calibration(session, dataset)
-    threshold, basis = _threshold(records, labelled, pairs, calibration.threshold if calibration else None)
-    ordered = sorted(pairs, key=lambda rows: (abs(pairs[rows] - threshold), -pairs[rows], rows))
+    threshold, basis = _threshold(known, labelled, pairs, calibration.threshold if calibration else None)
+    ordered = sorted(pairs, key=lambda ids: (abs(pairs[ids] - threshold), -pairs[ids], ids))
     if strategy == "balanced":
         chosen = _balanced(ordered, pairs, threshold, limit)
     elif strategy == "diverse":
@@ -45,11 +61,27 @@ def review(session: Session, dataset: Dataset, limit: int, k: int, strategy: Str
     else:
         chosen = ordered[:limit]
     mapping = calibration.probability_model if calibration else None
-    wanted = [int(records.ids[row]) for rows in chosen for row in rows]
+    wanted = [record_id for ids in chosen for record_id in ids]
     rows = session.execute(select(Record.id, Record.attributes).where(Record.id.in_(wanted)))
     attributes = {record_id: attrs for record_id, attrs in rows}
-    out = [_pair(records, rows, pairs[rows], mapping, attributes) for rows in chosen]
+    out = [_pair(found.names, ids, pairs[ids], mapping, attributes) for ids in chosen]
     return ReviewOut(pairs=out, threshold=threshold, basis=basis)
+
+
+def _labelled_records(
+    session: Session, dataset_id: int, labelled: dict[tuple[str, str, str, str], int]
+) -> EncodedRecords:
+    """The encoded records that stored labels name, with their vectors."""
+    refs = sorted({(ls, li) for ls, li, _, _ in labelled} | {(rs, ri) for _, _, rs, ri in labelled})
+    record_ids: list[int] = []
+    for start in range(0, len(refs), 500):
+        record_ids += session.scalars(
+            select(Record.id).where(
+                Record.dataset_id == dataset_id,
+                tuple_(Record.source, Record.external_id).in_(refs[start : start + 500]),
+            )
+        )
+    return load_encoded(session, dataset_id, record_ids)
 
 
 def _threshold(
@@ -108,22 +140,22 @@ def _diverse(ordered: list[tuple[int, int]], limit: int) -> list[tuple[int, int]
     return (first + rest)[:limit]
 
 
-def _key(records: EncodedRecords, i: int, j: int) -> tuple[str, str, str, str]:
-    return pair_key(records.sources[i], records.external_ids[i], records.sources[j], records.external_ids[j])
+def _key(names: Names, i: int, j: int) -> tuple[str, str, str, str]:
+    return pair_key(*names[i], *names[j])
 
 
 def _pair(
-    records: EncodedRecords, rows: tuple[int, int], score: float, mapping: dict | None, attributes: dict[int, dict]
+    names: Names, ids: tuple[int, int], score: float, mapping: dict | None, attributes: dict[int, dict]
 ) -> ReviewPair:
-    left, right = sorted(rows, key=lambda r: (records.sources[r], records.external_ids[r]))
+    left, right = sorted(ids, key=lambda record_id: names[record_id])
     return ReviewPair(
-        left=_record(records, left, attributes),
-        right=_record(records, right, attributes),
+        left=_record(names, left, attributes),
+        right=_record(names, right, attributes),
         score=score,
         probability=None if mapping is None else calib.probability(mapping, score),
     )
 
 
-def _record(records: EncodedRecords, row: int, attributes: dict[int, dict]) -> ReviewRecord:
-    attrs = attributes.get(int(records.ids[row]), {})
-    return ReviewRecord(source=records.sources[row], id=records.external_ids[row], attributes=attrs)
+def _record(names: Names, record_id: int, attributes: dict[int, dict]) -> ReviewRecord:
+    source, external_id = names[record_id]
+    return ReviewRecord(source=source, id=external_id, attributes=attributes.get(record_id, {}))

@@ -50,4 +50,7 @@ def get_review(
     """Unlabelled candidate pairs nearest the threshold (the middle of the scores while uncalibrated), best first."""
     with state.session_factory() as session:
         dataset = get_dataset(session, name)
-        return reviewing.review(session, dataset, limit, state.settings.review_candidates, strategy)
+        settings = state.settings
+        return reviewing.review(
+            session, state.registry, dataset, limit, settings.review_candidates, strategy, settings.review_max_records
+        )
