@@ -11,6 +11,10 @@ In a deployment where only the worker has the accelerator, the API sends the rec
 
 At most ``concurrency`` requests are encoded or wait for the encoder at once; one more waits up to
 ``wait_seconds`` for a slot, then gets 503. Errors are ``{"detail": "..."}``. Standard library only.
+
+The endpoint has no authentication: it listens on loopback unless told otherwise. A connection that sends or
+reads nothing for ``timeout`` seconds is closed, and at most ``max_connections`` are handled at once (one thread
+each); a further connection waits up to ``timeout`` for one of them to end, then gets 503.
 """
 
 from __future__ import annotations
@@ -18,7 +22,9 @@ from __future__ import annotations
 import base64
 import json
 import logging
+import socket
 import threading
+import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
@@ -26,25 +32,33 @@ import numpy as np
 
 from encoder_worker.encoders.base import EncoderInput
 from encoder_worker.encoders.registry import EncoderPool, EncoderUnavailableError, UnknownEncoderError
+from llmatch.settings import Settings
 
 log = logging.getLogger("llmatch.inline")
 
 MAX_INPUTS = 64  # texts per request: inline encodes are a few records, not batches (those go through the queue)
 MAX_BODY_BYTES = 8 * 1024 * 1024
+DEFAULT_TIMEOUT_SECONDS: float = Settings.model_fields["inline_server_timeout_seconds"].default
+DEFAULT_MAX_CONNECTIONS: int = Settings.model_fields["inline_server_max_connections"].default
 
 
 class InlineEncodeServer:
     """``POST /encode`` over ``pool`` in a background thread; ``start()``, then ``stop()``."""
 
     def __init__(
-        self, pool: EncoderPool, host: str, port: int, concurrency: int = 4, wait_seconds: float = 10.0
+        self,
+        pool: EncoderPool,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        concurrency: int = 4,
+        wait_seconds: float = 10.0,
+        timeout: float = DEFAULT_TIMEOUT_SECONDS,
+        max_connections: int = DEFAULT_MAX_CONNECTIONS,
     ) -> None:
         self.pool = pool
         self.wait_seconds = wait_seconds
         self.slots = threading.BoundedSemaphore(concurrency)
-        self.httpd = ThreadingHTTPServer((host, port), _Handler)
-        self.httpd.daemon_threads = True
-        self.httpd.inline = self  # type: ignore[attr-defined]  # the handler reaches the server through it
+        self.httpd = _BoundedServer((host, port), self, timeout, max_connections)
         self._thread: threading.Thread | None = None
 
     @property
@@ -60,6 +74,7 @@ class InlineEncodeServer:
         log.info("serving inline encodes on %s:%d", *self.httpd.server_address[:2])
 
     def stop(self) -> None:
+        self.httpd.stopping.set()
         self.httpd.shutdown()
         self.httpd.server_close()
         if self._thread is not None:
@@ -139,8 +154,67 @@ def decode_vectors(payload: dict[str, Any], count: int) -> np.ndarray:
     return vectors.reshape(count, dim)
 
 
+class _BoundedServer(ThreadingHTTPServer):
+    """One thread per connection, at most ``max_connections`` at once; each connection's socket times out."""
+
+    daemon_threads = True
+    request_queue_size = 64  # connections the kernel holds while every handler thread is taken
+
+    def __init__(
+        self, address: tuple[str, int], inline: InlineEncodeServer, timeout: float, max_connections: int
+    ) -> None:
+        self.inline = inline
+        self.connection_timeout = timeout
+        self.max_connections = max_connections
+        self.connections = threading.BoundedSemaphore(max_connections)
+        self.stopping = threading.Event()
+        super().__init__(address, _Handler)
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        """Hand the connection to a thread once one of the ``max_connections`` is free; 503 after ``timeout``."""
+        if not self._take_connection_slot():
+            self._refuse(request)
+            return
+        try:
+            super().process_request(request, client_address)
+        except BaseException:
+            self.connections.release()
+            raise
+
+    def process_request_thread(self, request: Any, client_address: Any) -> None:
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self.connections.release()
+
+    def _take_connection_slot(self) -> bool:
+        deadline = time.monotonic() + self.connection_timeout
+        while not self.stopping.is_set():
+            if self.connections.acquire(timeout=max(0.0, min(0.1, deadline - time.monotonic()))):
+                return True
+            if time.monotonic() >= deadline:
+                break
+        return False
+
+    def _refuse(self, request: socket.socket) -> None:
+        log.warning("inline encodes: all %d connections stayed busy; one refused", self.max_connections)
+        body = json.dumps({"detail": "All inline encode connections stayed busy; retry shortly."}).encode()
+        head = "HTTP/1.0 503 Service Unavailable\r\nContent-Type: application/json\r\n"
+        head += f"Content-Length: {len(body)}\r\n\r\n"
+        try:
+            request.settimeout(1.0)
+            request.sendall(head.encode() + body)
+        except OSError:
+            pass
+        self.shutdown_request(request)
+
+
 class _Handler(BaseHTTPRequestHandler):
     server_version = "llmatch-inline/1"
+
+    def setup(self) -> None:
+        self.timeout = self.server.connection_timeout  # type: ignore[attr-defined]  # each socket operation
+        super().setup()
 
     def do_GET(self) -> None:  # noqa: N802 - http.server's naming
         if self.path == "/healthz":
@@ -156,8 +230,9 @@ class _Handler(BaseHTTPRequestHandler):
         if not length.isdigit() or int(length) > MAX_BODY_BYTES:
             self._send(413, {"detail": f"Send a Content-Length of at most {MAX_BODY_BYTES} bytes."})
             return
+        body = self.rfile.read(int(length))  # a stalled sender times out here (handle_one_request closes it)
         try:
-            status, payload = self.server.inline.answer(self.rfile.read(int(length)))  # type: ignore[attr-defined]
+            status, payload = self.server.inline.answer(body)  # type: ignore[attr-defined]
         except Exception:  # noqa: BLE001 - the server thread survives; the caller gets a clear answer
             log.exception("inline encode failed")
             status, payload = 500, {"detail": "The worker failed to encode these texts; its log has the details."}

@@ -1,6 +1,9 @@
 """Prometheus metrics of the encoder worker."""
 
-from prometheus_client import Counter, Histogram
+import threading
+from typing import Any
+
+from prometheus_client import Counter, Histogram, start_http_server
 
 RECORDS_ENCODED = Counter("llmatch_records_encoded_total", "Records marked encoded.", ["encoder"])
 RECORDS_FAILED = Counter("llmatch_records_failed_total", "Records given back after an encoding failure.", ["encoder"])
@@ -12,3 +15,8 @@ BATCH_SECONDS = Histogram(
     ["encoder"],
     buckets=(0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120),
 )
+
+
+def serve_metrics(port: int, host: str = "127.0.0.1") -> tuple[Any, threading.Thread]:
+    """Serve ``/metrics`` on ``host:port`` (loopback unless told otherwise: it has no authentication)."""
+    return start_http_server(port, addr=host)

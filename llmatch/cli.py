@@ -61,13 +61,20 @@ def build_parser() -> argparse.ArgumentParser:
     worker.add_argument("--drain", action="store_true", help="exit once the queue is empty")
     worker.add_argument("--metrics-port", type=int, default=None, help="serve Prometheus metrics on this port")
     worker.add_argument(
+        "--metrics-host", default="127.0.0.1", help="address of --metrics-port (no authentication: loopback by default)"
+    )
+    worker.add_argument(
         "--serve-inline",
         type=int,
         default=None,
         metavar="PORT",
         help="also encode the API's inline records (LLMATCH_INLINE_ENCODER_URL) over HTTP on this port",
     )
-    worker.add_argument("--serve-inline-host", default="127.0.0.1", help="address of --serve-inline")
+    worker.add_argument(
+        "--serve-inline-host",
+        default="127.0.0.1",
+        help="address of --serve-inline (no authentication: loopback by default)",
+    )
     worker.add_argument(
         "--serve-inline-concurrency", type=int, default=4, help="inline requests encoded or waiting at once"
     )
@@ -216,21 +223,27 @@ def run_worker(args: argparse.Namespace, settings: Settings) -> int:
 
 def _run_worker_loop(args: argparse.Namespace, settings: Settings, pool: EncoderPool | None) -> int:
     """The worker loop in this process, on ``pool`` (a new one when None), until SIGTERM or a drained queue."""
-    from prometheus_client import start_http_server
-
     from encoder_worker.encoders.registry import EncoderPool
+    from encoder_worker.metrics import serve_metrics
     from encoder_worker.worker import EncoderWorker
     from llmatch.db import make_engine, make_session_factory
 
     if args.metrics_port:
-        start_http_server(args.metrics_port)
+        serve_metrics(args.metrics_port, args.metrics_host)
     engine = make_engine(settings.resolved_database_url)
     pool = pool or EncoderPool(settings)
     worker = EncoderWorker(make_session_factory(engine), pool, settings)
     if args.serve_inline is not None:
         from encoder_worker.inline_server import InlineEncodeServer
 
-        server = InlineEncodeServer(pool, args.serve_inline_host, args.serve_inline, args.serve_inline_concurrency)
+        server = InlineEncodeServer(
+            pool,
+            args.serve_inline_host,
+            args.serve_inline,
+            args.serve_inline_concurrency,
+            timeout=settings.inline_server_timeout_seconds,
+            max_connections=settings.inline_server_max_connections,
+        )
         server.start(preload=settings.default_encoder)
     signal.signal(signal.SIGTERM, lambda *_: worker.stop())
     try:

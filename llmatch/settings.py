@@ -99,6 +99,13 @@ class Settings(BaseSettings):
     inline_encoder_timeout_seconds: float = Field(
         default=30.0, gt=0, description="How long the API waits for the inline encoder's answer before a 503."
     )
+    # The worker's inline endpoint (`llmatch worker --serve-inline PORT`).
+    inline_server_timeout_seconds: float = Field(
+        default=10.0, gt=0, description="An inline endpoint connection idle this long (sending or reading) is closed."
+    )
+    inline_server_max_connections: int = Field(
+        default=32, ge=1, description="Connections the inline endpoint handles at once; more wait, then get 503."
+    )
     auth_cache_seconds: float = Field(
         default=5.0, ge=0, description="How long API keys are cached in memory (revocation takes effect within it)."
     )

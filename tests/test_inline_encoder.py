@@ -3,13 +3,16 @@ on-the-spot encodes there (``LLMATCH_INLINE_ENCODER_URL``) instead of encoding t
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import os
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
@@ -41,15 +44,22 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+@dataclass(frozen=True)
+class WorkerProcess:
+    url: str  # of its inline endpoint
+    inline_port: int
+    metrics_port: int
+
+
 @pytest.fixture(scope="module")
-def inline_worker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    """``llmatch worker --serve-inline PORT`` in a subprocess (its own SQLite queue); yields its base URL."""
+def worker_process(tmp_path_factory: pytest.TempPathFactory) -> Iterator[WorkerProcess]:
+    """``llmatch worker --serve-inline PORT --metrics-port PORT`` in a subprocess (its own SQLite queue)."""
     folder = tmp_path_factory.mktemp("inline-worker")
     url = f"sqlite:///{folder / 'worker.sqlite3'}"
     engine = make_engine(url)
     upgrade_to_head(engine)
     engine.dispose()
-    port = free_port()
+    port, metrics_port = free_port(), free_port()
     env = {
         **os.environ,
         "LLMATCH_DATABASE_URL": url,
@@ -59,6 +69,7 @@ def inline_worker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     }
     log = (folder / "worker.log").open("w")
     command = [sys.executable, "-m", "llmatch.cli", "worker", "--serve-inline", str(port)]
+    command += ["--metrics-port", str(metrics_port)]
     process = subprocess.Popen(command, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
     base = f"http://127.0.0.1:{port}"
     try:
@@ -72,11 +83,40 @@ def inline_worker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
                 pass
             assert time.monotonic() < deadline, "the worker never served /healthz"
             time.sleep(0.5)
-        yield base
+        yield WorkerProcess(base, port, metrics_port)
     finally:
         process.terminate()
         process.wait(timeout=60)
         log.close()
+
+
+@pytest.fixture(scope="module")
+def inline_worker(worker_process: WorkerProcess) -> str:
+    """The base URL of the worker process's inline endpoint."""
+    return worker_process.url
+
+
+def listening_addresses(port: int) -> set[str]:
+    """Addresses this machine listens on at TCP ``port`` (Linux: /proc/net/tcp and tcp6)."""
+    tables = [Path("/proc/net/tcp"), Path("/proc/net/tcp6")]
+    if not tables[0].exists():
+        pytest.skip("needs /proc/net/tcp")
+    found = set()
+    for table in (path for path in tables if path.exists()):
+        for line in table.read_text().splitlines()[1:]:
+            local, state = line.split()[1], line.split()[3]
+            address, _, hex_port = local.partition(":")
+            if state == "0A" and int(hex_port, 16) == port:  # 0A: LISTEN
+                raw = bytes.fromhex(address)  # 32-bit words in host (little-endian) order
+                found.add(str(ipaddress.ip_address(b"".join(raw[i : i + 4][::-1] for i in range(0, len(raw), 4)))))
+    return found
+
+
+def test_worker_ports_listen_on_loopback_by_default(worker_process: WorkerProcess) -> None:
+    """Neither the metrics nor the inline endpoint has authentication: without a host option, loopback only."""
+    for port in (worker_process.metrics_port, worker_process.inline_port):
+        addresses = listening_addresses(port)
+        assert addresses and all(ipaddress.ip_address(a).is_loopback for a in addresses), (port, addresses)
 
 
 def api_settings(sqlite_url: str, tmp_path: Path, inline_url: str, **overrides) -> Settings:
@@ -212,6 +252,45 @@ def test_remote_encodes_send_requests_the_worker_accepts(server: InlineEncodeSer
     finally:
         remote.close()
     np.testing.assert_allclose(vectors, pool.encode("minilm", inputs), atol=1e-5)
+
+
+@pytest.fixture
+def guarded_server(pool: EncoderPool, request: pytest.FixtureRequest) -> Iterator[InlineEncodeServer]:
+    """An endpoint whose connections time out after ``request.param`` seconds, at most two at once."""
+    server = InlineEncodeServer(pool, timeout=request.param, max_connections=2)
+    server.start()
+    yield server
+    server.stop()
+
+
+def connection_threads() -> int:
+    """Live handler threads of the threading HTTP servers in this process."""
+    return sum("process_request_thread" in thread.name for thread in threading.enumerate())
+
+
+@pytest.mark.parametrize("guarded_server", [0.5], indirect=True)
+def test_a_silent_connection_is_closed_after_the_timeout(guarded_server: InlineEncodeServer) -> None:
+    with socket.create_connection(("127.0.0.1", guarded_server.port)) as silent:
+        silent.settimeout(20)  # without the server's timeout, recv waits this long and raises
+        assert silent.recv(1) == b""  # the server closed the connection
+
+
+@pytest.mark.parametrize("guarded_server", [2.0], indirect=True)
+def test_stalled_connections_hold_at_most_the_cap_and_a_request_still_gets_through(
+    guarded_server: InlineEncodeServer,
+) -> None:
+    stalled = [socket.create_connection(("127.0.0.1", guarded_server.port)) for _ in range(3)]
+    try:
+        most, until = 0, time.monotonic() + 1.0  # within the timeout: none has been closed yet
+        while time.monotonic() < until:
+            most = max(most, connection_threads())
+            time.sleep(0.01)
+        assert most == 2  # the third connection waits for a thread instead of taking one
+        response = post(guarded_server, {"encoder": "minilm", "inputs": [{"text": "sony tv"}]})
+        assert response.status_code == 200, response.text
+    finally:
+        for connection in stalled:
+            connection.close()
 
 
 @pytest.mark.parametrize(
