@@ -195,6 +195,8 @@ def run_serve(args: argparse.Namespace, settings: Settings) -> int:
     if refusal:
         print(f"llmatch: {refusal}", file=sys.stderr)
         return 2
+    if args.insecure_no_auth:
+        settings = settings.model_copy(update={"insecure_no_auth": True})
     app = create_app(settings, run_worker=not args.no_worker)
     uvicorn.run(app, host=args.host, port=args.port, log_level=settings.log_level.lower())
     return 0

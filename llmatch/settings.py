@@ -114,6 +114,11 @@ class Settings(BaseSettings):
     )
     admin_key_file: Path | None = Field(default=None, description="Like admin_key, read from a file (a secret).")
     admin_key_name: str = Field(default="admin", pattern=r"^[A-Za-z0-9_.-]{1,64}$")
+    insecure_no_auth: bool = Field(
+        default=False,
+        description="Set by `llmatch serve --insecure-no-auth`: while no key exists, serve any Host header "
+        "(otherwise only localhost and loopback addresses are answered, against DNS rebinding).",
+    )
     log_level: str = "INFO"
     review_candidates: int = Field(default=10, ge=1, le=100, description="Candidates per record /review considers.")
     entity_candidates: int = Field(default=10, ge=1, le=100, description="Candidates per record entities link.")

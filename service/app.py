@@ -12,6 +12,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from encoder_worker.encoders.registry import EncoderPool, EncoderUnavailableError
 from llmatch.settings import Settings, get_settings
 from service import metrics, openapi
+from service.auth import AuthGate
 from service.entities import follow as follow_entities
 from service.errors import ApiError, ServiceUnavailable, install_error_handlers, log
 from service.inline_encoder import inline_encoder_pool
@@ -67,6 +68,7 @@ def create_app(
     app.include_router(ui_routes.router)
     openapi.install(app, settings)
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
+    app.add_middleware(AuthGate, insecure_no_auth=settings.insecure_no_auth)  # runs before the body is read
     app.add_middleware(metrics.MetricsMiddleware)
     return app
 

@@ -1,23 +1,31 @@
 """Access control: ``Authorization: Bearer <key>`` with scopes ``admin`` and ``DATASET:read|write|manage``.
 
-Every route declares what it needs with one parameter in its signature:
+Two steps. ``AuthGate`` (a middleware, outside the routes) authenticates the key before any body is read: a
+request that carries a body without a valid key is answered 401 at once, so an unauthenticated caller can
+never make the server read, buffer or parse a body. While auth is off it also refuses host names that are not
+loopback (a page on another site cannot reach the service through DNS rebinding).
+
+Then every route declares what it needs with one parameter in its signature:
 
     def get_thing(name: DatasetPath, state: State, access: auth.Read) -> ...   # needs DATASET:read
 
-``auth.Read``, ``auth.Write`` and ``auth.Manage`` check the scope for the route's dataset, taken from the path
-parameter ``name`` or ``dataset``, else the query parameter ``dataset``, else the JSON body's ``dataset``
-(already parsed when the check runs). ``auth.Admin`` needs ``admin``; ``auth.AnyKey`` any valid key (then
+``auth.Read``, ``auth.Write`` and ``auth.Manage`` check the scope for **every** dataset the request names: the
+path parameter ``name`` or ``dataset``, each query parameter ``dataset`` and the JSON body's ``dataset``. Each
+value is checked as it is, malformed or empty ones included (no key holds a scope for those, so they are 403);
+a request that names two different datasets is refused (422), so a handler always acts on the dataset that
+was authorized, wherever it reads the name. ``auth.Admin`` needs ``admin``; ``auth.AnyKey`` any valid key (then
 filter with ``access.can(dataset, "read")``, as GET /datasets does); ``auth.Public`` needs none (health checks,
 the /ui page). ``access.actor`` names the key for the audit trail. tests/test_access.py fails for a route
-that declares none of these.
+that declares none of these, and for any place a dataset name can travel that escapes the check.
 
 Auth is on once any key exists (revoked ones included); until then every request is allowed, which
-``llmatch serve`` permits only on a loopback address.
+``llmatch serve`` permits only on a loopback address (or with ``--insecure-no-auth``).
 """
 
 from __future__ import annotations
 
 import ipaddress
+import json
 import logging
 import re
 from dataclasses import dataclass
@@ -27,11 +35,13 @@ from fastapi import Depends, HTTPException, Request, Security
 from fastapi.concurrency import run_in_threadpool
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer, SecurityScopes
 from sqlalchemy.exc import SQLAlchemyError
+from starlette.datastructures import Headers
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from llmatch.db import make_engine, make_session_factory
 from llmatch.settings import Settings
 from service import audit
-from service.errors import ServiceUnavailable
+from service.errors import ApiError, ServiceUnavailable, Unprocessable
 from service.keys import (
     ADMIN,
     LEVELS,
@@ -72,7 +82,7 @@ class Access:
     def require(self, dataset: str, level: str) -> None:
         """403 naming the missing scope unless this key holds ``DATASET:level`` (or ``admin``)."""
         if not self.can(dataset, level):
-            raise forbidden(f"{dataset}:{level}")
+            raise forbidden(_scope_name(dataset, level))
 
 
 OPEN = Access(key=None, scopes=frozenset())
@@ -96,17 +106,32 @@ async def authorize(
     security_scopes: SecurityScopes,
     credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)],
 ) -> Access:
-    """Authenticate the key (401), then check the scope the route declares (403)."""
-    access = await authenticate(request.app.state.keys, credentials)
+    """The gate's verdict on the key (401), then the scope the route declares for every dataset named (403)."""
+    access = await _authenticated(request, credentials)
     level = security_scopes.scopes[-1] if security_scopes.scopes else ANY_KEY
     if level == ADMIN:
         if not access.admin:
             raise forbidden(ADMIN)
     elif level in LEVELS:
-        dataset = await dataset_of(request)
-        if dataset is not None:  # None: the request names no valid dataset and validation will refuse it
+        named = await datasets_named(request)
+        for dataset in named:
             access.require(dataset, level)
+        if len(set(named)) > 1:
+            raise Unprocessable(
+                "This request names more than one dataset (in its path, query string or body); name the one "
+                "it acts on, the same everywhere."
+            )
     return access
+
+
+async def _authenticated(request: Request, credentials: HTTPAuthorizationCredentials | None) -> Access:
+    """What ``AuthGate`` decided for this request (authenticating here only where no gate ran)."""
+    verdict = request.scope.get("state", {}).get(GATE_VERDICT)
+    if isinstance(verdict, Access):
+        return verdict
+    if isinstance(verdict, Exception):
+        raise verdict
+    return await authenticate(request.app.state.keys, credentials)
 
 
 async def authenticate(cache: KeyCache, credentials: HTTPAuthorizationCredentials | None) -> Access:
@@ -139,22 +164,26 @@ async def authenticate(cache: KeyCache, credentials: HTTPAuthorizationCredential
     return Access(key=info.name, scopes=info.scopes)
 
 
-async def dataset_of(request: Request) -> str | None:
-    """The dataset a request is about: path ``name``/``dataset``, query ``dataset``, or the body's ``dataset``."""
-    for name in ("name", "dataset"):
-        if name in request.path_params:
-            return _dataset_name(request.path_params[name])
-    if "dataset" in request.query_params:
-        return _dataset_name(request.query_params["dataset"])
-    try:
-        body = await request.json()  # FastAPI parsed it before solving dependencies; this reads its cache
-    except Exception:  # noqa: BLE001 - no JSON body: validation answers
-        return None
-    return _dataset_name(body.get("dataset")) if isinstance(body, dict) else None
+async def datasets_named(request: Request) -> list[str]:
+    """Every dataset name the request carries, as sent: path ``name``/``dataset``, each query ``dataset``, and
+    the JSON body's ``dataset`` where the route reads a body (a value that is not a string is shown as JSON)."""
+    named = [str(request.path_params[name]) for name in ("name", "dataset") if name in request.path_params]
+    named += request.query_params.getlist("dataset")
+    route = request.scope.get("route")
+    if getattr(route, "body_field", None) is not None:
+        try:
+            body = await request.json()  # FastAPI parsed it before solving dependencies; this reads its cache
+        except Exception:  # noqa: BLE001 - not JSON: the route's validation refuses it
+            body = None
+        if isinstance(body, dict) and "dataset" in body:
+            value = body["dataset"]
+            named.append(value if isinstance(value, str) else json.dumps(value)[:80])
+    return named
 
 
-def _dataset_name(value: object) -> str | None:
-    return value if isinstance(value, str) and DATASET.match(value) else None
+def _scope_name(dataset: str, level: str) -> str:
+    """The scope as a 403 may name it: a malformed dataset name is not echoed back."""
+    return f"{dataset}:{level}" if DATASET.match(dataset) else f"DATASET:{level} (for a valid dataset name)"
 
 
 async def public() -> None:
@@ -167,6 +196,87 @@ Manage = Annotated[Access, Security(authorize, scopes=["manage"])]
 Admin = Annotated[Access, Security(authorize, scopes=[ADMIN])]
 AnyKey = Annotated[Access, Security(authorize)]
 Public = Annotated[None, Depends(public)]
+
+
+# ------------------------------------------------------------------------------------------------ the gate
+
+GATE_VERDICT = "llmatch_access"  # request.state key: the gate's Access, or the HTTPException to answer with
+
+
+class AuthGate:
+    """Authenticate before anything reads the body. A body sent without a valid key is refused at once (401,
+    or 503 while keys cannot be checked) and never read; a bodiless request goes on with the verdict in
+    ``request.state`` for ``authorize`` to raise on routes that need a key (public routes need none). While
+    auth is off, only loopback host names are served unless ``insecure_no_auth`` says the operator chose it."""
+
+    def __init__(self, app: ASGIApp, insecure_no_auth: bool = False):
+        self.app = app
+        self.insecure_no_auth = insecure_no_auth
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        headers = Headers(scope=scope)
+        cache: KeyCache | None = getattr(scope["app"].state, "keys", None)
+        if cache is None:  # the lifespan has not run: nothing to check keys against; authorize answers
+            await self.app(scope, receive, send)
+            return
+        try:
+            verdict: Access | Exception = await authenticate(cache, _credentials(headers))
+        except (HTTPException, ApiError) as refusal:
+            verdict = refusal
+        if verdict is OPEN and not self.insecure_no_auth and not is_loopback_host(headers.get("host", "")):
+            await _answer(send, 400, _NOT_LOOPBACK)
+            return
+        if isinstance(verdict, Exception) and _has_body(headers):
+            await _answer_refusal(send, verdict)
+            return
+        scope.setdefault("state", {})[GATE_VERDICT] = verdict
+        await self.app(scope, receive, send)
+
+
+_NOT_LOOPBACK = (
+    "While no API key exists the service answers only requests addressed to localhost or a loopback address; "
+    "create a key with `llmatch keys create` to serve it under other host names."
+)
+
+
+def _credentials(headers: Headers) -> HTTPAuthorizationCredentials | None:
+    scheme, _, token = headers.get("authorization", "").partition(" ")
+    if scheme.lower() != "bearer" or not token.strip():
+        return None
+    return HTTPAuthorizationCredentials(scheme=scheme, credentials=token.strip())
+
+
+def _has_body(headers: Headers) -> bool:
+    return headers.get("content-length", "0") not in ("", "0") or "transfer-encoding" in headers
+
+
+def is_loopback_host(host_header: str) -> bool:
+    """Whether a Host header names this machine: ``localhost`` or a loopback address, with or without a port."""
+    host = host_header.strip().lower()
+    if host.startswith("["):
+        host = host[1 : host.find("]")] if "]" in host else host
+    elif host.count(":") == 1:
+        host = host.split(":")[0]
+    return host == "localhost" or is_loopback(host)
+
+
+async def _answer_refusal(send: Send, refusal: Exception) -> None:
+    if isinstance(refusal, HTTPException):
+        await _answer(send, refusal.status_code, str(refusal.detail), dict(refusal.headers or {}))
+    else:
+        assert isinstance(refusal, ApiError)
+        await _answer(send, refusal.status_code, refusal.detail)
+
+
+async def _answer(send: Send, status: int, detail: str, headers: dict[str, str] | None = None) -> None:
+    body = json.dumps({"detail": detail}).encode()
+    raw = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+    raw += [(name.lower().encode(), value.encode()) for name, value in (headers or {}).items()]
+    await send({"type": "http.response.start", "status": status, "headers": raw})
+    await send({"type": "http.response.body", "body": body})
 
 
 # --------------------------------------------------------------------------------- `llmatch serve` start-up

@@ -128,7 +128,9 @@ def counting_pool(pool: EncoderPool) -> CountingPool:
 @pytest.fixture
 def client(settings: Settings, counting_pool: CountingPool) -> Iterator[TestClient]:
     """The API without an in-process worker: tests run the worker explicitly with ``drain``."""
-    with TestClient(create_app(settings, pool=counting_pool, run_worker=False)) as test_client:
+    with TestClient(
+        create_app(settings, pool=counting_pool, run_worker=False), base_url="http://localhost"
+    ) as test_client:
         yield test_client
 
 

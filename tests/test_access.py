@@ -4,6 +4,7 @@ not reveal."""
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import subprocess
@@ -14,6 +15,7 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
+import anyio
 import pytest
 from conftest import PRODUCTS_A, records_body
 from fastapi.routing import APIRoute, iter_route_contexts
@@ -241,6 +243,139 @@ def test_body_dataset_is_checked_after_parsing(client, products):
     assert response.status_code == 422
 
 
+def _elsewhere(row: Row) -> list[tuple[str, str, dict[str, Any]]]:
+    """Requests that name 'shop' somewhere other than the route's own place, which names 'mine': in the query
+    string (alone, repeated, empty, malformed) and in the JSON body where the route reads one."""
+    natural = row.dataset or ""
+    url = row.url.replace(f"/{natural}", "/mine").replace(f"dataset={natural}", "dataset=mine")
+    body = row.kwargs.get("json")
+    body = None if body is None else json.loads(json.dumps(body).replace(f'"{natural}"', '"mine"'))
+    kwargs = {} if body is None else {"json": body}
+    join = "&" if "?" in url else "?"
+    variants = [
+        ("its own place", row.url, row.kwargs),
+        ("query", f"{url}{join}dataset=shop", kwargs),
+        ("query, repeated", f"{url}{join}dataset=mine&dataset=shop", kwargs),
+        ("query, empty", f"{url}{join}dataset=", kwargs),
+        ("query, malformed", f"{url}{join}dataset=%C2%B2", kwargs),
+    ]
+    if body is not None:
+        variants += [
+            ("body", url, {"json": {**body, "dataset": "shop"}}),
+            ("body, not a string", url, {"json": {**body, "dataset": ["shop"]}}),
+            ("body, empty", url, {"json": {**body, "dataset": ""}}),
+        ]
+    return variants
+
+
+def _snapshot(client: TestClient, admin: dict[str, str]) -> list[Any]:
+    """What a caller could change in dataset 'shop': configuration, counts, records, labels, entities."""
+    described = client.get("/datasets/shop", headers=admin).json()
+    described.pop("updated_at", None)
+    with client.app.state.service.session_factory() as session:
+        records = session.execute(
+            select(Record.source, Record.external_id, Record.attributes, Record.status).order_by(Record.id)
+        ).all()
+    labels = client.get("/datasets/shop/labels", headers=admin).json()
+    return [described, [tuple(r) for r in records], labels]
+
+
+def test_a_key_reaches_no_dataset_it_lacks_wherever_the_name_travels(client, products):
+    """For every per-dataset route and every place a dataset name can travel (path, query, body), a key that
+    holds every scope of 'mine' but none of 'shop' gets 403 and 'shop' is left as it was."""
+    assert client.put("/datasets/mine", json={}).status_code == 201
+    assert client.post("/records", json=records_body("mine", "a", [("x", {"name": "x"})])).status_code == 202
+    admin = bearer(make_key(client, "admin", ["admin"]))
+    mine = bearer(make_key(client, "mine", ["mine:read", "mine:write", "mine:manage"]))
+    before = _snapshot(client, admin)
+    rows = [row for row in ROWS if row.level in LEVEL_OF]
+    routes = {f"{row.method} {row.url.split('?')[0]}" for row in rows}
+    assert routes >= {"POST /records", "POST /match", "POST /candidates"}
+    wrong = []
+    for row in rows:
+        for where, url, kwargs in _elsewhere(row):
+            response = client.request(row.method, url, headers=mine, **kwargs)
+            if response.status_code != 403:
+                wrong.append(f"{row.method} {url} ({where}): {response.status_code} {response.text[:200]}")
+            elif not any(f"{name}:{row.level}" in response.text for name in (row.dataset, "shop", "DATASET")):
+                wrong.append(f"{row.method} {url} ({where}): 403 naming no scope: {response.text[:200]}")
+    assert not wrong, "\n".join(wrong)
+    assert _snapshot(client, admin) == before
+
+
+def test_a_request_naming_two_datasets_is_refused(client, products):
+    """A key that may act on both datasets still cannot name one in the query and another in the body."""
+    assert client.put("/datasets/mine", json={}).status_code == 201
+    both = bearer(make_key(client, "both", ["mine:read", "mine:write", "shop:read", "shop:write"]))
+    body = records_body("shop", "a", [("planted", {"name": "planted"})])
+    response = client.post("/records?dataset=mine", json=body, headers=both)
+    assert response.status_code == 422 and "more than one dataset" in response.json()["detail"]
+    assert client.get("/records/shop/a/planted", headers=both).status_code == 404
+    same = client.post("/records?dataset=shop", json=body, headers=both)
+    assert same.status_code == 202
+
+
+def _raw_post(app: Any, headers: list[tuple[bytes, bytes]], chunks: int) -> tuple[int, int]:
+    """POST /records straight into the ASGI app with a body of ``chunks`` 64 KiB chunks: (status, chunks read)."""
+    reads = 0
+    sent: list[dict[str, Any]] = []
+
+    async def receive() -> dict[str, Any]:
+        nonlocal reads
+        reads += 1
+        return {"type": "http.request", "body": b" " * 65536, "more_body": reads < chunks}
+
+    async def send(message: dict[str, Any]) -> None:
+        sent.append(message)
+
+    scope = {
+        "type": "http",
+        "asgi": {"version": "3.0"},
+        "http_version": "1.1",
+        "method": "POST",
+        "scheme": "http",
+        "path": "/records",
+        "raw_path": b"/records",
+        "root_path": "",
+        "query_string": b"",
+        "headers": [(b"host", b"localhost"), (b"content-type", b"application/json"), *headers],
+        "client": ("127.0.0.1", 1),
+        "server": ("127.0.0.1", 80),
+    }
+    anyio.run(app, scope, receive, send)
+    return sent[0]["status"], reads
+
+
+def test_a_body_without_a_valid_key_is_refused_unread(client, products):
+    """No key, or an unknown one, with a 16 MiB body: 401 before a byte of the body is read."""
+    make_key(client, "admin", ["admin"])
+    length = [(b"content-length", str(16 * 2**20).encode())]
+    assert _raw_post(client.app, length, chunks=256) == (401, 0)
+    unknown = [(b"authorization", b"Bearer llm_" + b"x" * 43)]
+    assert _raw_post(client.app, length + unknown, chunks=256) == (401, 0)
+    assert _raw_post(client.app, [(b"transfer-encoding", b"chunked")], chunks=256) == (401, 0)
+    # A known key's body is read (and here refused as the JSON it is not).
+    writer = [(b"authorization", f"Bearer {make_key(client, 'writer', ['shop:write'])}".encode())]
+    status, reads = _raw_post(client.app, [(b"content-length", str(4 * 65536).encode()), *writer], chunks=4)
+    assert (status, reads) == (400, 4)
+
+
+def test_without_keys_only_loopback_host_names_are_served(client, settings, counting_pool):
+    """Auth off (no key): a request addressed to another host name (DNS rebinding) is refused."""
+    for host in ("attacker.example", "attacker.example:8000", "127.0.0.1.attacker.example", "10.0.0.1", ""):
+        response = client.put("/datasets/rebound", json={}, headers={"host": host})
+        assert response.status_code == 400 and "localhost" in response.json()["detail"], host
+    assert client.get("/datasets/rebound").status_code == 404
+    for host in ("localhost", "localhost:8000", "127.0.0.1:8000", "[::1]:8000", "127.0.0.2"):
+        assert client.get("/datasets", headers={"host": host}).status_code == 200, host
+    assert client.get("/healthz", headers={"host": "attacker.example"}).status_code == 400
+    insecure = settings.model_copy(update={"insecure_no_auth": True})
+    with TestClient(create_app(insecure, pool=counting_pool, run_worker=False), base_url="http://api.internal") as api:
+        assert api.put("/datasets/exposed", json={}).status_code == 201
+    key = bearer(make_key(client, "admin", ["admin"]))
+    assert client.get("/datasets", headers={"host": "api.example", **key}).status_code == 200
+
+
 def test_every_route_declares_its_access():
     """Each route has one of auth.Read/Write/Manage/Admin/AnyKey/Public in its signature; a per-dataset one
     can find its dataset (path name/dataset, query dataset, or body field dataset)."""
@@ -274,7 +409,7 @@ def test_every_route_declares_its_access():
 
 def test_keys_are_cached_and_last_use_written_lazily(settings, counting_pool, tmp_path):
     cached = settings.model_copy(update={"auth_cache_seconds": 60})
-    with TestClient(create_app(cached, pool=counting_pool, run_worker=False)) as client:
+    with TestClient(create_app(cached, pool=counting_pool, run_worker=False), base_url="http://localhost") as client:
         state = client.app.state.service
         key = make_key(client, "admin", ["admin"])
         client.app.state.keys.refresh()

@@ -97,7 +97,7 @@ def world(request: pytest.FixtureRequest, pool, tmp_path_factory: pytest.TempPat
     with _database(request, request.param, base) as url:
         settings = _settings(url, base)
         counting = CountingPool(pool)
-        with TestClient(create_app(settings, pool=counting, run_worker=False)) as client:
+        with TestClient(create_app(settings, pool=counting, run_worker=False), base_url="http://localhost") as client:
             for name in ("shop", "raw"):
                 assert client.put(f"/datasets/{name}", json={}).status_code == 201
                 assert client.post("/records", json=records_body(name, "a", PRODUCTS_A)).status_code == 202
@@ -121,7 +121,9 @@ def small(request: pytest.FixtureRequest, pool, tmp_path_factory: pytest.TempPat
     base = tmp_path_factory.mktemp(f"bad-input-small-{request.param}")
     with _database(request, request.param, base) as url:
         settings = _settings(url, base).model_copy(update={"max_body_bytes": SMALL_LIMIT})
-        with TestClient(create_app(settings, pool=CountingPool(pool), run_worker=False)) as client:
+        with TestClient(
+            create_app(settings, pool=CountingPool(pool), run_worker=False), base_url="http://localhost"
+        ) as client:
             assert client.put("/datasets/shop", json={}).status_code == 201
             assert client.post("/records", json=records_body("shop", "a", PRODUCTS_A)).status_code == 202
             yield client

@@ -84,7 +84,7 @@ def test_unstorable_text_inline_and_in_paths_is_a_422(products, client):
 
 def test_sqlite_reads_do_not_wait_for_a_writer(sqlite_url, tmp_path, counting_pool):
     settings = Settings(database_url=sqlite_url, data_dir=tmp_path / "data", device="cpu")
-    with TestClient(create_app(settings, pool=counting_pool, run_worker=False)) as api:
+    with TestClient(create_app(settings, pool=counting_pool, run_worker=False), base_url="http://localhost") as api:
         api.put("/datasets/shop", json={})
         writer = sqlite3.connect(make_url(sqlite_url).database, isolation_level=None)
         writer.execute("BEGIN IMMEDIATE")  # another process holds the write lock
@@ -129,7 +129,7 @@ def test_sixteen_concurrent_requests_reuse_their_connections(client):
 def test_no_database_connection_is_held_while_encoding_inline(products, settings, counting_pool):
     pool = ConnectionWatchingPool(counting_pool)
     pool.holders, pool.held = {}, []
-    with TestClient(create_app(settings, pool=pool, run_worker=False)) as api:
+    with TestClient(create_app(settings, pool=pool, run_worker=False), base_url="http://localhost") as api:
         pool.watch(api.app.state.service.engine)
         inline = {"attributes": {"name": "a brand new gadget nobody stored"}}
         assert api.post("/candidates", json={"dataset": products, "record": inline}).status_code == 200
@@ -229,7 +229,7 @@ def test_a_lease_renewal_skips_rows_being_stored_instead_of_waiting(pg_url, tmp_
     """On PostgreSQL the heartbeat's renewal and the worker's own store could lock a claim's rows in opposite
     orders and deadlock; a renewal that never waits for a row lock cannot be part of a deadlock."""
     settings = Settings(database_url=pg_url, data_dir=tmp_path, device="cpu")
-    with TestClient(create_app(settings, pool=counting_pool, run_worker=False)) as api:
+    with TestClient(create_app(settings, pool=counting_pool, run_worker=False), base_url="http://localhost") as api:
         api.put("/datasets/shop", json={})
         api.post("/records", json=records_body("shop", "a", _rows(4)))
         factory = _factory(api)
@@ -400,7 +400,7 @@ def test_sqlite_commits_are_durable(sqlite_url):
 
 def test_a_fresh_embedded_store_creates_itself(tmp_path, counting_pool):
     settings = Settings(data_dir=tmp_path / "new", device="cpu")
-    with TestClient(create_app(settings, pool=counting_pool, run_worker=False)) as api:
+    with TestClient(create_app(settings, pool=counting_pool, run_worker=False), base_url="http://localhost") as api:
         assert api.put("/datasets/shop", json={}).status_code == 201
 
 

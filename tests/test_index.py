@@ -35,7 +35,7 @@ def _candidates(api: TestClient, record_id: str) -> list[tuple[str, float]]:
 
 
 def _restart(settings, pool) -> TestClient:
-    return TestClient(create_app(settings, pool=NoEncoding(pool), run_worker=False))
+    return TestClient(create_app(settings, pool=NoEncoding(pool), run_worker=False), base_url="http://localhost")
 
 
 def test_restart_loads_saved_index_files(products, client, settings, pool):

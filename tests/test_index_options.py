@@ -153,7 +153,7 @@ def _answers(api: TestClient, dataset: str) -> list[list[str]]:
 
 
 def _service(settings: Settings, pool) -> TestClient:
-    return TestClient(create_app(settings, pool=NoEncoding(pool), run_worker=False))
+    return TestClient(create_app(settings, pool=NoEncoding(pool), run_worker=False), base_url="http://localhost")
 
 
 def _two_stored_datasets(settings: Settings, pool) -> None:
@@ -202,7 +202,9 @@ def test_switching_a_loaded_datasets_policy_changes_its_live_index(two_datasets)
 
 def test_another_process_follows_a_change_at_its_next_poll(two_datasets, settings, pool):
     elsewhere = settings.model_copy(update={"data_dir": settings.data_dir.parent / "elsewhere"})
-    with TestClient(create_app(elsewhere, pool=NoEncoding(pool), run_worker=False)) as other_process:
+    with TestClient(
+        create_app(elsewhere, pool=NoEncoding(pool), run_worker=False), base_url="http://localhost"
+    ) as other_process:
         assert _index(other_process, "big").structure == "ivf"
         assert two_datasets.put("/datasets/big", json={"index": None}).status_code == 200
         assert _index(two_datasets, "big").structure == "flat"  # at once where the change was made

@@ -233,14 +233,14 @@ def test_start_up_pages_through_stored_vectors(settings, pool, monkeypatch):
     _stored_synthetic(settings, 2500)
     monkeypatch.setattr(index_sync, "PAGE", 300)  # many pages
     settings = settings.model_copy(update={"index_kind": "flat"})
-    with TestClient(create_app(settings, pool=NoEncoding(pool), run_worker=False)) as api:
+    with TestClient(create_app(settings, pool=NoEncoding(pool), run_worker=False), base_url="http://localhost") as api:
         state = api.app.state.service
         assert len(state.synchronizer.rebuilt) == 2
         index = state.registry.get(state.synchronizer.rebuilt[0])
         assert {index.size, state.registry.get(state.synchronizer.rebuilt[1]).size} == {2500, 200}
         before = _answers(api)
         assert all(len(ids) == 5 for ids in before)
-    with TestClient(create_app(settings, pool=NoEncoding(pool), run_worker=False)) as api:
+    with TestClient(create_app(settings, pool=NoEncoding(pool), run_worker=False), base_url="http://localhost") as api:
         assert len(api.app.state.service.synchronizer.loaded_from_file) == 2
         assert _answers(api) == before
 
@@ -249,11 +249,11 @@ def test_start_up_pages_through_stored_vectors(settings, pool, monkeypatch):
 def test_damaged_files_are_rebuilt_with_the_same_answers_and_no_encoding(settings, pool, damage):
     _stored_synthetic(settings, MIN_APPROXIMATE_SIZE + 100)
     settings = settings.model_copy(update={"index_kind": "ivf", "index_nprobe": 256})
-    with TestClient(create_app(settings, pool=NoEncoding(pool), run_worker=False)) as api:
+    with TestClient(create_app(settings, pool=NoEncoding(pool), run_worker=False), base_url="http://localhost") as api:
         before = _answers(api)
     for manifest in settings.index_dir.glob("*.json"):
         DAMAGE[damage](manifest.with_suffix(".faiss"))
-    with TestClient(create_app(settings, pool=NoEncoding(pool), run_worker=False)) as api:
+    with TestClient(create_app(settings, pool=NoEncoding(pool), run_worker=False), base_url="http://localhost") as api:
         sync = api.app.state.service.synchronizer
         assert len(sync.rebuilt) == 2 and sync.loaded_from_file == []
         assert api.app.state.service.registry.get(sync.rebuilt[0]).structure in {"ivf", "flat"}
@@ -263,7 +263,7 @@ def test_damaged_files_are_rebuilt_with_the_same_answers_and_no_encoding(setting
 def test_indexes_are_saved_periodically_not_only_at_shutdown(settings, pool):
     _stored_synthetic(settings, 300)
     settings = settings.model_copy(update={"index_save_seconds": 0.2})
-    with TestClient(create_app(settings, pool=NoEncoding(pool), run_worker=False)) as api:
+    with TestClient(create_app(settings, pool=NoEncoding(pool), run_worker=False), base_url="http://localhost") as api:
         state = api.app.state.service
         manifests = sorted(settings.index_dir.glob("*.json"))
         written = {m: m.stat().st_mtime_ns for m in manifests}

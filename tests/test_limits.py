@@ -53,7 +53,7 @@ def recorder(counting_pool, tmp_path: Path) -> Recorder:
 
 
 def limited_client(settings: Settings, pool, **limits) -> TestClient:
-    return TestClient(create_app(settings.model_copy(update=limits), pool=pool, run_worker=False))
+    return TestClient(create_app(settings.model_copy(update=limits), pool=pool, run_worker=False), base_url="http://localhost")
 
 
 def assert_refusal(response, status: int, *fragments: str) -> str:

@@ -65,7 +65,7 @@ def test_health_answers_while_inline_encodes_hold_every_thread(products, setting
 
 
 def test_readyz_names_a_dead_follower_and_a_dead_worker(settings, counting_pool):
-    with TestClient(create_app(settings, pool=counting_pool, run_worker=True)) as client:
+    with TestClient(create_app(settings, pool=counting_pool, run_worker=True), base_url="http://localhost") as client:
         state = client.app.state.service
         ready = client.get("/readyz").json()
         assert ready["status"] == "ready" and ready["encoder_worker"] == {"alive": True}
@@ -86,7 +86,7 @@ def test_readyz_names_a_dead_follower_and_a_dead_worker(settings, counting_pool)
 def test_readyz_reports_follower_lag(settings, counting_pool, monkeypatch):
     """A follower whose polls keep failing is alive but stale: /readyz says so once the lag passes the limit."""
     lagging = settings.model_copy(update={"index_max_lag_seconds": 1.0})
-    with TestClient(create_app(lagging, pool=counting_pool, run_worker=False)) as client:
+    with TestClient(create_app(lagging, pool=counting_pool, run_worker=False), base_url="http://localhost") as client:
         synchronizer = client.app.state.service.synchronizer
         assert client.get("/readyz").status_code == 200
 
@@ -103,7 +103,7 @@ def test_readyz_reports_follower_lag(settings, counting_pool, monkeypatch):
 
 def test_readyz_does_not_wait_for_a_hung_database(settings, counting_pool, monkeypatch):
     quick = settings.model_copy(update={"ready_timeout_seconds": 0.5})
-    with TestClient(create_app(quick, pool=counting_pool, run_worker=False)) as client:
+    with TestClient(create_app(quick, pool=counting_pool, run_worker=False), base_url="http://localhost") as client:
         state = client.app.state.service
         monkeypatch.setattr(state, "database_ok", lambda: time.sleep(5) or True)
         started = time.monotonic()

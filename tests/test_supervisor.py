@@ -71,7 +71,7 @@ def _wait(condition, timeout: float = 120.0) -> None:
 def test_a_killed_encoding_process_is_replaced_without_loading_the_model_again(sqlite_url, tmp_path, counting_pool):
     settings = Settings(database_url=sqlite_url, data_dir=tmp_path, device="cpu")
     rows = [(f"r{i}", {"title": f"product {i} with a model number x{i * 7919 % 100000}"}) for i in range(400)]
-    with TestClient(create_app(settings, pool=counting_pool, run_worker=False)) as api:
+    with TestClient(create_app(settings, pool=counting_pool, run_worker=False), base_url="http://localhost") as api:
         api.put("/datasets/shop", json={})
         assert api.post("/records", json=records_body("shop", "a", rows)).status_code == 202
     env = {

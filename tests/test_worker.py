@@ -180,7 +180,7 @@ def test_concurrent_workers_claim_disjoint_batches(pg_url, tmp_path, counting_po
 
     from service.app import create_app
 
-    with TestClient(create_app(settings, pool=counting_pool, run_worker=False)) as api:
+    with TestClient(create_app(settings, pool=counting_pool, run_worker=False), base_url="http://localhost") as api:
         api.put("/datasets/shop", json={})
         api.post("/records", json=records_body("shop", "a", _rows(400)))
     workers = [make_worker(settings, counting_pool) for _ in range(4)]
@@ -204,7 +204,7 @@ def test_concurrent_worker_processes_on_postgres(pg_url, tmp_path, counting_pool
     from service.app import create_app
 
     settings = Settings(database_url=pg_url, data_dir=tmp_path, worker_batch_size=8)
-    with TestClient(create_app(settings, pool=counting_pool, run_worker=False)) as api:
+    with TestClient(create_app(settings, pool=counting_pool, run_worker=False), base_url="http://localhost") as api:
         api.put("/datasets/shop", json={})
         api.post("/records", json=records_body("shop", "a", _rows(300)))
     env = _worker_env(settings, LLMATCH_WORKER_BATCH_SIZE="8")
