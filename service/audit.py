@@ -17,7 +17,18 @@ log = logging.getLogger("llmatch.audit")
 LOCAL = "local"  # the actor while auth is off (no key exists, loopback only)
 
 
+def printable(text: str) -> str:
+    """``text`` for a log line: backslashes and characters that are not printable (newlines, escape codes,
+    direction overrides) written as Python escapes, so a value from a request cannot start or forge a line."""
+    return "".join(
+        char if char.isprintable() and char != "\\" else char.encode("unicode_escape").decode("ascii") for char in text
+    )
+
+
 def record(session: Session, actor: str, action: str, target: str, details: dict[str, Any] | None = None) -> None:
-    """Note that ``actor`` (a key's name) did ``action`` (e.g. ``dataset.delete``) to ``target``."""
+    """Note that ``actor`` (a key's name) did ``action`` (e.g. ``dataset.delete``) to ``target``. The row keeps
+    the values as given; the log line escapes them (``printable``)."""
     session.add(AuditEvent(actor=actor, action=action, target=target[:256], details=details))
-    log.info("audit: %s %s by %s%s", action, target, actor, f" {details}" if details else "")
+    # The details are shown as their repr, which escapes what is not printable in the strings they hold.
+    shown = f" {details!r}" if details else ""
+    log.info("audit: %s %s by %s%s", printable(action), printable(target), printable(actor), shown)
