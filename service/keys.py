@@ -72,13 +72,20 @@ def create_key(
     if expires_days is not None and expires_days <= 0:
         raise KeyProblem("--expires must be a positive number of days")
     if session.scalar(select(ApiKey.id).where(ApiKey.name == name)) is not None:
-        raise KeyProblem(f"a key named {name!r} already exists (names stay taken after revocation); choose another")
+        raise KeyProblem(_name_taken(name))
     key = new_key()
     expires = utcnow() + timedelta(days=expires_days) if expires_days is not None else None
     session.add(ApiKey(name=name, key_hash=hash_key(key), scopes=scopes, expires_at=expires))
-    session.flush()
+    try:
+        session.flush()
+    except IntegrityError:  # created at the same moment by someone else, after the check above
+        raise KeyProblem(_name_taken(name)) from None
     audit.record(session, actor, "key.create", name, {"scopes": scopes, "expires_at": _iso(expires)})
     return key
+
+
+def _name_taken(name: str) -> str:
+    return f"a key named {name!r} already exists (names stay taken after revocation); choose another"
 
 
 def ensure_key(session: Session, name: str, key: str, scopes: list[str], *, actor: str = "startup") -> str:

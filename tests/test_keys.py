@@ -1,17 +1,48 @@
-"""The audit lines that changes and key operations write: one line each, whatever the values hold."""
+"""`llmatch keys create` through the command line's entry point (concurrent creation), and the audit lines key
+operations and other changes write."""
 
 from __future__ import annotations
 
 import logging
+import os
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
 from urllib.parse import quote
 
+import psycopg
 import pytest
-from conftest import PRODUCTS_A, records_body
-from sqlalchemy import select
+from conftest import PG_ADMIN_URL, PRODUCTS_A, records_body
+from sqlalchemy import make_url, select
 
-from llmatch.db import transaction
-from llmatch.models import AuditEvent
-from service import audit
+from llmatch.cli import main
+from llmatch.db import make_engine, make_session_factory, transaction
+from llmatch.models import ApiKey, AuditEvent
+from llmatch.settings import get_settings
+from service import audit, keys
+
+
+@pytest.fixture
+def cli_database(monkeypatch: pytest.MonkeyPatch, tmp_path: Path, database_url: str) -> Iterator[str]:
+    """The command line's settings (read from the environment) pointed at a fresh migrated database."""
+    for name in [name for name in os.environ if name.startswith("LLMATCH_")]:
+        monkeypatch.delenv(name)
+    monkeypatch.setenv("LLMATCH_DATABASE_URL", database_url)
+    monkeypatch.setenv("LLMATCH_DATA_DIR", str(tmp_path / "data"))
+    get_settings.cache_clear()
+    yield database_url
+    get_settings.cache_clear()
+
+
+def stored_keys(url: str) -> list[str]:
+    engine = make_engine(url)
+    try:
+        with make_session_factory(engine)() as session:
+            return list(session.scalars(select(ApiKey.name)))
+    finally:
+        engine.dispose()
+
 
 # ------------------------------------------------------------------------------------------ audit lines
 
@@ -68,3 +99,48 @@ def test_audit_lines_keep_backslashes_unambiguous(client, caplog):
             assert client.delete(f"/records/shop/a/{quote(record_id, safe='')}").status_code == 204
     lines = audit_lines(caplog)
     assert len(lines) == 2 and lines[0] != lines[1], lines
+
+
+# ------------------------------------------------------------------------------ concurrent `keys create`
+
+
+def backends_waiting_on_a_lock(url: str) -> int:
+    database = make_url(url).database
+    with psycopg.connect(PG_ADMIN_URL, autocommit=True) as admin:
+        query = "SELECT count(*) FROM pg_stat_activity WHERE datname = %s AND wait_event_type = 'Lock'"
+        return admin.execute(query, (database,)).fetchone()[0]
+
+
+@pytest.mark.parametrize("database_url", ["pg"], indirect=True)
+def test_concurrent_keys_create_with_one_name_says_it_exists(cli_database, capsys):
+    """A key named "ops" is being created (inserted, not yet committed) while `llmatch keys create --name ops`
+    runs: its check finds no such key, its insert waits for the other transaction, which then commits. The
+    command must say the name is taken and exit 1, not end in a traceback."""
+    engine = make_engine(cli_database)
+    outcome: dict[str, object] = {}
+
+    def create() -> None:
+        try:
+            outcome["status"] = main(["keys", "create", "--name", "ops", "--scope", "admin"])
+        except BaseException as error:  # noqa: BLE001 - the test reports what escaped
+            outcome["error"] = error
+
+    try:
+        with transaction(make_session_factory(engine)) as session:
+            keys.create_key(session, "ops", ["shop:read"], actor="test")  # flushed: holds the name, uncommitted
+            racer = threading.Thread(target=create)
+            racer.start()
+            deadline = time.monotonic() + 60
+            while backends_waiting_on_a_lock(cli_database) == 0:
+                assert racer.is_alive() and time.monotonic() < deadline, f"the command never waited: {outcome}"
+                time.sleep(0.05)
+        racer.join(60)
+    finally:
+        engine.dispose()
+    assert not racer.is_alive()
+    captured = capsys.readouterr()
+    assert "error" not in outcome, repr(outcome["error"])
+    assert outcome["status"] == 1
+    assert "a key named 'ops' already exists" in captured.err, captured.err
+    assert "Traceback" not in captured.err and "llm_" not in captured.out
+    assert stored_keys(cli_database) == ["ops"]
