@@ -30,6 +30,7 @@ KEY_NAME = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
 SCOPE = re.compile(r"^(admin|[a-z0-9_-]{1,64}:(read|write|manage))$")
 KEY_PREFIX = "llm_"
 LAST_USED_EVERY = 60.0  # seconds: last-used times reach the database at most this often per key
+MAX_EXPIRES_DAYS = 36_500  # a hundred years; leave --expires out for a key that never expires
 
 
 class KeyProblem(ValueError):
@@ -69,8 +70,7 @@ def create_key(
     if not KEY_NAME.match(name):
         raise KeyProblem(f"invalid key name {name!r}: use 1-64 letters, digits, '.', '_' or '-'")
     scopes = check_scopes(scopes)
-    if expires_days is not None and expires_days <= 0:
-        raise KeyProblem("--expires must be a positive number of days")
+    check_expires_days(expires_days)
     if session.scalar(select(ApiKey.id).where(ApiKey.name == name)) is not None:
         raise KeyProblem(_name_taken(name))
     key = new_key()
@@ -82,6 +82,15 @@ def create_key(
         raise KeyProblem(_name_taken(name)) from None
     audit.record(session, actor, "key.create", name, {"scopes": scopes, "expires_at": _iso(expires)})
     return key
+
+
+def check_expires_days(expires_days: float | None) -> None:
+    """Refuses an expiry that is not a number of days from just above 0 to ``MAX_EXPIRES_DAYS`` (nan, inf)."""
+    if expires_days is not None and not 0 < expires_days <= MAX_EXPIRES_DAYS:
+        raise KeyProblem(
+            f"--expires must be a number of days above 0 and at most {MAX_EXPIRES_DAYS:,}, not {expires_days:g}; "
+            "leave it out for a key that never expires"
+        )
 
 
 def _name_taken(name: str) -> str:

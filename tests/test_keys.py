@@ -1,5 +1,5 @@
-"""`llmatch keys create` through the command line's entry point (concurrent creation), and the audit lines key
-operations and other changes write."""
+"""`llmatch keys create` through the command line's entry point (expiry, concurrent creation), and the audit
+lines key operations and other changes write."""
 
 from __future__ import annotations
 
@@ -143,4 +143,26 @@ def test_concurrent_keys_create_with_one_name_says_it_exists(cli_database, capsy
     assert outcome["status"] == 1
     assert "a key named 'ops' already exists" in captured.err, captured.err
     assert "Traceback" not in captured.err and "llm_" not in captured.out
+    assert stored_keys(cli_database) == ["ops"]
+
+
+# ------------------------------------------------------------------------------------ `keys create --expires`
+
+
+@pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
+@pytest.mark.parametrize("days", ["nan", "inf", "-inf", "-1", "0", "1e9", "36501"])
+def test_keys_create_refuses_expiry_that_is_not_a_sane_number_of_days(cli_database, capsys, days):
+    status = main(["keys", "create", "--name", "ops", "--scope", "admin", f"--expires={days}"])
+    captured = capsys.readouterr()
+    assert status == 1, captured
+    assert "--expires must be a number of days above 0 and at most 36,500" in captured.err, captured.err
+    assert "Traceback" not in captured.err and "llm_" not in captured.out
+    assert stored_keys(cli_database) == []
+
+
+@pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
+@pytest.mark.parametrize("days", ["0.5", "36500"])
+def test_keys_create_takes_expiry_within_bounds(cli_database, capsys, days):
+    assert main(["keys", "create", "--name", "ops", "--scope", "admin", f"--expires={days}"]) == 0
+    assert capsys.readouterr().out.strip().splitlines()[-1].startswith("llm_")
     assert stored_keys(cli_database) == ["ops"]
