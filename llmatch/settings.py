@@ -78,6 +78,20 @@ class Settings(BaseSettings):
         description="Rendered text per record is cut to this many characters before tokenisation (far beyond "
         "the 512 tokens an encoder keeps by default).",
     )
+    # Explanations (`explain` on /match): the work one may do, each value first cut to max_text_chars.
+    explain_max_values: int = Field(
+        default=128,
+        ge=2,
+        le=1_024,
+        description="Distinct attribute values one explanation embeds; attributes past it get similarity null.",
+    )
+    explain_max_chars: int = Field(
+        default=131_072,
+        ge=256,
+        le=16_777_216,
+        description="Characters one explanation embeds, and scans per record for identifiers; values past it are "
+        "left out (similarity null).",
+    )
     max_dataset_attributes: int = Field(
         default=1_024, ge=1, description="Distinct attribute names per dataset; a batch that would exceed it gets 422."
     )

@@ -4,7 +4,8 @@ part numbers the two records share or do not."""
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -17,6 +18,7 @@ from encoder_worker.encoders.registry import EncoderPool
 from encoder_worker.render import RenderConfig, input_hash, render, render_config, value_text
 from llmatch.db import transaction
 from llmatch.models import Dataset
+from llmatch.settings import Settings
 from llmatch.vectors import load_vectors, store_embeddings
 from service.records import get_record
 from service.schemas import (
@@ -37,34 +39,52 @@ def attributes_of(session: Session, dataset: Dataset, item: RecordRef | InlineRe
     return dict(item.attributes)
 
 
+@dataclass(frozen=True)
+class ExplanationLimits:
+    """The work one explanation may do: each value cut to ``value_chars`` first, then at most ``values`` distinct
+    values and ``chars`` characters embedded, and ``chars`` characters of each record scanned for identifiers."""
+
+    value_chars: int
+    values: int
+    chars: int
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> ExplanationLimits:
+        return cls(settings.max_text_chars, settings.explain_max_values, settings.explain_max_chars)
+
+
 def explain(
     session_factory: sessionmaker[Session],
     pool: EncoderPool,
     dataset: Dataset,
     left: Mapping[str, Any],
     right: Mapping[str, Any],
+    limits: ExplanationLimits,
 ) -> Explanation:
-    """Compare two records attribute by attribute (values embedded alone, through the content cache)."""
+    """Compare two records attribute by attribute (values embedded alone, through the content cache); attributes
+    past the limits, like those with a value on one side only, get no similarity."""
     config = render_config(dataset)
     names = _attribute_names(config, dataset.seen_attributes, left, right)
     texts = {name: (_value(left.get(name)), _value(right.get(name))) for name in names}
-    alone = {value_input(config, name, v) for name, pair in texts.items() for v in pair if v is not None}
-    vectors = _vectors(session_factory, pool, dataset.encoder, alone)
+    cut = {name: (_cut(a, limits.value_chars), _cut(b, limits.value_chars)) for name, (a, b) in texts.items()}
+    compared = _compared_inputs(config, cut, limits)
+    vectors = _vectors(session_factory, pool, dataset.encoder, {item for pair in compared.values() for item in pair})
     attributes = []
     for name, (left_text, right_text) in texts.items():
         similarity = None
-        if left_text is not None and right_text is not None:
-            a = vectors[value_input(config, name, left_text)]
-            b = vectors[value_input(config, name, right_text)]
+        if name in compared:
+            a, b = (vectors[item] for item in compared[name])
             similarity = float(np.clip(np.dot(a, b), -1.0, 1.0))
         attributes.append(AttributeComparison(name=name, left=left_text, right=right_text, similarity=similarity))
-    return Explanation(attributes=attributes, identifiers=compare_identifiers(left, right, names))
+    sides = ([pair[0] for pair in cut.values()], [pair[1] for pair in cut.values()])
+    return Explanation(attributes=attributes, identifiers=compare_identifiers(*sides, limits.chars))
 
 
-def compare_identifiers(left: Mapping[str, Any], right: Mapping[str, Any], names: list[str]) -> IdentifierComparison:
-    """Model and part numbers (as identifier features read them) found in both records, or in one only."""
-    left_tokens = identifier_tokens(" ".join(value_text(left.get(name)) for name in names))
-    right_tokens = identifier_tokens(" ".join(value_text(right.get(name)) for name in names))
+def compare_identifiers(left: Iterable[str | None], right: Iterable[str | None], chars: int) -> IdentifierComparison:
+    """Model and part numbers (as identifier features read them) found in both records, or in one only; each
+    record's values are read in order while they fit in ``chars`` characters."""
+    left_tokens = identifier_tokens(_joined(left, chars))
+    right_tokens = identifier_tokens(_joined(right, chars))
     return IdentifierComparison(
         shared=sorted(left_tokens & right_tokens),
         left_only=sorted(left_tokens - right_tokens),
@@ -76,6 +96,44 @@ def value_input(config: RenderConfig, name: str, text: str) -> EncoderInput:
     """What is embedded for one attribute value: a record of that attribute alone, rendered as the dataset does."""
     alone = RenderConfig(config.serialization, None, config.instruction)
     return EncoderInput(config.instruction, render({name: text}, alone, [name]))
+
+
+def _compared_inputs(
+    config: RenderConfig, texts: Mapping[str, tuple[str | None, str | None]], limits: ExplanationLimits
+) -> dict[str, tuple[EncoderInput, EncoderInput]]:
+    """The attributes to compare with what each embeds: those with a value on both sides, in order, as long as
+    the distinct inputs stay within the limits (an attribute that would pass them is left out)."""
+    compared: dict[str, tuple[EncoderInput, EncoderInput]] = {}
+    embedded: set[EncoderInput] = set()
+    chars = 0
+    for name, (left_text, right_text) in texts.items():
+        if left_text is None or right_text is None:
+            continue
+        pair = (value_input(config, name, left_text), value_input(config, name, right_text))
+        new = set(pair) - embedded
+        cost = sum(len(item.text) for item in new)
+        if len(embedded) + len(new) > limits.values or chars + cost > limits.chars:
+            continue
+        compared[name] = pair
+        embedded |= new
+        chars += cost
+    return compared
+
+
+def _cut(text: str | None, limit: int) -> str | None:
+    """A value cut to the text limit, before any work on it."""
+    return text if text is None or len(text) <= limit else text[:limit]
+
+
+def _joined(values: Iterable[str | None], chars: int) -> str:
+    """The values joined by spaces, in order, leaving out each one that would bring the text past ``chars``."""
+    kept: list[str] = []
+    total = 0
+    for value in values:
+        if value is not None and total + len(value) <= chars:
+            kept.append(value)
+            total += len(value) + 1
+    return " ".join(kept)
 
 
 def _attribute_names(

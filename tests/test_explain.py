@@ -3,8 +3,18 @@ identifier tokens two records share or not; on SQLite and PostgreSQL with the re
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 import pytest
-from conftest import records_body
+from conftest import CountingPool, records_body
+from fastapi.testclient import TestClient
+
+from encoder_worker.encoders.base import EncoderInput
+from encoder_worker.encoders.identifiers import identifier_tokens
+from llmatch.settings import Settings
+from service import explain as explaining
+from service.app import create_app
 
 CAMERA = {"title": "canon powershot digital camera 12 megapixel", "brand": "canon", "modelno": "sd-6100"}
 # The same listing with another model number: the model number decides that these are different products.
@@ -95,3 +105,83 @@ def test_explain_of_an_unknown_record_is_404(cameras, client):
     params = dict(dataset="cams", left_source="a", left_id="c1", right_source="a", right_id="nope", explain="true")
     response = client.get("/match", params=params)
     assert response.status_code == 404 and "nope" in response.json()["detail"]
+
+
+@contextmanager
+def limited_client(settings: Settings, pool: CountingPool, **limits) -> Iterator[TestClient]:
+    """A client of an app whose settings differ from the fixture's by ``limits``."""
+    app = create_app(settings.model_copy(update=limits), pool=pool, run_worker=False)
+    with TestClient(app, base_url="http://localhost") as test_client:
+        assert test_client.put("/datasets/cams", json={}).status_code == 201
+        yield test_client
+
+
+def explain_inline(client: TestClient, left: dict, right: dict) -> dict:
+    body = {"dataset": "cams", "left": {"attributes": left}, "right": {"attributes": right}, "explain": True}
+    response = client.post("/match", json=body)
+    assert response.status_code == 200, response.text
+    return response.json()["explanation"]
+
+
+def values_embedded_alone(calls: list[EncoderInput]) -> list[str]:
+    """The texts an explanation embedded: one tagged attribute each (a whole record has one tag per attribute)."""
+    return [item.text for item in calls if item.text.count("[\\") == 1]
+
+
+def test_a_value_of_the_longest_legal_length_is_cut_before_an_explanation_reads_it(
+    cameras, client, counting_pool, settings, monkeypatch
+):
+    """'a-' * n took the identifier pattern quadratic time (17.6 s for one 65,536-character value, holding the
+    GIL); every text an explanation reads or embeds is now cut to the text limit first."""
+    scanned: list[int] = []
+
+    def recording_identifier_tokens(text: str) -> set[str]:
+        scanned.append(len(text))
+        return identifier_tokens(text)
+
+    monkeypatch.setattr(explaining, "identifier_tokens", recording_identifier_tokens)
+    long_value = "a-" * 32_768
+    before = len(counting_pool.calls)
+    body = {
+        "dataset": "cams",
+        "left": {"attributes": {"title": long_value, "modelno": "sd-6100"}},
+        "right": {"source": "a", "id": "c1"},
+        "explain": True,
+    }
+    response = client.post("/match", json=body)
+
+    assert response.status_code == 200, response.text
+    title, _brand, modelno = response.json()["explanation"]["attributes"]
+    assert title["left"] == long_value and title["similarity"] is not None
+    assert modelno["similarity"] == pytest.approx(1.0, abs=1e-5)
+    limit = settings.max_text_chars
+    assert len(scanned) == 2 and max(scanned) <= limit + len(" sd-6100")
+    embedded = values_embedded_alone(counting_pool.calls[before:])
+    # the title cut to the limit and then tagged; the model number is one text on both sides
+    assert len(embedded) == 3 and max(len(text) for text in embedded) == limit + len("[title]  [\\title]")
+
+
+def test_an_explanation_embeds_at_most_the_limit_of_values(settings, counting_pool):
+    left = {f"f{i:02}": f"left value {i}" for i in range(40)}
+    right = {f"f{i:02}": f"right value {i}" for i in range(40)}
+    with limited_client(settings, counting_pool, explain_max_values=8) as limited:
+        before = len(counting_pool.calls)
+        attributes = explain_inline(limited, left, right)["attributes"]
+        embedded = values_embedded_alone(counting_pool.calls[before:])
+
+    assert len(attributes) == 40
+    assert [a["name"] for a in attributes if a["similarity"] is not None] == ["f00", "f01", "f02", "f03"]
+    assert len(embedded) == 8
+
+
+def test_an_explanation_embeds_at_most_the_limit_of_characters(settings, counting_pool):
+    left = {"a": "l" * 300, "b": "m" * 300, "c": "short left"}
+    right = {"a": "n" * 300, "b": "o" * 300, "c": "short right"}
+    with limited_client(settings, counting_pool, explain_max_chars=1_000) as limited:
+        before = len(counting_pool.calls)
+        attributes = explain_inline(limited, left, right)["attributes"]
+        embedded = values_embedded_alone(counting_pool.calls[before:])
+
+    # a's two values fit (2 x 309 characters), b's would pass 1,000, c's still fit after a's
+    assert [a["similarity"] is not None for a in attributes] == [True, False, True]
+    assert sum(len(text) for text in embedded) <= 1_000 and len(embedded) == 4

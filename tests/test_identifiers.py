@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import csv
 import json
 import os
+import re
 import subprocess
 import sys
 from dataclasses import replace
@@ -12,12 +14,16 @@ from pathlib import Path
 import numpy as np
 import pytest
 from conftest import records_body
+from hypothesis import example, given, settings
+from hypothesis import strategies as st
 
 from encoder_worker.encoders import identifiers
 from encoder_worker.encoders.base import EncoderInput
 from encoder_worker.encoders.identifiers import (
     IdentifierEncoder,
+    IdentifierRules,
     combine,
+    identifier_codes,
     identifier_features,
     identifier_tokens,
     identifier_vectors,
@@ -42,6 +48,58 @@ def test_identifier_tokens_include_runs_of_four_or_more_digits_standing_alone() 
     assert identifier_tokens("wilson jones 35113 wallet, item 86210010 (2011)") == {"35113", "86210010", "2011"}
     assert identifier_tokens("model 6100 sd-6100") == {"6100", "sd6100"}  # the run inside a code stays in it
     assert identifier_tokens("1993-up, 13-1 2, $ 12.65, 4546b001, 123") == {"1993up", "4546b001"}
+
+
+# The pattern the tokenizer used to search whole texts with (quadratic on "a-" * n); trained models were fitted on
+# its tokens, so the linear tokenizer must find exactly what it found.
+SEARCHED_PATTERN = re.compile(r"\b(?=[a-z0-9-]*\d)(?=[a-z0-9-]*[a-z])[a-z0-9][a-z0-9-]{3,}\b")
+TRICKY_CHARACTERS = "ab1z09--  _.,/()\u00e9\u0663\u0130K\u212a\u00b2x"
+PRODUCT_WORDS = ["sd-6100", "hdr-sr10", "1080p", "mb111lla", "-", "--", "a-", "-1", "2011", "x", "_a1b", "\u0663"]
+texts_like_listings = st.lists(st.sampled_from(PRODUCT_WORDS), max_size=8).map(" ".join)
+any_short_text = st.one_of(st.text(alphabet=TRICKY_CHARACTERS, max_size=40), st.text(max_size=30), texts_like_listings)
+
+
+def pattern_tokens(text: str, rules: IdentifierRules) -> set[str]:
+    """identifier_tokens as it was written with the searched pattern."""
+    lowered = text.lower()
+    codes = SEARCHED_PATTERN.findall(lowered)
+    tokens = {token.replace("-", "") for token in codes} if rules.drop_hyphens else set(codes)
+    return tokens | set(identifiers.DIGIT_RUN.findall(lowered)) if rules.digit_runs else tokens
+
+
+@settings(max_examples=3000, deadline=None)
+@given(any_short_text)
+@example("abcd-\u0663")  # \d reads a non-ASCII digit right after the run
+@example("\u00b2000a sd-6100_x a1b2-_ -ab12-- 12ab-\u00e9")  # \b against word characters outside [a-z0-9-]
+def test_identifier_codes_are_exactly_what_the_searched_pattern_finds(text: str) -> None:
+    lowered = text.lower()
+    assert list(identifier_codes(lowered)) == SEARCHED_PATTERN.findall(lowered)
+    for rules in (IdentifierRules(), IdentifierRules(drop_hyphens=False)):
+        assert identifier_tokens(text, rules) == pattern_tokens(text, rules)
+
+
+def test_identifier_tokens_of_real_listings_are_those_of_the_searched_pattern() -> None:
+    folder = Path(__file__).parent / "data" / "abt_buy_small"
+    texts = [" ".join(row) for table in ("tableA", "tableB") for row in csv.reader((folder / f"{table}.csv").open())]
+    assert len(texts) > 300
+    assert sum(bool(identifier_tokens(text)) for text in texts) > 200  # listings are full of model numbers
+    for text in texts:
+        assert identifier_tokens(text) == pattern_tokens(text, IdentifierRules())
+
+
+def test_identifier_tokens_take_linear_time_on_texts_the_searched_pattern_takes_minutes_on() -> None:
+    """A million characters of each shape (the searched pattern needs minutes for the first): under a hard
+    timeout in a process of its own, far beyond what a linear scan needs even on a loaded machine."""
+    script = (
+        "from encoder_worker.encoders.identifiers import identifier_tokens\n"
+        "shapes = ['a-', '1-', '-a', 'a1-', 'ab_', 'a1b2_', '-', '1']\n"
+        "found = [len(identifier_tokens(shape * (1_000_000 // len(shape)))) for shape in shapes]\n"
+        "print(found, sorted(len(t) for t in identifier_tokens('a-' * 500_000 + '1')))\n"
+    )
+    root = Path(__file__).resolve().parents[1]
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=20, cwd=root)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == ["[0,", "0,", "0,", "1,", "0,", "0,", "0,", "1]", "[500001]"]
 
 
 def test_identifier_features_are_each_token_and_its_stem_without_a_letter_suffix() -> None:

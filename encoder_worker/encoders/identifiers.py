@@ -24,7 +24,7 @@ from __future__ import annotations
 import hashlib
 import math
 import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -33,7 +33,15 @@ from encoder_worker.encoders.base import Encoder, EncoderInput, l2_normalise
 
 DEFAULT_DIMS = 1024
 # At least four characters of letters, digits and hyphens, with a digit and a letter (hdr-sr10, am53bk, 1080p).
+# Searched over a whole text this pattern costs quadratic time ("a-" * n: each hyphen starts a scan to the end of
+# the run), so ``codes`` finds the same matches run by run in linear time; the pattern itself only checks a stem.
 IDENTIFIER = re.compile(r"\b(?=[a-z0-9-]*\d)(?=[a-z0-9-]*[a-z])[a-z0-9][a-z0-9-]{3,}\b")
+CODE_RUN = re.compile(r"[a-z0-9-]{4,}")  # maximal runs long enough to hold a code
+WORD_CHAR = re.compile(r"\w")  # what ``\b`` counts as a word character (Unicode letters, digits, underscore)
+DIGIT_CHAR = re.compile(r"\d")  # what ``\d`` counts as a digit (any Unicode decimal digit)
+HYPHEN_THEN_CODE_CHAR = re.compile(r"-[a-z0-9]")
+LETTERS = "abcdefghijklmnopqrstuvwxyz"
+DIGITS = "0123456789"
 # Four or more digits standing alone (35113, 86210010; not 12.65, nor the 6100 inside sd-6100 or 4546b001).
 DIGIT_RUN = re.compile(r"(?<![\w-])\d{4,}(?![\w-])")
 LETTER_SUFFIX = re.compile(r"(?<=\d)[a-z]+$")
@@ -54,9 +62,62 @@ ALL_RULES = IdentifierRules()
 def identifier_tokens(text: str, rules: IdentifierRules = ALL_RULES) -> set[str]:
     """The codes (lower-cased, hyphens dropped: ``sd-6100`` and ``sd6100`` agree) and digit runs of a text."""
     lowered = text.lower()
-    codes = IDENTIFIER.findall(lowered)
+    codes = list(identifier_codes(lowered))
     tokens = {token.replace("-", "") for token in codes} if rules.drop_hyphens else set(codes)
     return tokens | set(DIGIT_RUN.findall(lowered)) if rules.digit_runs else tokens
+
+
+def identifier_codes(lowered: str) -> Iterator[str]:
+    """What ``IDENTIFIER.findall(lowered)`` finds, in linear time: at most one code per run of [a-z0-9-]{4,}."""
+    for run in CODE_RUN.finditer(lowered):
+        code = _code_in_run(lowered, run.start(), run.end())
+        if code is not None:
+            yield code
+
+
+def _code_in_run(text: str, start: int, end: int) -> str | None:
+    """The pattern's match inside the maximal run ``text[start:end]``, or None.
+
+    The pattern may start where ``\\b`` holds before a letter or digit: at the run's start (unless a word
+    character outside the run precedes it) or after a hyphen inside it. Its lookaheads ask for a letter and a
+    digit at or after the start within the run (or a non-ASCII digit right after the run, which ``\\d`` also
+    reads), and the greedy body ends at the run's last word boundary: every condition holds for the earliest
+    start if for any, and a match ends at that last boundary, so one run holds at most one match.
+    """
+    run = text[start:end]
+    first = _first_start(text, start, end)
+    last = _last_boundary(text, start, end)
+    if first is None or last is None or first + 4 > last:
+        return None
+    offset = first - start
+    letter = len(run.rstrip(DIGITS + "-")) - 1  # index of the run's last letter, -1 if none
+    digit = len(run.rstrip(LETTERS + "-")) - 1
+    digit_after = end < len(text) and DIGIT_CHAR.match(text, end) is not None
+    if letter < offset or (digit < offset and not digit_after):
+        return None
+    return text[first:last]
+
+
+def _first_start(text: str, start: int, end: int) -> int | None:
+    """The earliest position in the run where ``\\b`` holds before a letter or digit."""
+    if text[start] != "-" and (start == 0 or WORD_CHAR.match(text, start - 1) is None):
+        return start
+    after_hyphen = HYPHEN_THEN_CODE_CHAR.search(text, start, end)
+    return after_hyphen.start() + 1 if after_hyphen else None
+
+
+def _last_boundary(text: str, start: int, end: int) -> int | None:
+    """The last position after the run's start where ``\\b`` holds (inside a run: between a hyphen and a
+    letter or digit; at its end: against the character that follows, or the end of the text)."""
+    run = text[start:end]
+    follows_word = end < len(text) and WORD_CHAR.match(text, end) is not None
+    if (run[-1] != "-") != follows_word:
+        return end
+    if run[-1] == "-":  # a hyphen run at the end, followed by no word character: boundary before the hyphens
+        trimmed = len(run.rstrip("-"))
+        return start + trimmed if trimmed else None
+    hyphen = run.rfind("-")  # a letter or digit followed by a word character: boundary after the last hyphen
+    return start + hyphen + 1 if hyphen >= 0 else None
 
 
 def identifier_features(text: str, rules: IdentifierRules = ALL_RULES) -> set[str]:

@@ -49,7 +49,8 @@ def get_match(
         refs = (RecordRef(source=left_source, id=left_id), RecordRef(source=right_source, id=right_id))
         sides = [explaining.attributes_of(session, found, ref) for ref in refs] if explain else []
     if explain:
-        answer.explanation = explaining.explain(state.session_factory, state.pool, found, *sides)
+        limits = explaining.ExplanationLimits.from_settings(state.settings)
+        answer.explanation = explaining.explain(state.session_factory, state.pool, found, *sides, limits)
     return answer
 
 
@@ -64,7 +65,8 @@ def post_match(body: MatchIn, state: State, _: auth.Read) -> MatchOut:
     with state.session_factory() as session:
         answer = logic.decide(session, found, logic.cosine(left.vector, right.vector))
     if body.explain:
-        answer.explanation = explaining.explain(state.session_factory, state.pool, found, *sides)
+        limits = explaining.ExplanationLimits.from_settings(state.settings)
+        answer.explanation = explaining.explain(state.session_factory, state.pool, found, *sides, limits)
     return answer
 
 
