@@ -105,17 +105,67 @@ class Grouping:
         return cls(Guard.from_settings(settings), settings.entity_candidates)
 
 
+@dataclass(frozen=True)
+class Regrouping:
+    """A whole-dataset grouping computed outside any write transaction, for the calibration it was made with."""
+
+    calibration_id: int
+    records: EncodedRecords
+    groups: list[list[int]]  # rows of ``records``, largest group first
+    links: list[tuple[float, int, int]]  # (score, row, row) at or above the threshold
+
+
+def plan_regroup(session: Session, dataset_id: int, grouping: Grouping) -> Regrouping | None:
+    """The regrouping a new calibration calls for (None when the entities already follow the calibration). Reads
+    only: run it in a session that writes nothing, so other writers go on while the dataset is grouped."""
+    calibration = session.execute(
+        select(Calibration.id, Calibration.threshold).where(Calibration.dataset_id == dataset_id)
+    ).first()
+    grouped = session.scalar(select(EntityState.calibration_id).where(EntityState.dataset_id == dataset_id))
+    if calibration is None or grouped == calibration.id:
+        return None
+    records, groups, links = _grouping_of(session, dataset_id, calibration.threshold, grouping)
+    return Regrouping(calibration.id, records, groups, links)
+
+
+def update_entities(
+    session_factory: sessionmaker[Session],
+    registry: IndexRegistry,
+    dataset_id: int,
+    grouping: Grouping,
+    record_ids: Iterable[int] | None = None,
+    attempts: int = 3,
+) -> None:
+    """``sync`` with any whole-dataset regrouping computed before the dataset's row lock is taken: the write
+    transaction then only stores the groups (and applies what changed meanwhile)."""
+    for _ in range(attempts):
+        with session_factory() as session:
+            plan = plan_regroup(session, dataset_id, grouping)
+        with transaction(session_factory) as session:
+            if session.get(Dataset, dataset_id) is None or sync(
+                session, registry, dataset_id, grouping, record_ids, plan
+            ):
+                return
+        log.info("dataset %d was calibrated again while its entities were regrouped; regrouping anew", dataset_id)
+    with transaction(session_factory) as session:  # the calibration keeps changing: regroup under the lock
+        sync(session, registry, dataset_id, grouping, record_ids)
+
+
 def sync(
     session: Session,
     registry: IndexRegistry,
     dataset_id: int,
     grouping: Grouping,
     record_ids: Iterable[int] | None = None,
-) -> None:
+    plan: Regrouping | None = None,
+) -> bool:
     """Bring a dataset's entities up to date with its records and calibration, under its row lock.
 
     ``record_ids`` names the records that may have changed (None: compare every record). A new calibration
-    regroups the whole dataset; otherwise only records that differ from what was grouped are updated.
+    regroups the whole dataset (with ``plan`` when it was computed for this calibration, then the records that
+    changed since it was read are updated; under the lock when no plan is given); otherwise only records that
+    differ from what was grouped are updated. Returns False, having changed nothing, when ``plan`` was computed
+    for another calibration than the dataset's now.
     """
     state = _lock_state(session, dataset_id)
     calibration = session.scalar(select(Calibration).where(Calibration.dataset_id == dataset_id))
@@ -123,16 +173,24 @@ def sync(
         if state.calibration_id is not None or state.threshold is not None:
             _clear(session, dataset_id)
             state.calibration_id, state.threshold = None, None
-        return
+        return True
     if state.calibration_id != calibration.id:
-        regroup_all(session, dataset_id, calibration.threshold, grouping)
+        if plan is not None and plan.calibration_id != calibration.id:
+            return False
+        if plan is None:
+            regroup_all(session, dataset_id, calibration.threshold, grouping)
+        else:
+            _store_grouping(session, dataset_id, plan.records, plan.groups, plan.links)
+            record_ids = None  # compare every record: some may have changed since the plan read them
         state.calibration_id, state.threshold = calibration.id, calibration.threshold
-        return
+        if plan is None:
+            return True
     leaving, arriving = _differences(session, dataset_id, record_ids)
     if leaving:
         _remove(session, dataset_id, leaving, calibration.threshold, grouping.guard)
     if arriving:
         _add(session, registry, dataset_id, arriving, calibration.threshold, grouping)
+    return True
 
 
 def _lock_state(session: Session, dataset_id: int) -> EntityState:
@@ -379,10 +437,28 @@ def _merge(session: Session, a: Entity, b: Entity) -> Entity:
 
 def regroup_all(session: Session, dataset_id: int, threshold: float, grouping: Grouping) -> None:
     """Group every encoded record again (after a new calibration); entities keep their ids where they can."""
+    _store_grouping(session, dataset_id, *_grouping_of(session, dataset_id, threshold, grouping))
+
+
+def _grouping_of(
+    session: Session, dataset_id: int, threshold: float, grouping: Grouping
+) -> tuple[EncodedRecords, list[list[int]], list[tuple[float, int, int]]]:
+    """Every encoded record, its groups (largest first) and the links at or above the threshold (reads only)."""
     records = load_encoded(session, dataset_id)
     pairs = candidate_pairs(records, grouping.k) if len(records) else {}
     links = [(score, i, j) for (i, j), score in pairs.items() if score >= threshold]
     groups = sorted(group(records.vectors, links, threshold, grouping.guard), key=lambda g: (-len(g), min(g)))
+    return records, groups, links
+
+
+def _store_grouping(
+    session: Session,
+    dataset_id: int,
+    records: EncodedRecords,
+    groups: list[list[int]],
+    links: list[tuple[float, int, int]],
+) -> None:
+    """Replace the dataset's entities, members and links with these groups; entities keep their ids where they can."""
     previous = _pairs_of(
         session.execute(
             select(EntityMember.record_id, EntityMember.entity_id).where(EntityMember.dataset_id == dataset_id)
@@ -539,8 +615,8 @@ class EntityFollower:
 
     def refresh(self, dataset_id: int) -> None:
         """Bring one dataset up to date now (after its calibration changed)."""
-        with self._work_lock, transaction(self.session_factory) as session:
-            sync(session, self.registry, dataset_id, self.grouping, [])
+        with self._work_lock:
+            update_entities(self.session_factory, self.registry, dataset_id, self.grouping, [])
 
     def run_once(self) -> None:
         """Apply the noted changes (and, when due, compare every dataset's records with its entities)."""
@@ -553,12 +629,9 @@ class EntityFollower:
                     with self.session_factory() as session:
                         dataset_ids = list(session.scalars(select(Dataset.id)))
                     for dataset_id in dataset_ids:
-                        with transaction(self.session_factory) as session:
-                            sync(session, self.registry, dataset_id, self.grouping, None)
+                        update_entities(self.session_factory, self.registry, dataset_id, self.grouping, None)
                 for dataset_id, record_ids in pending.items():
-                    with transaction(self.session_factory) as session:
-                        if session.get(Dataset, dataset_id) is not None:
-                            sync(session, self.registry, dataset_id, self.grouping, record_ids)
+                    update_entities(self.session_factory, self.registry, dataset_id, self.grouping, record_ids)
             except Exception:
                 self.reconcile_due = True  # the comparison of every record repairs whatever was missed
                 raise
@@ -579,8 +652,7 @@ class EntityFollower:
 
 def refresh(state, dataset_id: int) -> None:  # noqa: ANN001 - service.state.ServiceState
     """Regroup a dataset's entities now if its calibration changed (the calibrate route calls this)."""
-    with transaction(state.session_factory) as session:
-        sync(session, state.registry, dataset_id, Grouping.from_settings(state.settings), [])
+    update_entities(state.session_factory, state.registry, dataset_id, Grouping.from_settings(state.settings), [])
 
 
 def follow(state) -> EntityFollower:  # noqa: ANN001 - service.state.ServiceState (imported lazily: no cycle)

@@ -1,0 +1,76 @@
+"""Entity updates and other writers: a calibration's regrouping leaves SQLite's write lock to others."""
+
+from __future__ import annotations
+
+import sqlite3
+
+import pytest
+from sqlalchemy import make_url, select, update
+
+from llmatch.db import transaction
+from llmatch.models import Dataset, EntityMember, EntityState
+from service import entities
+from service.entities import Grouping
+
+POSITIVES = [("a1", "b1"), ("a2", "b2"), ("a3", "b3"), ("a4", "b4")]
+NEGATIVES = [("a1", "b2"), ("a2", "b3"), ("a3", "b4"), ("a4", "b5")]
+
+
+def labelled_pairs() -> list[dict]:
+    labelled = [(p, 1) for p in POSITIVES] + [(p, 0) for p in NEGATIVES]
+    return [
+        {"left_source": "a", "left_id": a, "right_source": "b", "right_id": b, "label": y} for (a, b), y in labelled
+    ]
+
+
+def write_beside(database_path: str) -> str | None:
+    """Take SQLite's write lock from another connection, waiting at most 0.3 s: None, or why it failed."""
+    connection = sqlite3.connect(database_path, timeout=0.3, isolation_level=None)
+    try:
+        connection.execute("BEGIN IMMEDIATE")
+        connection.execute("UPDATE datasets SET instruction = instruction")
+        connection.execute("COMMIT")
+        return None
+    except sqlite3.OperationalError as error:
+        return str(error)
+    finally:
+        connection.close()
+
+
+@pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
+def test_a_calibrations_regrouping_leaves_the_write_lock_to_other_writers(products, client, database_url, monkeypatch):
+    database_path = make_url(database_url).database
+    outcomes: list[str | None] = []
+    real_group = entities.group
+
+    def group_while_another_writes(*args, **kwargs):
+        outcomes.append(write_beside(database_path))
+        return real_group(*args, **kwargs)
+
+    monkeypatch.setattr(entities, "group", group_while_another_writes)
+    response = client.post("/datasets/shop/calibrate", json={"pairs": labelled_pairs()})
+    assert response.status_code == 200, response.text
+    assert outcomes == [None], "another writer went on while the dataset was regrouped"
+    with client.app.state.service.session_factory() as session:
+        assert session.scalar(select(EntityState.calibration_id)) is not None
+        assert session.query(EntityMember).count() == 9
+
+
+def test_a_plan_made_for_an_older_calibration_is_not_stored(products, client):
+    state = client.app.state.service
+    assert client.post("/datasets/shop/calibrate", json={"pairs": labelled_pairs()}).status_code == 200
+    grouping = Grouping.from_settings(state.settings)
+    with transaction(state.session_factory) as session:
+        dataset_id = session.scalar(select(Dataset.id).where(Dataset.name == "shop"))
+        session.execute(update(EntityState).values(calibration_id=None))
+    with state.session_factory() as session:
+        plan = entities.plan_regroup(session, dataset_id, grouping)
+    assert plan is not None
+    assert client.post("/datasets/shop/calibrate", json={"pairs": labelled_pairs()}).status_code == 200
+    with transaction(state.session_factory) as session:
+        session.execute(update(EntityState).values(calibration_id=None))
+    with transaction(state.session_factory) as session:
+        assert entities.sync(session, state.registry, dataset_id, grouping, None, plan) is False
+    entities.update_entities(state.session_factory, state.registry, dataset_id, grouping)
+    with state.session_factory() as session:
+        assert session.scalar(select(EntityState.calibration_id)) not in (None, plan.calibration_id)
