@@ -142,9 +142,7 @@ def update_entities(
         with session_factory() as session:
             plan = plan_regroup(session, dataset_id, grouping)
         with transaction(session_factory) as session:
-            if session.get(Dataset, dataset_id) is None or sync(
-                session, registry, dataset_id, grouping, record_ids, plan
-            ):
+            if sync(session, registry, dataset_id, grouping, record_ids, plan):
                 return
         log.info("dataset %d was calibrated again while its entities were regrouped; regrouping anew", dataset_id)
     with transaction(session_factory) as session:  # the calibration keeps changing: regroup under the lock
@@ -167,6 +165,8 @@ def sync(
     differ from what was grouped are updated. Returns False, having changed nothing, when ``plan`` was computed
     for another calibration than the dataset's now.
     """
+    if not _lock_dataset(session, dataset_id):
+        return True  # deleted meanwhile: nothing left to group
     state = _lock_state(session, dataset_id)
     calibration = session.scalar(select(Calibration).where(Calibration.dataset_id == dataset_id))
     if calibration is None:
@@ -191,6 +191,14 @@ def sync(
     if arriving:
         _add(session, registry, dataset_id, arriving, calibration.threshold, grouping)
     return True
+
+
+def _lock_dataset(session: Session, dataset_id: int) -> bool:
+    """Share-lock the dataset's row before any entity row, as DELETE /datasets locks it before deleting: the two
+    then wait for each other instead of each holding rows the other needs (a deadlock on PostgreSQL). False when
+    the dataset is gone."""
+    found = session.scalar(select(Dataset.id).where(Dataset.id == dataset_id).with_for_update(key_share=True))
+    return found is not None
 
 
 def _lock_state(session: Session, dataset_id: int) -> EntityState:

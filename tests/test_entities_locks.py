@@ -1,10 +1,13 @@
-"""Entity updates and other writers: a calibration's regrouping leaves SQLite's write lock to others."""
+"""Entity updates and other writers: a calibration's regrouping leaves SQLite's write lock to others, and
+deleting a dataset while its entities are updated neither deadlocks nor fails on PostgreSQL."""
 
 from __future__ import annotations
 
 import sqlite3
+import threading
 
 import pytest
+from conftest import PRODUCTS_A, PRODUCTS_B, records_body
 from sqlalchemy import make_url, select, update
 
 from llmatch.db import transaction
@@ -74,3 +77,52 @@ def test_a_plan_made_for_an_older_calibration_is_not_stored(products, client):
     entities.update_entities(state.session_factory, state.registry, dataset_id, grouping)
     with state.session_factory() as session:
         assert session.scalar(select(EntityState.calibration_id)) not in (None, plan.calibration_id)
+
+
+@pytest.mark.parametrize("database_url", ["pg"], indirect=True)
+def test_deleting_a_dataset_while_its_entities_are_regrouped_neither_deadlocks_nor_fails(client, drain):
+    state = client.app.state.service
+    for round_number in range(12):
+        name = f"shop{round_number}"
+        assert client.put(f"/datasets/{name}", json={}).status_code == 201
+        assert client.post("/records", json=records_body(name, "a", PRODUCTS_A)).status_code == 202
+        assert client.post("/records", json=records_body(name, "b", PRODUCTS_B)).status_code == 202
+        drain()
+        assert client.post(f"/datasets/{name}/calibrate", json={"pairs": labelled_pairs()}).status_code == 200
+        with transaction(state.session_factory) as session:
+            dataset_id = session.scalar(select(Dataset.id).where(Dataset.name == name))
+            session.execute(update(EntityState).values(calibration_id=None))  # the next update regroups
+        errors, statuses = race_delete_and_regroup(client, name, dataset_id, in_lock=round_number % 2 == 1)
+        assert errors == [] and statuses == [204], f"round {round_number}: {errors} {statuses}"
+
+
+def race_delete_and_regroup(client, name: str, dataset_id: int, in_lock: bool) -> tuple[list, list[int]]:
+    """DELETE /datasets/NAME and a regrouping of its entities (as the follower does it, or wholly under the
+    dataset's lock), started together; returns the regrouping's errors and the delete's status."""
+    state = client.app.state.service
+    grouping = Grouping.from_settings(state.settings)
+    errors: list[BaseException] = []
+    statuses: list[int] = []
+    start = threading.Barrier(2)
+
+    def regroup() -> None:
+        start.wait()
+        try:
+            if in_lock:
+                with transaction(state.session_factory) as session:
+                    entities.sync(session, state.registry, dataset_id, grouping, None)
+            else:
+                entities.update_entities(state.session_factory, state.registry, dataset_id, grouping, None)
+        except BaseException as error:  # noqa: BLE001 - reported by the caller
+            errors.append(error)
+
+    def delete() -> None:
+        start.wait()
+        statuses.append(client.delete(f"/datasets/{name}").status_code)
+
+    threads = [threading.Thread(target=regroup), threading.Thread(target=delete)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=60)
+    return errors, statuses
