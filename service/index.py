@@ -40,6 +40,12 @@ FILE_FORMAT = 2
 MIN_APPROXIMATE_SIZE = 4096
 # An inverted file is retrained (new lists) once it holds this many times the vectors it was trained for.
 RETRAIN_GROWTH = 4
+# A GPU copy follows added records in place; entries made out of date (records replaced or removed) are left out
+# of its answers and the records' current vectors searched beside it, until the copy is remade: at most once per
+# GPU_REFRESH_SECONDS, or sooner once GPU_MAX_MASKED entries are out of date (each costs an extra result per search).
+GPU_REFRESH_SECONDS = 30.0
+GPU_MAX_MASKED = 1024
+GPU_MAX_K = 2048  # the most results a FAISS GPU search returns per query
 
 
 def gpu_available() -> bool:
@@ -147,10 +153,20 @@ def new_faiss_index(
     return index
 
 
+class GpuCopies:
+    """Makes the GPU copy of a CPU index (FAISS, GPU 0); a collaborator, so that when copies are made can be tested
+    on machines without a GPU."""
+
+    def copy(self, cpu: faiss.Index) -> faiss.Index:
+        return faiss.index_cpu_to_gpu(_gpu_resources(), 0, cpu)
+
+
 class VectorIndex:
     """A mutable inner-product index keyed by record id, with an optional GPU copy for search."""
 
-    def __init__(self, dim: int, use_gpu: bool = False, policy: IndexPolicy | None = None):
+    def __init__(
+        self, dim: int, use_gpu: bool = False, policy: IndexPolicy | None = None, gpu: GpuCopies | None = None
+    ):
         self.dim = dim
         self.policy = policy or IndexPolicy()
         self.structure = "flat"
@@ -160,8 +176,13 @@ class VectorIndex:
         self._embedding_ids = np.empty(0, dtype=np.int64)  # the embedding each record's vector came from
         self.version = 0  # bumped by every change, so a save knows what it wrote
         self._use_gpu = use_gpu
+        self._gpu_copies = gpu or GpuCopies()
         self._gpu = None
-        self._gpu_stale = True
+        self._gpu_stale = True  # the GPU copy must be remade before the next search
+        self._gpu_masked: set[int] = set()  # record ids whose entries in the GPU copy are out of date
+        self._gpu_masked_since = 0.0  # time.monotonic() when the first of them went out of date
+        self._gpu_delta = new_faiss_index(dim, "flat", IndexPolicy())  # current vectors of masked records
+        self.gpu_refresh_seconds = GPU_REFRESH_SECONDS
         self._lock = threading.RLock()
 
     @classmethod
@@ -191,6 +212,7 @@ class VectorIndex:
             if present.any():
                 self.cpu.remove_ids(faiss.IDSelectorBatch(record_ids[present]))
             self.cpu.add_with_ids(vectors, record_ids)
+            self._gpu_upsert(record_ids, vectors, present)
             self._embedding_ids[positions[present]] = embedding_ids[present]
             new_ids, new_embedding_ids = record_ids[~present], embedding_ids[~present]
             order = np.argsort(new_ids)
@@ -209,6 +231,7 @@ class VectorIndex:
             if positions.size == 0:
                 return
             self.cpu.remove_ids(faiss.IDSelectorBatch(self._record_ids[positions]))
+            self._gpu_out_of_date(self._record_ids[positions])
             self._record_ids = np.delete(self._record_ids, positions)
             self._embedding_ids = np.delete(self._embedding_ids, positions)
             self._changed()
@@ -242,9 +265,12 @@ class VectorIndex:
     def search(self, vectors: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         """Top-``k`` (scores, record ids) per query row; missing slots have id -1."""
         with self._lock, single_threaded():
-            index = self._search_index()
+            queries = np.ascontiguousarray(vectors, dtype=np.float32)
             k = min(k, max(self.size, 1))
-            return index.search(np.ascontiguousarray(vectors, dtype=np.float32), k)
+            gpu = self._search_index(k)
+            if gpu is self.cpu:
+                return self.cpu.search(queries, k)
+            return self._search_gpu(gpu, queries, k)
 
     def fingerprint(self) -> str:
         with self._lock:
@@ -265,7 +291,6 @@ class VectorIndex:
 
     def _changed(self) -> None:
         self.version += 1
-        self._gpu_stale = True
 
     def _fill(self, record_ids: np.ndarray, embedding_ids: np.ndarray, vectors: np.ndarray) -> None:
         """Replace the whole content: a new FAISS structure chosen by size, trained on a sample when approximate."""
@@ -285,6 +310,7 @@ class VectorIndex:
             self.cpu, self.structure = index, structure
             self.trained_size = len(record_ids) if structure == "ivf" else 0
             self._record_ids, self._embedding_ids = record_ids, embedding_ids
+            self._gpu_stale = True  # a new structure: copied anew
             self._changed()
 
     def _needs_restructure(self) -> bool:
@@ -321,19 +347,66 @@ class VectorIndex:
         finally:
             self.cpu.set_direct_map_type(faiss.DirectMap.NoMap)
 
-    def _search_index(self):
+    def _search_index(self, k: int) -> faiss.Index:
+        """The index to search: the CPU one, or the GPU copy, remade first when stale or due (``_gpu_due``)."""
         if not self._use_gpu:
             return self.cpu
-        if self._gpu_stale:
-            # GPU indexes cannot remove ids: search a GPU copy refreshed from the CPU index after changes.
+        if self._gpu_stale or self._gpu_due(k):
             try:
-                self._gpu = faiss.index_cpu_to_gpu(_gpu_resources(), 0, self.cpu)
+                self._gpu = self._gpu_copies.copy(self.cpu)
             except RuntimeError as error:  # a structure this FAISS build cannot move to the GPU
                 log.warning("searching a %s index on the CPU: %s", self.structure, error)
                 self._use_gpu = False
                 return self.cpu
             self._gpu_stale = False
+            self._gpu_masked.clear()
+            self._gpu_delta.reset()
         return self._gpu
+
+    def _gpu_due(self, k: int) -> bool:
+        """Whether the GPU copy's out-of-date entries call for a new copy now."""
+        masked = len(self._gpu_masked)
+        if not masked:
+            return False
+        too_many = masked > GPU_MAX_MASKED or k + masked > GPU_MAX_K
+        return too_many or time.monotonic() - self._gpu_masked_since >= self.gpu_refresh_seconds
+
+    def _gpu_upsert(self, record_ids: np.ndarray, vectors: np.ndarray, present: np.ndarray) -> None:
+        """Follow an upsert on the GPU copy: records it never held are added to it; the others' entries are out
+        of date, and their new vectors are searched beside it."""
+        if self._gpu is None or self._gpu_stale:
+            return
+        masked = np.fromiter(self._gpu_masked, dtype=np.int64, count=len(self._gpu_masked))
+        fresh = ~present & ~np.isin(record_ids, masked)
+        if fresh.any():
+            self._gpu.add_with_ids(vectors[fresh], record_ids[fresh])
+        if (~fresh).any():
+            self._gpu_out_of_date(record_ids[~fresh])
+            self._gpu_delta.add_with_ids(vectors[~fresh], record_ids[~fresh])
+
+    def _gpu_out_of_date(self, record_ids: np.ndarray) -> None:
+        """The GPU copy's entries of these records no longer count (nor their vectors searched beside it)."""
+        if self._gpu is None or self._gpu_stale or record_ids.size == 0:
+            return
+        if not self._gpu_masked:
+            self._gpu_masked_since = time.monotonic()
+        self._gpu_masked.update(int(i) for i in record_ids)
+        self._gpu_delta.remove_ids(faiss.IDSelectorBatch(np.asarray(record_ids, dtype=np.int64)))
+
+    def _search_gpu(self, gpu: faiss.Index, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """Search the GPU copy for ``k`` more results than it has out-of-date entries, leave those out, and merge
+        in the current vectors of the records they belonged to."""
+        if not self._gpu_masked:
+            return gpu.search(queries, k)
+        masked = np.fromiter(self._gpu_masked, dtype=np.int64, count=len(self._gpu_masked))
+        scores, ids = gpu.search(queries, k + masked.size)
+        ids = np.where(np.isin(ids, masked), -1, ids)
+        if self._gpu_delta.ntotal:
+            more_scores, more_ids = self._gpu_delta.search(queries, min(k, self._gpu_delta.ntotal))
+            scores, ids = np.hstack([scores, more_scores]), np.hstack([ids, more_ids])
+        scores = np.where(ids < 0, -np.inf, scores).astype(np.float32)
+        best = np.argsort(-scores, axis=1, kind="stable")[:, :k]
+        return np.take_along_axis(scores, best, axis=1), np.take_along_axis(ids, best, axis=1)
 
     def save(self, path: Path, meta: dict) -> None:
         """Write the index files under names private to this process, fsynced, then commit them by renaming the
