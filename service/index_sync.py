@@ -13,11 +13,12 @@ from datetime import timedelta
 from itertools import chain
 
 import numpy as np
-from sqlalchemy import Row, Select, select
+from sqlalchemy import Row, Select, and_, delete, insert, select
 from sqlalchemy.orm import Session, sessionmaker
 
+from encoder_worker.queue import requeue
 from llmatch.db import transaction
-from llmatch.models import ENCODED, Dataset, Embedding, Record
+from llmatch.models import ENCODED, Calibration, Dataset, Embedding, IndexChange, Record
 from service.change_cursor import ChangeCursor, consistent_snapshot, cursor_for, prune
 from service.index import IndexKey, IndexRegistry, VectorIndex, fingerprint
 
@@ -241,3 +242,58 @@ def _vectors_by_embedding(session: Session, embedding_ids: set[int]) -> dict[int
         )
         found.update({i: np.frombuffer(blob, dtype="<f4").astype(np.float32) for i, blob, _dim in rows})
     return found
+
+
+def follow_encoder_keys(session_factory: sessionmaker[Session], key_of: Callable[[str], str | None]) -> None:
+    """Hold each dataset to the encoder configuration its encoder name maps to now (``key_of``: its key, None when
+    unknown): records whose vector another configuration made go back to the queue, and a calibration fitted under
+    another is dropped (the dataset is uncalibrated until calibrated again); each is logged."""
+    with session_factory() as session:
+        datasets = session.execute(select(Dataset.id, Dataset.name, Dataset.encoder)).all()
+    for dataset_id, name, encoder in datasets:
+        key = key_of(encoder)
+        if key is None:
+            continue
+        with transaction(session_factory) as session:
+            _requeue_foreign_vectors(session, dataset_id, name, key)
+            _drop_foreign_calibration(session, dataset_id, name, key)
+
+
+def _requeue_foreign_vectors(session: Session, dataset_id: int, name: str, key: str) -> None:
+    foreign = and_(
+        Record.dataset_id == dataset_id,
+        Record.status == ENCODED,
+        Record.embedding_id.in_(select(Embedding.id).where(Embedding.encoder_key != key)),
+    )
+    rows = session.execute(select(Record.id, Record.source).where(foreign)).all()
+    for start in range(0, len(rows), 500):
+        chunk = rows[start : start + 500]
+        requeue(session, Record.id.in_([record_id for record_id, _ in chunk]))
+        session.execute(
+            insert(IndexChange),
+            [{"dataset_id": dataset_id, "source": s, "record_id": r, "embedding_id": None} for r, s in chunk],
+        )
+    if rows:
+        log.warning(
+            "dataset %r: %d records had vectors of another encoder configuration than %r (key %s) maps to now; "
+            "re-queued for encoding",
+            name,
+            len(rows),
+            name,
+            key,
+        )
+
+
+def _drop_foreign_calibration(session: Session, dataset_id: int, name: str, key: str) -> None:
+    stale = and_(Calibration.dataset_id == dataset_id, Calibration.encoder_key != key)
+    fitted_under = session.scalar(select(Calibration.encoder_key).where(stale))
+    if fitted_under is None:
+        return
+    session.execute(delete(Calibration).where(stale))
+    log.warning(
+        "dataset %r: its calibration was fitted under encoder configuration %s, not %s that its encoder maps to "
+        "now; dropped (calibrate the dataset again)",
+        name,
+        fitted_under,
+        key,
+    )

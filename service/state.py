@@ -9,13 +9,13 @@ from dataclasses import dataclass, field
 from sqlalchemy import Engine, text
 from sqlalchemy.orm import Session, sessionmaker
 
-from encoder_worker.encoders.registry import EncoderPool
+from encoder_worker.encoders.registry import EncoderPool, UnknownEncoderError
 from encoder_worker.worker import EncoderWorker
 from llmatch.db import make_engine, make_session_factory
 from llmatch.migrate import ensure_schema
 from llmatch.settings import Settings
 from service.index import IndexPolicy, IndexRegistry, gpu_available
-from service.index_sync import IndexSynchronizer
+from service.index_sync import IndexSynchronizer, follow_encoder_keys
 
 log = logging.getLogger("llmatch.api")
 
@@ -48,6 +48,7 @@ class ServiceState:
         use_gpu = settings.faiss_gpu == "auto" and gpu_available()
         registry = IndexRegistry(settings.index_dir, use_gpu=use_gpu, policy=IndexPolicy.from_settings(settings))
         synchronizer = IndexSynchronizer(factory, registry)
+        follow_encoder_keys(factory, lambda name: _encoder_key(pool, name))
         synchronizer.load_all()
         worker = EncoderWorker(factory, pool, settings) if run_worker else None
         return cls(settings, engine, factory, pool, registry, synchronizer, worker)
@@ -95,3 +96,12 @@ class ServiceState:
             return True
         except Exception:  # noqa: BLE001 - readiness reports any failure as not ready
             return False
+
+
+def _encoder_key(pool: EncoderPool, name: str) -> str | None:
+    """The key of the configuration an encoder name maps to now; None (logged) when the name is unknown."""
+    try:
+        return pool.spec(name).key
+    except UnknownEncoderError:
+        log.warning("encoder %r is not configured: its datasets' vectors and calibration are left as they are", name)
+        return None
