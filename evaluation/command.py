@@ -78,7 +78,7 @@ def _settings(settings: Settings, scratch: Path, database_url: str | None) -> Se
 
 
 def _evaluate(benchmark: deepmatcher.Benchmark, configs: list[EvalConfig], settings: Settings) -> list[ConfigResult]:
-    with TestClient(create_app(settings, run_worker=False)) as api:
+    with TestClient(create_app(settings, run_worker=False), base_url="http://localhost") as api:
         api.delete(f"/datasets/{benchmark.name}")  # a reused database starts from a clean dataset
         evaluation = Evaluation(api, benchmark)
         results = []
