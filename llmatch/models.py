@@ -73,6 +73,26 @@ class Embedding(Base):
     created_at: Mapped[datetime] = mapped_column(DateTime, server_default=func.now())
 
 
+class ExplanationVector(Base):
+    """An attribute value embedded alone for one dataset's explanations: that dataset's own cache (no dataset can
+    tell what another explained), deleted with it and kept to a bounded number of rows (the oldest go first)."""
+
+    __tablename__ = "explanation_vectors"
+    __table_args__ = (
+        UniqueConstraint("dataset_id", "encoder_key", "input_hash", name="uq_explanation_vectors_dataset_input"),
+        Index("ix_explanation_vectors_dataset_id", "dataset_id", "id"),
+        {"sqlite_autoincrement": True},
+    )
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True)
+    dataset_id: Mapped[int] = mapped_column(ForeignKey("datasets.id", ondelete="CASCADE"))
+    encoder_key: Mapped[str] = mapped_column(String(64))
+    input_hash: Mapped[str] = mapped_column(String(64))
+    dim: Mapped[int] = mapped_column(Integer)
+    vector: Mapped[bytes] = mapped_column(LargeBinary)  # float32, L2-normalised, little-endian
+    created_at: Mapped[datetime] = mapped_column(DateTime, server_default=func.now())
+
+
 class Record(Base):
     """A stored record and where it stands in the encoding queue."""
 

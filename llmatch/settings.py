@@ -92,6 +92,12 @@ class Settings(BaseSettings):
         description="Characters one explanation embeds, and scans per record for identifiers; values past it are "
         "left out (similarity null).",
     )
+    explanation_cache_rows: int = Field(
+        default=10_000,
+        ge=0,
+        le=100_000_000,
+        description="Attribute vectors each dataset keeps cached for explanations; the oldest go past it (0: none).",
+    )
     max_dataset_attributes: int = Field(
         default=1_024, ge=1, description="Distinct attribute names per dataset; a batch that would exceed it gets 422."
     )

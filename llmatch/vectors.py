@@ -1,4 +1,5 @@
-"""Stored vectors: the content cache shared by the worker (writes) and the API (reads)."""
+"""Stored vectors: the content cache shared by the worker (writes) and the API (reads), and each dataset's own
+cache of explanation vectors."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import numpy as np
 from sqlalchemy import delete, exists, select
 from sqlalchemy.orm import Session
 
-from llmatch.models import Embedding, Record
+from llmatch.models import Embedding, ExplanationVector, Record
 
 
 def to_bytes(vector: np.ndarray) -> bytes:
@@ -81,3 +82,62 @@ def delete_orphaned_embeddings(session: Session, embedding_ids: Iterable[int]) -
         result = session.execute(delete(Embedding).where(Embedding.id.in_(ids[start : start + 500]), ~referenced))
         deleted += result.rowcount or 0
     return deleted
+
+
+def load_explanation_vectors(
+    session: Session, dataset_id: int, encoder_key: str, input_hashes: Iterable[str]
+) -> dict[str, np.ndarray]:
+    """The dataset's cached explanation vectors for these inputs, by input hash (missing inputs are absent)."""
+    wanted = sorted(set(input_hashes))
+    found: dict[str, np.ndarray] = {}
+    for start in range(0, len(wanted), 500):
+        rows = session.execute(
+            select(ExplanationVector.input_hash, ExplanationVector.vector, ExplanationVector.dim).where(
+                ExplanationVector.dataset_id == dataset_id,
+                ExplanationVector.encoder_key == encoder_key,
+                ExplanationVector.input_hash.in_(wanted[start : start + 500]),
+            )
+        )
+        found.update({input_hash: from_bytes(blob, dim) for input_hash, blob, dim in rows})
+    return found
+
+
+def store_explanation_vectors(
+    session: Session, dataset_id: int, encoder_key: str, vectors: dict[str, np.ndarray], keep: int
+) -> None:
+    """Cache new explanation vectors of the dataset (skipping those stored meanwhile), then keep its newest ``keep``."""
+    stored = load_explanation_vectors(session, dataset_id, encoder_key, vectors)
+    session.add_all(
+        ExplanationVector(
+            dataset_id=dataset_id, encoder_key=encoder_key, input_hash=h, dim=int(v.shape[0]), vector=to_bytes(v)
+        )
+        for h, v in vectors.items()
+        if h not in stored
+    )
+    session.flush()
+    purge_explanation_vectors(session, dataset_id, keep)
+
+
+def delete_explanation_vectors(session: Session, dataset_id: int) -> int:
+    """Delete every explanation vector of the dataset; returns how many were deleted."""
+    result = session.execute(delete(ExplanationVector).where(ExplanationVector.dataset_id == dataset_id))
+    return result.rowcount or 0
+
+
+def purge_explanation_vectors(session: Session, dataset_id: int, keep: int) -> int:
+    """Delete the dataset's explanation vectors but the newest ``keep``; returns how many were deleted."""
+    newest_dropped = session.scalar(
+        select(ExplanationVector.id)
+        .where(ExplanationVector.dataset_id == dataset_id)
+        .order_by(ExplanationVector.id.desc())
+        .offset(keep)
+        .limit(1)
+    )
+    if newest_dropped is None:
+        return 0
+    result = session.execute(
+        delete(ExplanationVector).where(
+            ExplanationVector.dataset_id == dataset_id, ExplanationVector.id <= newest_dropped
+        )
+    )
+    return result.rowcount or 0

@@ -8,7 +8,7 @@ from sqlalchemy.orm import Session
 from encoder_worker.encoders.registry import EncoderPool, EncoderUnavailableError, UnknownEncoderError
 from encoder_worker.queue import requeue
 from llmatch.models import RECORD_STATUSES, Calibration, Dataset, IndexChange, Record
-from llmatch.vectors import delete_orphaned_embeddings
+from llmatch.vectors import delete_explanation_vectors, delete_orphaned_embeddings
 from service.errors import NotFound, Unprocessable
 from service.index import IndexPolicy
 from service.schemas import CalibrationOut, DatasetConfigIn, DatasetOut, IndexOptionsOut, StatusCounts
@@ -107,11 +107,18 @@ def requeue_dataset(session: Session, dataset: Dataset) -> None:
 
 
 def delete_dataset(session: Session, name: str) -> int:
-    """Delete a dataset with its records, their vectors and its calibration; returns its id."""
+    """Delete a dataset with its records, its calibration, its explanation vectors and every vector its records
+    held (those the change log names too: replaced or re-queued) that no record of another dataset holds;
+    returns its id."""
     dataset = get_dataset(session, name, lock=True)
-    embedding_ids = session.scalars(select(Record.embedding_id).where(Record.dataset_id == dataset.id)).all()
+    embedding_ids = set(session.scalars(select(Record.embedding_id).where(Record.dataset_id == dataset.id)))
+    logged = select(IndexChange.embedding_id).where(
+        IndexChange.dataset_id == dataset.id, IndexChange.embedding_id.is_not(None)
+    )
+    embedding_ids.update(session.scalars(logged))
     session.execute(delete(Record).where(Record.dataset_id == dataset.id))
     session.execute(delete(Calibration).where(Calibration.dataset_id == dataset.id))
+    delete_explanation_vectors(session, dataset.id)
     session.execute(delete(Dataset).where(Dataset.id == dataset.id))
     delete_orphaned_embeddings(session, embedding_ids)
     return dataset.id

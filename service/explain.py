@@ -19,7 +19,7 @@ from encoder_worker.render import RenderConfig, input_hash, render, render_confi
 from llmatch.db import transaction
 from llmatch.models import Dataset
 from llmatch.settings import Settings
-from llmatch.vectors import load_vectors, store_embeddings
+from llmatch.vectors import load_explanation_vectors, store_explanation_vectors
 from service.records import get_record
 from service.schemas import (
     AttributeComparison,
@@ -42,15 +42,22 @@ def attributes_of(session: Session, dataset: Dataset, item: RecordRef | InlineRe
 @dataclass(frozen=True)
 class ExplanationLimits:
     """The work one explanation may do: each value cut to ``value_chars`` first, then at most ``values`` distinct
-    values and ``chars`` characters embedded, and ``chars`` characters of each record scanned for identifiers."""
+    values and ``chars`` characters embedded, and ``chars`` characters of each record scanned for identifiers;
+    and the vectors a dataset's explanation cache keeps (``cached``)."""
 
     value_chars: int
     values: int
     chars: int
+    cached: int
 
     @classmethod
     def from_settings(cls, settings: Settings) -> ExplanationLimits:
-        return cls(settings.max_text_chars, settings.explain_max_values, settings.explain_max_chars)
+        return cls(
+            settings.max_text_chars,
+            settings.explain_max_values,
+            settings.explain_max_chars,
+            settings.explanation_cache_rows,
+        )
 
 
 def explain(
@@ -61,14 +68,16 @@ def explain(
     right: Mapping[str, Any],
     limits: ExplanationLimits,
 ) -> Explanation:
-    """Compare two records attribute by attribute (values embedded alone, through the content cache); attributes
+    """Compare two records attribute by attribute (values embedded alone, through the dataset's explanation
+    cache); attributes
     past the limits, like those with a value on one side only, get no similarity."""
     config = render_config(dataset)
     names = _attribute_names(config, dataset.seen_attributes, left, right)
     texts = {name: (_value(left.get(name)), _value(right.get(name))) for name in names}
     cut = {name: (_cut(a, limits.value_chars), _cut(b, limits.value_chars)) for name, (a, b) in texts.items()}
     compared = _compared_inputs(config, cut, limits)
-    vectors = _vectors(session_factory, pool, dataset.encoder, {item for pair in compared.values() for item in pair})
+    inputs = {item for pair in compared.values() for item in pair}
+    vectors = _vectors(session_factory, pool, dataset, inputs, limits.cached)
     attributes = []
     for name, (left_text, right_text) in texts.items():
         similarity = None
@@ -154,23 +163,32 @@ def _value(value: Any) -> str | None:
 
 
 def _vectors(
-    session_factory: sessionmaker[Session], pool: EncoderPool, encoder: str, inputs: set[EncoderInput]
+    session_factory: sessionmaker[Session], pool: EncoderPool, dataset: Dataset, inputs: set[EncoderInput], keep: int
 ) -> dict[EncoderInput, np.ndarray]:
-    """Vectors of these inputs: from the content cache, encoding (and caching) only what it lacks."""
+    """Vectors of these inputs: from the dataset's explanation cache (never another dataset's, nor the records'
+    content cache), encoding and caching only what it lacks; the cache keeps the dataset's newest ``keep``."""
     if not inputs:
         return {}
-    key = pool.spec(encoder).key
+    key = pool.spec(dataset.encoder).key
     by_hash = {input_hash(item.instruction, item.text): item for item in inputs}
     with session_factory() as session:
-        found = load_vectors(session, key, by_hash)
+        found = load_explanation_vectors(session, dataset.id, key, by_hash)
     missing = [h for h in by_hash if h not in found]
     if missing:
-        encoded = pool.encode(encoder, [by_hash[h] for h in missing])
+        encoded = pool.encode(dataset.encoder, [by_hash[h] for h in missing])
         fresh = {h: encoded[i] for i, h in enumerate(missing)}
         found.update(fresh)
-        try:
-            with transaction(session_factory) as session:
-                store_embeddings(session, key, fresh)
-        except IntegrityError:  # another request cached the same values first: theirs are identical
-            log.debug("attribute vectors cached concurrently")
+        if keep > 0:
+            _cache(session_factory, dataset.id, key, fresh, keep)
     return {item: found[h] for h, item in by_hash.items()}
+
+
+def _cache(
+    session_factory: sessionmaker[Session], dataset_id: int, key: str, vectors: dict[str, np.ndarray], keep: int
+) -> None:
+    """Store fresh vectors in the dataset's explanation cache (a failed write only costs a later encode)."""
+    try:
+        with transaction(session_factory) as session:
+            store_explanation_vectors(session, dataset_id, key, vectors, keep)
+    except IntegrityError:  # cached concurrently (the same vectors), or the dataset deleted meanwhile
+        log.debug("attribute vectors cached concurrently, or the dataset was deleted meanwhile")

@@ -5,13 +5,20 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 
 import pytest
-from conftest import CountingPool, records_body
+from alembic import command
+from conftest import CountingPool, empty_pg_database, records_body
 from fastapi.testclient import TestClient
+from sqlalchemy import func, insert, inspect, select
 
 from encoder_worker.encoders.base import EncoderInput
 from encoder_worker.encoders.identifiers import identifier_tokens
+from encoder_worker.render import RenderConfig, input_hash
+from llmatch.db import make_engine, transaction
+from llmatch.migrate import alembic_config
+from llmatch.models import Dataset, Embedding, ExplanationVector, IndexChange, Record
 from llmatch.settings import Settings
 from service import explain as explaining
 from service.app import create_app
@@ -31,8 +38,8 @@ def cameras(client, drain) -> str:
     return "cams"
 
 
-def match(client, left: str, right: str, **extra) -> dict:
-    params = dict(dataset="cams", left_source="a", left_id=left, right_source="a", right_id=right, **extra)
+def match(client, left: str, right: str, dataset: str = "cams", **extra) -> dict:
+    params = dict(dataset=dataset, left_source="a", left_id=left, right_source="a", right_id=right, **extra)
     response = client.get("/match", params=params)
     assert response.status_code == 200, response.text
     return response.json()
@@ -116,8 +123,8 @@ def limited_client(settings: Settings, pool: CountingPool, **limits) -> Iterator
         yield test_client
 
 
-def explain_inline(client: TestClient, left: dict, right: dict) -> dict:
-    body = {"dataset": "cams", "left": {"attributes": left}, "right": {"attributes": right}, "explain": True}
+def explain_inline(client: TestClient, left: dict, right: dict, dataset: str = "cams") -> dict:
+    body = {"dataset": dataset, "left": {"attributes": left}, "right": {"attributes": right}, "explain": True}
     response = client.post("/match", json=body)
     assert response.status_code == 200, response.text
     return response.json()["explanation"]
@@ -185,3 +192,153 @@ def test_an_explanation_embeds_at_most_the_limit_of_characters(settings, countin
     # a's two values fit (2 x 309 characters), b's would pass 1,000, c's still fit after a's
     assert [a["similarity"] is not None for a in attributes] == [True, False, True]
     assert sum(len(text) for text in embedded) <= 1_000 and len(embedded) == 4
+
+
+# ------------------------------------------------------------------------------- each dataset's explanation cache
+
+
+def count_rows(client: TestClient, model, *where) -> int:
+    with client.app.state.service.session_factory() as session:
+        return session.scalar(select(func.count()).select_from(model).where(*where))
+
+
+def explanation_hashes(client: TestClient, dataset: str) -> set[str]:
+    with client.app.state.service.session_factory() as session:
+        query = select(ExplanationVector.input_hash).join(Dataset).where(Dataset.name == dataset)
+        return set(session.scalars(query))
+
+
+def alone_hash(name: str, value: str) -> str:
+    item = explaining.value_input(RenderConfig(), name, value)
+    return input_hash(item.instruction, item.text)
+
+
+def test_an_explanation_reads_and_writes_only_its_own_datasets_cache(cameras, client, drain, counting_pool):
+    """A second dataset explaining the same values encodes them again: a row of the first dataset's would answer
+    faster and so tell a key of the second what the first explained (and the records' cache is left alone)."""
+    assert client.put("/datasets/twin", json={}).status_code == 201
+    rows = [("c1", CAMERA), ("c2", OTHER_MODEL)]
+    assert client.post("/records", json=records_body("twin", "a", rows)).status_code == 202
+    drain()
+    embeddings = count_rows(client, Embedding)
+
+    before = len(counting_pool.calls)
+    first = match(client, "c1", "c2", explain="true")["explanation"]
+    in_cams = sorted(item.text for item in counting_pool.calls[before:])
+    before = len(counting_pool.calls)
+    second = match(client, "c1", "c2", dataset="twin", explain="true")["explanation"]
+    in_twin = sorted(item.text for item in counting_pool.calls[before:])
+
+    assert len(in_cams) == 4 and in_twin == in_cams
+    assert second == first
+    assert explanation_hashes(client, "cams") == explanation_hashes(client, "twin")
+    assert len(explanation_hashes(client, "cams")) == 4
+    assert count_rows(client, Embedding) == embeddings, "explanations must not write to the records' cache"
+
+
+def test_deleting_a_dataset_leaves_no_vector_of_it(cameras, client, drain):
+    assert client.put("/datasets/twin", json={}).status_code == 201
+    assert client.post("/records", json=records_body("twin", "a", [("c1", CAMERA)])).status_code == 202
+    drain()
+    match(client, "c1", "c2", explain="true")
+    # re-rendered records get new vectors: those of the old rendering must not outlive the dataset either
+    assert client.put("/datasets/cams", json={"serialization": "plain"}).status_code == 200
+    drain()
+    match(client, "c1", "c3", explain="true")
+    with client.app.state.service.session_factory() as session:
+        twin_vector = session.scalar(
+            select(Record.embedding_id).where(Record.external_id == "c1").join(Dataset).where(Dataset.name == "twin")
+        )
+    assert count_rows(client, ExplanationVector) > 0 and count_rows(client, Embedding) >= 4
+
+    assert client.delete("/datasets/cams").status_code == 204
+
+    assert count_rows(client, ExplanationVector) == 0
+    with client.app.state.service.session_factory() as session:
+        assert set(session.scalars(select(Embedding.id))) == {twin_vector}
+    answer = match(client, "c1", "c1", dataset="twin")
+    assert answer["score"] == pytest.approx(1.0, abs=1e-5)  # the identical record of the other dataset kept it
+
+
+def test_deleting_a_dataset_deletes_the_vectors_its_records_held_before(cameras, client):
+    """A vector a record let go of without deleting it (as re-queueing did before it deleted them) is found
+    through the change log and deleted with the dataset."""
+    with transaction(client.app.state.service.session_factory) as session:
+        record = session.scalar(select(Record).where(Record.external_id == "c2"))
+        released, record.embedding_id, record.status = record.embedding_id, None, "pending"
+    assert released is not None
+
+    assert client.delete("/datasets/cams").status_code == 204
+
+    assert count_rows(client, Embedding) == 0
+
+
+def test_the_explanation_cache_keeps_each_datasets_newest_vectors(settings, counting_pool):
+    with limited_client(settings, counting_pool, explanation_cache_rows=3) as limited:
+        assert limited.put("/datasets/other", json={}).status_code == 201
+        explain_inline(limited, {"a": "one"}, {"a": "two"})
+        explain_inline(limited, {"a": "one"}, {"a": "two"}, dataset="other")
+        explain_inline(limited, {"a": "three"}, {"a": "four"})
+        kept = explanation_hashes(limited, "cams")
+        before = len(counting_pool.calls)
+        explain_inline(limited, {"a": "one"}, {"a": "two"})
+        encoded_again = counting_pool.calls[before:]
+        other = explanation_hashes(limited, "other")
+
+    first, newest = {alone_hash("a", "one"), alone_hash("a", "two")}, {alone_hash("a", v) for v in ("three", "four")}
+    assert len(kept) == 3 and newest <= kept and len(kept & first) == 1  # the oldest row went
+    assert len(encoded_again) == 2 + 1  # both inline records, then the one value no longer cached
+    assert other == first, "another dataset's cache is its own: not purged by this one's"
+
+
+@pytest.fixture(params=("sqlite", "pg"))
+def empty_database(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
+    if request.param == "sqlite":
+        yield f"sqlite:///{tmp_path / 'migrate.sqlite3'}"
+        return
+    with empty_pg_database("llmatch_migrate") as url:
+        yield url
+
+
+def migrate(engine, revision: str, down: bool = False) -> None:
+    with engine.begin() as connection:
+        config = alembic_config(engine.url.render_as_string(hide_password=False))
+        config.attributes["connection"] = connection
+        (command.downgrade if down else command.upgrade)(config, revision)
+
+
+def test_the_migration_gives_explanations_their_own_table_and_drops_their_rows_from_the_shared_cache(
+    empty_database,
+):
+    engine = make_engine(empty_database)
+    try:
+        migrate(engine, "0005")
+        vector = b"\x00" * 16
+        with engine.begin() as connection:
+            dataset = connection.execute(
+                insert(Dataset).values(name="d", encoder="minilm", seen_attributes=[]).returning(Dataset.id)
+            ).scalar_one()
+            ids = [
+                connection.execute(
+                    insert(Embedding)
+                    .values(encoder_key="k", input_hash=h, dim=4, vector=vector)
+                    .returning(Embedding.id)
+                ).scalar_one()
+                for h in ("record", "explanation", "logged")
+            ]
+            values = dict(dataset_id=dataset, source="s", attributes={}, content_hash="c", status="encoded")
+            connection.execute(insert(Record).values(external_id="r", embedding_id=ids[0], **values))
+            change = dict(dataset_id=dataset, source="s", record_id=7, embedding_id=ids[2])
+            connection.execute(insert(IndexChange).values(**change))
+        migrate(engine, "0006")
+        with engine.begin() as connection:
+            assert set(connection.execute(select(Embedding.id)).scalars()) == {ids[0], ids[2]}
+            row = dict(dataset_id=dataset, encoder_key="k", input_hash="h", dim=4, vector=vector)
+            connection.execute(insert(ExplanationVector).values(**row))
+            connection.execute(Dataset.__table__.delete())
+            assert connection.execute(select(func.count()).select_from(ExplanationVector)).scalar() == 0
+        migrate(engine, "0005", down=True)
+        assert "explanation_vectors" not in inspect(engine).get_table_names()
+        migrate(engine, "head")
+    finally:
+        engine.dispose()
