@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import logging
+from typing import Any
+
 from sqlalchemy import delete, func, insert, null, select
 from sqlalchemy.orm import Session
 
@@ -14,7 +17,10 @@ from service.index import IndexPolicy
 from service.schemas import CalibrationOut, DatasetConfigIn, DatasetOut, IndexOptionsOut, StatusCounts
 
 TEXT_FIELDS = ("encoder", "serialization", "attributes", "instruction")
+RENDER_FIELDS = ("serialization", "instruction")  # what a trained encoder folder records of how it was trained
 NULLABLE = ("attributes", "instruction")
+
+log = logging.getLogger("llmatch.api")
 
 
 def get_dataset(session: Session, name: str, *, lock: bool = False) -> Dataset:
@@ -56,9 +62,11 @@ def put_dataset(
     if "encoder" in given:
         check_encoder(pool, given["encoder"])
     dataset = session.scalar(select(Dataset).where(Dataset.name == name).with_for_update())
-    if dataset is None:
+    if dataset is None or given.get("encoder", dataset.encoder) != dataset.encoder:
         encoder = given.get("encoder", default_encoder)
         check_encoder(pool, encoder)
+        given = as_trained(pool, name, encoder, given)
+    if dataset is None:
         dataset = Dataset(
             name=name,
             encoder=encoder,
@@ -124,7 +132,43 @@ def delete_dataset(session: Session, name: str) -> int:
     return dataset.id
 
 
-def describe(session: Session, dataset: Dataset, base_policy: IndexPolicy | None = None) -> DatasetOut:
+def as_trained(pool: EncoderPool, name: str, encoder: str, given: dict[str, Any]) -> dict[str, Any]:
+    """The fields given, with the serialization and instruction a trained encoder folder was trained with
+    where the body leaves them out (records are served rendered as the encoder learned them); an explicit
+    choice that differs is kept, and logged."""
+    trained = pool.spec(encoder).trained_render
+    if trained is None:
+        return given
+    chosen = dict(zip(RENDER_FIELDS, trained, strict=True)) | {k: v for k, v in given.items() if k in RENDER_FIELDS}
+    if chosen != dict(zip(RENDER_FIELDS, trained, strict=True)):
+        log.warning("dataset %r: %s", name, render_mismatch(encoder, trained, chosen))
+    return given | chosen
+
+
+def render_mismatch(encoder: str, trained: tuple[str, str | None], chosen: dict[str, Any]) -> str:
+    serialization, instruction = trained
+    return (
+        f"encoder {encoder!r} was trained on records rendered {serialization} with instruction {instruction!r}; "
+        f"this dataset renders them {chosen['serialization']} with instruction {chosen['instruction']!r}, so its "
+        "scores differ from those measured when the encoder was trained"
+    )
+
+
+def render_warning(pool: EncoderPool | None, dataset: Dataset) -> str | None:
+    """Why the dataset's scores may differ from its trained encoder's measured ones (None: they need not)."""
+    try:
+        trained = pool.spec(dataset.encoder).trained_render if pool is not None else None
+    except UnknownEncoderError:
+        return None
+    chosen = {"serialization": dataset.serialization, "instruction": dataset.instruction}
+    if trained is None or chosen == dict(zip(RENDER_FIELDS, trained, strict=True)):
+        return None
+    return render_mismatch(dataset.encoder, trained, chosen)
+
+
+def describe(
+    session: Session, dataset: Dataset, base_policy: IndexPolicy | None = None, pool: EncoderPool | None = None
+) -> DatasetOut:
     """The dataset's configuration and status; ``index`` is its policy over ``base_policy`` (the process's)."""
     counts: dict[str, StatusCounts] = {}
     rows = session.execute(
@@ -152,6 +196,7 @@ def describe(session: Session, dataset: Dataset, base_policy: IndexPolicy | None
         totals=totals,
         calibration=calibration_out(calibration),
         index=IndexOptionsOut(**effective_policy(dataset, base_policy or IndexPolicy()).as_dict()),
+        render_warning=render_warning(pool, dataset),
         created_at=dataset.created_at,
         updated_at=dataset.updated_at,
     )

@@ -221,6 +221,10 @@ class DatasetOut(BaseModel):
     totals: StatusCounts
     calibration: CalibrationOut | None
     index: IndexOptionsOut
+    render_warning: str | None = Field(
+        default=None,
+        description="Set when the dataset renders records otherwise than its trained encoder was trained on them.",
+    )
     created_at: UtcDateTime
     updated_at: UtcDateTime
 

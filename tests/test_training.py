@@ -11,15 +11,21 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from fastapi.testclient import TestClient
 from separable import write_separable_benchmark
 from tiny_llama import build_tiny_llama, build_tiny_non_llama
 
 from encoder_worker.encoders.base import EncoderInput
 from encoder_worker.encoders.llm2vec import LLM2VecEncoder
 from encoder_worker.encoders.manifest import encoder_options, read_manifest
-from encoder_worker.encoders.registry import EncoderSpec, configured_specs, load_encoder
+from encoder_worker.encoders.registry import EncoderPool, EncoderSpec, configured_specs, load_encoder
+from encoder_worker.worker import EncoderWorker
+from evaluation import deepmatcher
 from llmatch.cli import main
+from llmatch.db import make_engine
+from llmatch.migrate import upgrade_to_head
 from llmatch.settings import Settings
+from service.app import create_app
 from training import data as training_data
 from training import loop, stages
 from training.losses import cosent, info_nce
@@ -29,6 +35,7 @@ from training.trainees import LLM2VecTrainee
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SMALL_BENCHMARK = REPO_ROOT / "tests" / "data" / "abt_buy_small"
+INSTRUCTION = "Represent the product listing for finding the same product"
 
 
 @pytest.fixture(scope="module")
@@ -242,13 +249,15 @@ def test_train_command_fine_tunes_minilm_then_chooses_identifiers_and_evaluate_u
                 "8",
                 "--serialization",
                 "plain",
+                "--instruction",
+                INSTRUCTION,
             ]
         )
         == 0
     )  # default stages: supervised,identifiers
     dense = read_manifest(out / "supervised")
     assert dense["encoder"] == {"kind": "sentence-transformers", "model": "."}  # the trained model, dense
-    assert dense["render"] == {"serialization": "plain", "instruction": None}
+    assert dense["render"] == {"serialization": "plain", "instruction": INSTRUCTION}
     assert dense["stages"][0]["data"][0]["dataset"] == "abt_buy_small"
     assert "identifier_weights" not in dense["stages"][0]["options"]
 
@@ -271,6 +280,42 @@ def test_train_command_fine_tunes_minilm_then_chooses_identifiers_and_evaluate_u
     assert report["config"]["encoder"] == "trained-identifiers"
     assert report["config"]["serialization"] == "plain"
     assert report["identifier_weight"] == best["weight"]  # the served encoder is the one chosen on valid
+    assert_served_as_evaluated(served, report_dir / "test_pairs.csv", tmp_path / "service")
+
+
+def assert_served_as_evaluated(folder: Path, test_pairs: Path, data_dir: Path) -> None:
+    """Served by name (PUT /datasets with the folder's encoder name and nothing else), the trained encoder scores
+    the test pairs exactly as `llmatch evaluate` did: the dataset renders records as the folder was trained."""
+    settings = Settings(
+        database_url=f"sqlite:///{data_dir / 'db.sqlite3'}",
+        data_dir=data_dir,
+        device="cpu",
+        encoders={"abt": str(folder)},
+    )
+    data_dir.mkdir()
+    engine = make_engine(settings.resolved_database_url)
+    upgrade_to_head(engine)
+    engine.dispose()
+    benchmark = deepmatcher.load(SMALL_BENCHMARK)
+    pool = EncoderPool(settings)
+    with TestClient(create_app(settings, pool=pool, run_worker=False), base_url="http://localhost") as api:
+        created = api.put("/datasets/abt", json={"encoder": "abt"})
+        assert created.status_code == 201
+        assert (created.json()["serialization"], created.json()["instruction"]) == ("plain", INSTRUCTION)
+        assert created.json()["render_warning"] is None
+        for source, table in (("a", benchmark.table_a), ("b", benchmark.table_b)):
+            assert api.post("/records", json={"dataset": "abt", "source": source, "records": table}).status_code == 202
+        state = api.app.state.service
+        EncoderWorker(state.session_factory, pool, settings).drain()
+        with test_pairs.open() as handle:
+            for row in csv.DictReader(handle):
+                query = f"dataset=abt&left_source=a&left_id={row['left_id']}&right_source=b&right_id={row['right_id']}"
+                served = api.get(f"/match?{query}").json()["score"]
+                assert abs(served - float(row["score"])) < 1e-5, (row, served)
+        # An explicit, different choice is kept, logged and shown.
+        other = api.put("/datasets/tagged", json={"encoder": "abt", "serialization": "tagged"}).json()
+        assert (other["serialization"], other["instruction"]) == ("tagged", INSTRUCTION)
+        assert "trained on records rendered plain" in other["render_warning"]
 
 
 def test_train_command_checks_every_stage_before_training_any(tmp_path: Path, capsys) -> None:

@@ -16,7 +16,7 @@ import numpy as np
 
 from encoder_worker.encoders.base import Encoder, EncoderInput
 from encoder_worker.encoders.identifiers import DEFAULT_DIMS, IdentifierEncoder
-from encoder_worker.encoders.manifest import encoder_options
+from encoder_worker.encoders.manifest import encoder_options, render_options
 from llmatch.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -48,10 +48,14 @@ class EncoderSpec:
     batch_tokens: int | None = None  # padded tokens per forward pass, at most; None: by device (batching.py)
     identifier_weight: float = 0.0  # share of the cosine given to exact identifier tokens (identifiers.py); 0: off
     identifier_dims: int = DEFAULT_DIMS  # hash buckets of the identifier features
+    # (serialization, instruction) a folder written by `llmatch train` was trained with; None for other encoders
+    trained_render: tuple[str, str | None] | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.adapter, list):  # JSON configuration gives lists
             object.__setattr__(self, "adapter", tuple(self.adapter))
+        if isinstance(self.trained_render, list):
+            object.__setattr__(self, "trained_render", tuple(self.trained_render))
         if not 0.0 <= self.identifier_weight < 1.0:
             raise ValueError(f"encoder {self.name!r}: identifier_weight must be at least 0 and below 1")
         if self.identifier_dims < 16:
@@ -66,7 +70,7 @@ class EncoderSpec:
     @property
     def key(self) -> str:
         """Stable identity of the weights and settings that shape a vector; names the content cache."""
-        unused = {"name", "batch_size", "batch_tokens"}
+        unused = {"name", "batch_size", "batch_tokens", "trained_render"}
         if not self.identifier_weight:  # keys of encoders without identifier features stay as they were
             unused |= {"identifier_weight", "identifier_dims"}
         identity = {k: v for k, v in asdict(self).items() if k not in unused}
@@ -115,7 +119,8 @@ def configured_specs(settings: Settings) -> dict[str, EncoderSpec]:
 def spec_from_options(name: str, options: dict[str, Any] | str | Path) -> EncoderSpec:
     """A spec from configuration: a dict of EncoderSpec fields, or the path of a trained encoder folder."""
     if isinstance(options, (str, Path)):
-        options = encoder_options(options)
+        serialization, instruction = render_options(options, None, None)
+        return EncoderSpec(name=name, **encoder_options(options), trained_render=(serialization, instruction))
     return EncoderSpec(name=name, **options)
 
 

@@ -34,7 +34,7 @@ def put_dataset(
         action = "dataset.create" if created else "dataset.configure"
         audit.record(session, access.actor, action, name, body.model_dump(exclude_unset=True))
         response.status_code = status.HTTP_201_CREATED if created else status.HTTP_200_OK
-        described = logic.describe(session, dataset, state.registry.policy)
+        described = logic.describe(session, dataset, state.registry.policy, state.pool)
     if "index" in body.model_fields_set:
         state.synchronizer.follow_index_options()  # committed: this process's indexes switch now
     return described
@@ -45,13 +45,13 @@ def list_datasets(state: State, access: auth.AnyKey) -> DatasetList:
     """The datasets this key can read."""
     with state.session_factory() as session:
         readable = [d for d in logic.all_datasets(session) if access.can(d.name, "read")]
-        return DatasetList(datasets=[logic.describe(session, d, state.registry.policy) for d in readable])
+        return DatasetList(datasets=[logic.describe(session, d, state.registry.policy, state.pool) for d in readable])
 
 
 @router.get("/{name}", response_model=DatasetOut)
 def get_dataset(name: DatasetPath, state: State, _: auth.Read) -> DatasetOut:
     with state.session_factory() as session:
-        return logic.describe(session, logic.get_dataset(session, name), state.registry.policy)
+        return logic.describe(session, logic.get_dataset(session, name), state.registry.policy, state.pool)
 
 
 @router.delete("/{name}", status_code=status.HTTP_204_NO_CONTENT)
