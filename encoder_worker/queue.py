@@ -3,7 +3,9 @@ renews while it is alive (measured on the database's clock). A worker that dies 
 runs out the records are claimed again. Before each encoder call the worker notes which records are in it
 (``inflight_batch``), so the next claimer knows whether a dead worker was encoding a record alone (the record is
 blamed: one attempt) or in a group (no one is blamed; the records are encoded alone next time). Once the encoder
-has returned, the records are marked so (``inflight_batch`` 0): a death while storing blames no one."""
+has returned, the records are marked so (``inflight_batch`` 0): a death while storing blames no one. Reading and
+rendering a claim is bookkept the same way: the whole claim is the group until its records are rendered, so a
+worker killed by a huge record (out of memory) while reading it charges that record, not the next worker."""
 
 from __future__ import annotations
 
@@ -14,12 +16,12 @@ from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
 
-from sqlalchemy import ColumnElement, and_, case, or_, select, update
+from sqlalchemy import ColumnElement, LargeBinary, Row, Text, and_, case, cast, func, or_, select, update
 from sqlalchemy.exc import IntegrityError, OperationalError
-from sqlalchemy.orm import Session
+from sqlalchemy.orm import Session, sessionmaker
 
 from encoder_worker.render import input_hash, render, render_config
-from llmatch.db import db_now
+from llmatch.db import db_now, transaction
 from llmatch.models import ENCODED, FAILED, PENDING, Dataset, IndexChange, Record
 from llmatch.vectors import delete_orphaned_embeddings
 
@@ -51,17 +53,17 @@ class Claim:
 
 def crash_error(attempts: int) -> str:
     return (
-        f"the encoder worker died {attempts} times while encoding this record alone (out of memory, or a crash "
-        "inside the model); fix the cause, then requeue it (POST /datasets/{name}/requeue or `llmatch requeue`)"
+        f"the encoder worker died {attempts} times while reading or encoding this record alone (out of memory, or a "
+        "crash inside the model); fix the cause, then requeue it (POST /datasets/{name}/requeue or `llmatch requeue`)"
     )
 
 
 def settle_expired(session: Session, max_attempts: int) -> int:
     """Release the records of claims whose lease ran out (their worker died or hung); returns how many.
 
-    A record that was being encoded alone when its worker died is charged an attempt, and fails once it has used
-    ``max_attempts``; one that was in a group of n is encoded next in groups of at most n // 4; one not yet
-    started, or whose encoder call had returned (a death while storing), is just freed."""
+    A record that was being read or encoded alone when its worker died is charged an attempt, and fails once it
+    has used ``max_attempts``; one that was in a group of n is claimed and encoded next in groups of at most
+    n // 4; one not yet started, or whose encoder call had returned (a death while storing), is just freed."""
     now = db_now(session)
     expired = and_(Record.status == PENDING, Record.claim_token.is_not(None), Record.lease_until < now)
     freed = 0
@@ -91,13 +93,47 @@ def settle_expired(session: Session, max_attempts: int) -> int:
     return freed
 
 
-def claim_batch(session: Session, batch_size: int, lease_seconds: float, max_attempts: int = 3) -> Claim:
-    """Claim up to ``batch_size`` pending records that nobody holds and whose retry delay (if any) is over."""
+def claim_batch(
+    session_factory: sessionmaker[Session],
+    batch_size: int,
+    lease_seconds: float,
+    max_attempts: int = 3,
+    max_bytes: int | None = None,
+    max_text_chars: int | None = None,
+) -> Claim:
+    """Claim up to ``batch_size`` pending records that nobody holds and whose retry delay (if any) is over, and
+    render them cut to ``max_text_chars`` (the encoder's cut: the text and its hash are those encoded).
+
+    The claim stops before the records' stored attributes pass ``max_bytes`` (it always takes one), and holds
+    no more records than the smallest ``batch_limit`` among them. It is committed before any record is read,
+    with the claim noted as the group in flight, and the note is cleared once every record is rendered: a
+    worker that dies in between (out of memory on a huge record) has its claim blamed and split as after a
+    death while encoding, where a rolled-back claim would hand the same record to the next worker to die on."""
+    with transaction(session_factory) as session:
+        token, ids = _take(session, batch_size, lease_seconds, max_attempts, max_bytes)
+    if not ids:
+        return Claim(token, [])
+    with session_factory() as session:
+        records = _read(session, ids, max_text_chars)
+    with transaction(session_factory) as session:
+        session.execute(
+            update(Record)
+            .where(Record.id.in_(ids), Record.claim_token == token)
+            .values(inflight_batch=None)
+            .execution_options(synchronize_session=False)
+        )
+    return Claim(token, records)
+
+
+def _take(
+    session: Session, batch_size: int, lease_seconds: float, max_attempts: int, max_bytes: int | None
+) -> tuple[str, list[int]]:
+    """Mark the records of a new claim claimed and being read (in flight as one group); their ids, in order."""
     settle_expired(session, max_attempts)
     now = db_now(session)
     token = uuid.uuid4().hex
-    ids = session.scalars(
-        select(Record.id)
+    rows = session.execute(
+        select(Record.id, Record.batch_limit, _stored_bytes(session))
         .where(
             Record.status == PENDING,
             Record.claim_token.is_(None),
@@ -107,21 +143,49 @@ def claim_batch(session: Session, batch_size: int, lease_seconds: float, max_att
         .limit(batch_size)
         .with_for_update(skip_locked=True)
     ).all()
-    if not ids:
-        return Claim(token, [])
-    session.execute(
-        update(Record)
-        .where(Record.id.in_(ids))
-        .values(claim_token=token, lease_until=now + timedelta(seconds=lease_seconds))
-        .execution_options(synchronize_session=False)
-    )
-    rows = session.execute(select(Record, Dataset).join(Dataset).where(Record.id.in_(ids)).order_by(Record.id)).all()
-    return Claim(token, [_rendered(record, dataset) for record, dataset in rows])
+    ids = _fitting(rows, max_bytes)
+    if ids:
+        session.execute(
+            update(Record)
+            .where(Record.id.in_(ids))
+            .values(claim_token=token, lease_until=now + timedelta(seconds=lease_seconds), inflight_batch=len(ids))
+            .execution_options(synchronize_session=False)
+        )
+    return token, ids
 
 
-def _rendered(record: Record, dataset: Dataset) -> ClaimedRecord:
+def _stored_bytes(session: Session) -> ColumnElement[int]:
+    """The size in bytes of a record's stored attributes (their JSON text), measured by the database."""
+    if session.get_bind().dialect.name == "sqlite":
+        return func.length(cast(Record.attributes, LargeBinary))
+    return func.octet_length(cast(Record.attributes, Text))
+
+
+def _fitting(rows: Sequence[Row[tuple[int, int | None, int | None]]], max_bytes: int | None) -> list[int]:
+    """The ids of the first rows whose stored attributes stay within ``max_bytes`` and that are no more than the
+    smallest ``batch_limit`` among them; at least the first row's."""
+    taken: list[int] = []
+    total, limit = 0, None
+    for record_id, batch_limit, size in rows:
+        total += size or 0
+        if batch_limit is not None:
+            limit = batch_limit if limit is None else min(limit, batch_limit)
+        over_bytes = max_bytes is not None and total > max_bytes
+        if taken and (over_bytes or (limit is not None and len(taken) >= limit)):
+            break
+        taken.append(record_id)
+    return taken
+
+
+def _read(session: Session, ids: list[int], max_text_chars: int | None) -> list[ClaimedRecord]:
+    """The claimed records rendered for their datasets' encoders, in id order."""
+    rows = session.execute(select(Record, Dataset).join(Dataset).where(Record.id.in_(ids)).order_by(Record.id))
+    return [_rendered(record, dataset, max_text_chars) for record, dataset in rows]
+
+
+def _rendered(record: Record, dataset: Dataset, max_text_chars: int | None) -> ClaimedRecord:
     config = render_config(dataset)
-    text = render(record.attributes, config, dataset.seen_attributes)
+    text = render(record.attributes, config, dataset.seen_attributes, max_text_chars)
     return ClaimedRecord(
         record_id=record.id,
         dataset_id=dataset.id,

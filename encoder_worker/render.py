@@ -42,20 +42,29 @@ def value_text(value: Any) -> str:
     return str(value).strip()
 
 
-def render(attributes: Mapping[str, Any], config: RenderConfig, seen_order: Sequence[str] = ()) -> str:
+def render(
+    attributes: Mapping[str, Any], config: RenderConfig, seen_order: Sequence[str] = (), max_chars: int | None = None
+) -> str:
     """Serialize a record: ``[name] value [\\name] ...`` (tagged) or the values alone (plain).
 
     Empty and null values are left out. Attributes outside ``config.attributes`` are dropped; without a
-    fixed list, attributes follow ``seen_order`` and then their order in the record.
+    fixed list, attributes follow ``seen_order`` and then their order in the record. With ``max_chars``, the
+    text is cut there (as encoders cut it) and building stops once it is that long: the result is the full
+    text's first ``max_chars`` characters, and the full text of a huge record is never held in memory.
     """
     names = list(config.attributes) if config.attributes is not None else _ordered(attributes, seen_order)
     parts: list[str] = []
+    length = -1  # the separators: one fewer than the parts
     for name in names:
         text = value_text(attributes.get(name))
         if not text:
             continue
         parts.append(f"[{name}] {text} [\\{name}]" if config.serialization == "tagged" else text)
-    return " ".join(parts)
+        length += len(parts[-1]) + 1
+        if max_chars is not None and length >= max_chars:
+            break
+    rendered = " ".join(parts)
+    return rendered if max_chars is None else rendered[:max_chars]
 
 
 def _ordered(attributes: Mapping[str, Any], seen_order: Sequence[str]) -> list[str]:

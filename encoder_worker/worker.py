@@ -119,10 +119,14 @@ class EncoderWorker:
 
     def _claim(self) -> Claim:
         settings = self.settings
-        with transaction(self.session_factory) as session:
-            claim = claim_batch(
-                session, settings.worker_batch_size, settings.worker_lease_seconds, settings.worker_max_attempts
-            )
+        claim = claim_batch(
+            self.session_factory,
+            settings.worker_batch_size,
+            settings.worker_lease_seconds,
+            settings.worker_max_attempts,
+            max_bytes=settings.worker_claim_max_bytes,
+            max_text_chars=self.pool.max_text_chars,  # the encoder's cut, so the hash is that of the text encoded
+        )
         if claim.records:
             self._hold(claim.token)  # a prefetched claim waits for the batch before it: keep it alive meanwhile
         # Shorter texts first, so that each encoder batch holds texts of similar length (less padding).

@@ -46,6 +46,12 @@ class Settings(BaseSettings):
         default=30.0, ge=1, description="A claim's lease, renewed every third of it while its worker is alive."
     )
     worker_max_attempts: int = Field(default=3, ge=1)
+    worker_claim_max_bytes: int = Field(
+        default=64 * 1024 * 1024,
+        ge=1024,
+        description="A claim stops taking records once their stored attributes (JSON, in bytes) would pass this; "
+        "it always takes one. Bounds a worker's memory when records are large.",
+    )
     worker_log_seconds: float = Field(default=10.0, gt=0)
     index_sync_seconds: float = Field(default=0.5, gt=0)
     index_kind: Literal["auto", "flat", "ivf"] = Field(

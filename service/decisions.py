@@ -98,7 +98,7 @@ def prepare_inline(session: Session, pool: EncoderPool, dataset: Dataset, record
     """The vector of a record of this dataset with an identical text, or what to encode (inline records are
     never stored)."""
     config = render_config(dataset)
-    text = render(record.attributes, config, dataset.seen_attributes)
+    text = render(record.attributes, config, dataset.seen_attributes, pool.max_text_chars)  # as the worker cuts
     key = pool.spec(dataset.encoder).key
     cached = _dataset_vector(session, dataset, key, input_hash(config.instruction, text))
     if cached is not None:

@@ -233,8 +233,7 @@ def test_a_lease_renewal_skips_rows_being_stored_instead_of_waiting(pg_url, tmp_
         api.put("/datasets/shop", json={})
         api.post("/records", json=records_body("shop", "a", _rows(4)))
         factory = _factory(api)
-        with transaction(factory) as session:
-            claim = claim_batch(session, 10, 60)
+        claim = claim_batch(factory, 10, 60)
         locked = min(r.record_id for r in claim.records)
 
         def renew_claim() -> int:

@@ -68,7 +68,7 @@ class FailingOn:
 
     def __init__(self, inner: CountingPool, marker: str):
         self.inner, self.marker = inner, marker
-        self.specs = inner.specs
+        self.specs, self.max_text_chars = inner.specs, inner.max_text_chars
 
     def spec(self, name):
         return self.inner.spec(name)
