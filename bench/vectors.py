@@ -46,7 +46,10 @@ class Space:
         return np.concatenate(list(self.sample(n, seed))) if n else np.zeros((0, self.dim), np.float32)
 
 
-def ensure_dataset(session: Session, name: str, encoder: str = "minilm") -> int:
+SYNTHETIC_ENCODER = "synthetic"  # vectors made by no configured encoder: the service's encoder-key check skips them
+
+
+def ensure_dataset(session: Session, name: str, encoder: str = SYNTHETIC_ENCODER) -> int:
     dataset = session.scalar(select(Dataset).where(Dataset.name == name))
     if dataset is None:
         dataset = Dataset(name=name, encoder=encoder)

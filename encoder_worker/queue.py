@@ -349,11 +349,11 @@ def requeue(session: Session, which: ColumnElement[bool], *, reset_attempts: boo
     if reset_attempts:
         values["attempts"] = 0
     result = session.execute(update(Record).where(which).values(**values).execution_options(synchronize_session=False))
-    _delete_orphans(session, previous)
+    delete_orphans(session, previous)
     return result.rowcount or 0
 
 
-def _delete_orphans(session: Session, embedding_ids: Sequence[int]) -> None:
+def delete_orphans(session: Session, embedding_ids: Sequence[int]) -> None:
     """Delete those of these vectors that no record references now. One that a worker's store takes up again
     meanwhile (its text came back) is kept: the conflict undoes only this step, not the caller's transaction."""
     if not embedding_ids:

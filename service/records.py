@@ -7,10 +7,9 @@ from collections.abc import Sequence
 from sqlalchemy import insert, select, update
 from sqlalchemy.orm import Session
 
-from encoder_worker.queue import requeue
+from encoder_worker.queue import delete_orphans, requeue
 from encoder_worker.render import content_hash, render, render_config
 from llmatch.models import PENDING, Dataset, IndexChange, Record
-from llmatch.vectors import delete_orphaned_embeddings
 from service.datasets import get_dataset
 from service.errors import NotFound, without_paths
 from service.limits import check_attribute_names, check_source_count
@@ -149,5 +148,5 @@ def delete_record(session: Session, dataset_name: str, source: str, record_id: s
     session.delete(record)
     session.add(IndexChange(dataset_id=dataset.id, source=source, record_id=record.id, embedding_id=None))
     session.flush()
-    delete_orphaned_embeddings(session, [embedding_id] if embedding_id else [])
+    delete_orphans(session, [embedding_id] if embedding_id else [])
     return record

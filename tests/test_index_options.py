@@ -124,11 +124,12 @@ class NoEncoding(CountingPool):
         raise AssertionError(f"encoder called for {len(inputs)} inputs")
 
 
-def _store(settings: Settings, dataset: str) -> None:
-    """``BIG`` synthetic vectors in source a, 50 in source b, stored as encoded records (no encoder involved)."""
+def _store(settings: Settings, dataset: str, encoder_key: str) -> None:
+    """``BIG`` synthetic vectors in source a, 50 in source b, stored as encoded records under the dataset's encoder
+    key (no encoder involved; the service takes them for its encoder's)."""
     engine = make_engine(settings.resolved_database_url)
-    store_vectors(engine, dataset, "a", SPACE.sample(BIG, seed=5, chunk=1000))
-    store_vectors(engine, dataset, "b", SPACE.sample(50, seed=6))
+    store_vectors(engine, dataset, "a", SPACE.sample(BIG, seed=5, chunk=1000), encoder_key)
+    store_vectors(engine, dataset, "b", SPACE.sample(50, seed=6), encoder_key)
     engine.dispose()
 
 
@@ -161,8 +162,9 @@ def _two_stored_datasets(settings: Settings, pool) -> None:
     with _service(settings, pool) as api:
         assert api.put("/datasets/big", json={"index": IVF}).status_code == 201
         assert api.put("/datasets/other", json={}).status_code == 201
-    _store(settings, "big")
-    _store(settings, "other")
+    key = pool.spec("minilm").key
+    _store(settings, "big", key)
+    _store(settings, "other", key)
 
 
 @pytest.fixture
