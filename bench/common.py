@@ -15,7 +15,7 @@ import sys
 import tempfile
 import time
 import uuid
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -89,6 +89,24 @@ def encoder_inputs(texts: Sequence[str]) -> list[Any]:
     from encoder_worker.encoders.base import EncoderInput
 
     return [EncoderInput(None, text) for text in texts]
+
+
+def wait_until_ready(
+    url: str, process: subprocess.Popen, timeout: float, log_tail: Callable[[], str], started: float | None = None
+) -> float:
+    """Seconds from ``started`` (default: now) until ``url/readyz`` answers 200; an exited process or the timeout
+    raise RuntimeError with ``log_tail()``."""
+    began = time.monotonic() if started is None else started
+    while time.monotonic() - began < timeout:
+        if process.poll() is not None:
+            raise RuntimeError(f"llmatch serve exited with {process.returncode}:\n{log_tail()}")
+        try:
+            if httpx.get(f"{url}/readyz", timeout=5).status_code == 200:
+                return time.monotonic() - began
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.1)
+    raise RuntimeError(f"llmatch serve not ready after {timeout:.0f} s:\n{log_tail()}")
 
 
 def free_port() -> int:
@@ -204,17 +222,8 @@ class Server:
         self._wait_ready()
 
     def _wait_ready(self) -> None:
-        deadline = time.monotonic() + self.ready_timeout
-        while time.monotonic() < deadline:
-            if self._process is not None and self._process.poll() is not None:
-                raise RuntimeError(f"llmatch serve exited with {self._process.returncode}:\n{self.log_tail()}")
-            try:
-                if httpx.get(f"{self.url}/readyz", timeout=5).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.2)
-        raise RuntimeError(f"llmatch serve not ready after {self.ready_timeout:.0f} s:\n{self.log_tail()}")
+        assert self._process is not None
+        wait_until_ready(self.url, self._process, self.ready_timeout, self.log_tail)
 
     def log_tail(self, lines: int = 40) -> str:
         if self._tmp is None or not self.log_path.exists():

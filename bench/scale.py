@@ -241,21 +241,9 @@ class Serve:
             env["LLMATCH_DATABASE_URL"] = database_url
         self.env, self.log = env, log
         command = [common.llmatch_command(), "serve", "--no-worker", "--host", "127.0.0.1", "--port", str(self.port)]
-        self.began = time.perf_counter()
+        began = time.monotonic()
         self.process = subprocess.Popen(command, env=env, stdout=log.open("ab"), stderr=subprocess.STDOUT)
-        self.ready_s = self._wait_ready()
-
-    def _wait_ready(self, timeout: float = 1800) -> float:
-        while time.perf_counter() - self.began < timeout:
-            if self.process.poll() is not None:
-                raise RuntimeError(f"llmatch serve exited with {self.process.returncode}; see {self.log}")
-            try:
-                if httpx.get(f"{self.url}/readyz", timeout=5).status_code == 200:
-                    return time.perf_counter() - self.began
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.1)
-        raise RuntimeError(f"not ready after {timeout} s; see {self.log}")
+        self.ready_s = common.wait_until_ready(self.url, self.process, 1800, lambda: f"see {self.log}", began)
 
     def rss_bytes(self) -> int:
         for line in Path(f"/proc/{self.process.pid}/status").read_text().splitlines():

@@ -205,16 +205,7 @@ def describe(
 def calibration_out(calibration: Calibration | None) -> CalibrationOut | None:
     if calibration is None:
         return None
-    return CalibrationOut(
-        threshold=calibration.threshold,
-        precision=calibration.precision,
-        recall=calibration.recall,
-        f1=calibration.f1,
-        pairs=calibration.pairs,
-        positives=calibration.positives,
-        objective=calibration.objective,
-        created_at=calibration.created_at,
-    )
+    return CalibrationOut.model_validate(calibration)
 
 
 def sources(session: Session, dataset_id: int) -> list[str]:

@@ -231,29 +231,21 @@ def calibrate(session: Session, dataset: Dataset, encoder_key: str, body: Calibr
     choice = calib.best_f1_threshold(scores, labels)
     mapping = calib.fit_probability(scores, labels)
     session.execute(Calibration.__table__.delete().where(Calibration.dataset_id == dataset.id))
-    session.add(
-        Calibration(
-            dataset_id=dataset.id,
-            encoder_key=encoder_key,
-            objective=body.objective,
-            threshold=choice.threshold,
-            precision=choice.precision,
-            recall=choice.recall,
-            f1=choice.f1,
-            pairs=len(body.pairs),
-            positives=int(labels.sum()),
-            probability_model=mapping,
-        )
-    )
-    return CalibrateOut(
+    calibration = Calibration(
+        dataset_id=dataset.id,
+        encoder_key=encoder_key,
+        objective=body.objective,
         threshold=choice.threshold,
         precision=choice.precision,
         recall=choice.recall,
         f1=choice.f1,
         pairs=len(body.pairs),
         positives=int(labels.sum()),
-        objective=body.objective,
+        probability_model=mapping,
     )
+    session.add(calibration)
+    session.flush()
+    return CalibrateOut.model_validate(calibration)
 
 
 def _pair_score(vectors: dict[tuple[str, str], np.ndarray], pair: LabelledPair) -> float:

@@ -193,6 +193,10 @@ class DatasetConfigIn(Strict):
 
 
 class CalibrationOut(BaseModel):
+    """A dataset's active calibration: the answer of POST /datasets/{name}/calibrate, and part of GET /datasets."""
+
+    model_config = ConfigDict(from_attributes=True)
+
     threshold: float
     precision: float
     recall: float
@@ -363,14 +367,7 @@ class CalibrateIn(Strict):
         return self
 
 
-class CalibrateOut(BaseModel):
-    threshold: float
-    precision: float
-    recall: float
-    f1: float
-    pairs: int
-    positives: int
-    objective: str
+CalibrateOut = CalibrationOut
 
 
 # ----------------------------------------------------------------------------------- explanations (v1.1)

@@ -19,7 +19,7 @@ from typing import Any
 
 import httpx
 
-from bench.common import free_port
+from bench.common import free_port, wait_until_ready
 
 PG_SERVER = "postgresql+psycopg://postgres@127.0.0.1:5432/llmatch_reliability"
 COUNTED = [sys.executable, "-m", "bench.reliability.counted"]  # `llmatch ...` with encoder calls counted
@@ -208,15 +208,7 @@ class Server(Process):
 
     def wait_ready(self, timeout: float = 300.0) -> float:
         """Seconds from start until ``/readyz`` answers 200."""
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if not self.alive():
-                raise RuntimeError(f"{self.name} exited with {self.popen.returncode}:\n{self.log_tail()}")
-            with contextlib.suppress(httpx.HTTPError):
-                if httpx.get(f"{self.url}/readyz", timeout=5).status_code == 200:
-                    return time.monotonic() - self.started_at
-            time.sleep(0.1)
-        raise TimeoutError(f"{self.name} not ready after {timeout:.0f} s:\n{self.log_tail()}")
+        return wait_until_ready(self.url, self.popen, timeout, self.log_tail, self.started_at)
 
     def client(self, connections: int = 20, timeout: float = 120.0) -> httpx.Client:
         limits = httpx.Limits(max_connections=connections, max_keepalive_connections=connections)
