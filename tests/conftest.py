@@ -12,14 +12,15 @@ from pathlib import Path
 import numpy as np
 import psycopg
 import pytest
+from alembic import command
 from fastapi.testclient import TestClient
-from sqlalchemy import make_url
+from sqlalchemy import Engine, make_url
 
 from encoder_worker.encoders.base import EncoderInput
 from encoder_worker.encoders.registry import EncoderPool
 from encoder_worker.worker import EncoderWorker
 from llmatch.db import make_engine, make_session_factory
-from llmatch.migrate import upgrade_to_head
+from llmatch.migrate import alembic_config, upgrade_to_head
 from llmatch.settings import Settings
 from service.app import create_app
 
@@ -45,6 +46,24 @@ def empty_pg_database(prefix: str) -> Iterator[str]:
     finally:
         with _pg_admin() as admin:
             admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+@pytest.fixture(params=("sqlite", "pg"))
+def empty_database(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
+    """A database without tables (SQLite file, or a new PostgreSQL database dropped afterwards): for migrations."""
+    if request.param == "sqlite":
+        yield f"sqlite:///{tmp_path / 'migrate.sqlite3'}"
+        return
+    with empty_pg_database("llmatch_migrate") as url:
+        yield url
+
+
+def migrate_engine(engine: Engine, revision: str, down: bool = False) -> None:
+    """Upgrade (or, with ``down``, downgrade) the database behind ``engine`` to an Alembic ``revision``."""
+    with engine.begin() as connection:
+        config = alembic_config(engine.url.render_as_string(hide_password=False))
+        config.attributes["connection"] = connection
+        (command.downgrade if down else command.upgrade)(config, revision)
 
 
 @pytest.fixture(scope="session")

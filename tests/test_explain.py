@@ -5,11 +5,9 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
-from pathlib import Path
 
 import pytest
-from alembic import command
-from conftest import CountingPool, empty_pg_database, records_body
+from conftest import CountingPool, migrate_engine, records_body
 from fastapi.testclient import TestClient
 from sqlalchemy import func, insert, inspect, select
 
@@ -17,7 +15,6 @@ from encoder_worker.encoders.base import EncoderInput
 from encoder_worker.encoders.identifiers import identifier_tokens
 from encoder_worker.render import RenderConfig, input_hash
 from llmatch.db import make_engine, transaction
-from llmatch.migrate import alembic_config
 from llmatch.models import Dataset, Embedding, ExplanationVector, IndexChange, Record
 from llmatch.settings import Settings
 from service import explain as explaining
@@ -291,28 +288,13 @@ def test_the_explanation_cache_keeps_each_datasets_newest_vectors(settings, coun
     assert other == first, "another dataset's cache is its own: not purged by this one's"
 
 
-@pytest.fixture(params=("sqlite", "pg"))
-def empty_database(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
-    if request.param == "sqlite":
-        yield f"sqlite:///{tmp_path / 'migrate.sqlite3'}"
-        return
-    with empty_pg_database("llmatch_migrate") as url:
-        yield url
-
-
-def migrate(engine, revision: str, down: bool = False) -> None:
-    with engine.begin() as connection:
-        config = alembic_config(engine.url.render_as_string(hide_password=False))
-        config.attributes["connection"] = connection
-        (command.downgrade if down else command.upgrade)(config, revision)
-
 
 def test_the_migration_gives_explanations_their_own_table_and_drops_their_rows_from_the_shared_cache(
     empty_database,
 ):
     engine = make_engine(empty_database)
     try:
-        migrate(engine, "0005")
+        migrate_engine(engine, "0005")
         vector = b"\x00" * 16
         with engine.begin() as connection:
             dataset = connection.execute(
@@ -330,15 +312,15 @@ def test_the_migration_gives_explanations_their_own_table_and_drops_their_rows_f
             connection.execute(insert(Record).values(external_id="r", embedding_id=ids[0], **values))
             change = dict(dataset_id=dataset, source="s", record_id=7, embedding_id=ids[2])
             connection.execute(insert(IndexChange).values(**change))
-        migrate(engine, "0006")
+        migrate_engine(engine, "0006")
         with engine.begin() as connection:
             assert set(connection.execute(select(Embedding.id)).scalars()) == {ids[0], ids[2]}
             row = dict(dataset_id=dataset, encoder_key="k", input_hash="h", dim=4, vector=vector)
             connection.execute(insert(ExplanationVector).values(**row))
             connection.execute(Dataset.__table__.delete())
             assert connection.execute(select(func.count()).select_from(ExplanationVector)).scalar() == 0
-        migrate(engine, "0005", down=True)
+        migrate_engine(engine, "0005", down=True)
         assert "explanation_vectors" not in inspect(engine).get_table_names()
-        migrate(engine, "head")
+        migrate_engine(engine, "head")
     finally:
         engine.dispose()

@@ -5,17 +5,15 @@ the others, and checked against index files saved under another policy."""
 from __future__ import annotations
 
 from collections.abc import Iterator
-from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import CountingPool, empty_pg_database
+from conftest import CountingPool, migrate_engine
 from fastapi.testclient import TestClient
 from sqlalchemy import inspect, select, text, update
 
 from bench.vectors import Space, store_vectors
 from llmatch.db import make_engine
-from llmatch.migrate import alembic_config
 from llmatch.models import Dataset, IndexChange
 from llmatch.settings import Settings
 from service.app import create_app
@@ -244,32 +242,16 @@ def test_index_files_saved_under_another_policy_are_not_served_as_they_are(setti
 # ------------------------------------------------------------------------------------------ the migration
 
 
-@pytest.fixture(params=("sqlite", "pg"))
-def empty_database(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
-    if request.param == "sqlite":
-        yield f"sqlite:///{tmp_path / 'migrate.sqlite3'}"
-        return
-    with empty_pg_database("llmatch_migrate") as url:
-        yield url
-
-
-def _migrate(engine, revision: str, down: bool = False) -> None:
-    from alembic import command
-
-    with engine.begin() as connection:
-        config = alembic_config(engine.url.render_as_string(hide_password=False))
-        config.attributes["connection"] = connection
-        (command.downgrade if down else command.upgrade)(config, revision)
 
 
 def test_the_migration_adds_a_nullable_json_column_on_both_databases(empty_database):
     engine = make_engine(empty_database)
     try:
-        _migrate(engine, "0004")
+        migrate_engine(engine, "0004")
         with engine.begin() as connection:
             columns = "name, encoder, serialization, seen_attributes"
             connection.execute(text(f"INSERT INTO datasets ({columns}) VALUES ('old', 'minilm', 'tagged', '[]')"))
-        _migrate(engine, "0005")
+        migrate_engine(engine, "0005")
         assert "index_options" in {c["name"] for c in inspect(engine).get_columns("datasets")}
         with engine.begin() as connection:
             assert connection.execute(select(Dataset.name, Dataset.index_options)).all() == [("old", None)]
@@ -278,13 +260,13 @@ def test_the_migration_adds_a_nullable_json_column_on_both_databases(empty_datab
             if engine.dialect.name == "sqlite":  # ids never reused (0002): the table keeps its AUTOINCREMENT
                 sql = connection.execute(text("SELECT sql FROM sqlite_master WHERE name = 'datasets'")).scalar()
                 assert "AUTOINCREMENT" in sql
-        _migrate(engine, "0004", down=True)
+        migrate_engine(engine, "0004", down=True)
         assert "index_options" not in {c["name"] for c in inspect(engine).get_columns("datasets")}
         with engine.begin() as connection:
             assert connection.execute(text("SELECT name FROM datasets")).scalars().all() == ["old"]
             if engine.dialect.name == "sqlite":
                 sql = connection.execute(text("SELECT sql FROM sqlite_master WHERE name = 'datasets'")).scalar()
                 assert "AUTOINCREMENT" in sql
-        _migrate(engine, "head")
+        migrate_engine(engine, "head")
     finally:
         engine.dispose()

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 
 from llmatch.settings import Settings
@@ -13,16 +11,9 @@ BOUND = 4  # the products fixture holds 9 encoded records
 
 
 @pytest.fixture
-def settings(database_url: str, tmp_path: Path) -> Settings:
-    return Settings(
-        database_url=database_url,
-        data_dir=tmp_path / "data",
-        worker_batch_size=16,
-        worker_poll_seconds=0.05,
-        index_sync_seconds=0.1,
-        device="cpu",
-        review_max_records=BOUND,
-    )
+def settings(settings: Settings) -> Settings:
+    """The shared fixture's settings, with the review bound below the fixture's record count."""
+    return settings.model_copy(update={"review_max_records": BOUND})
 
 
 @pytest.fixture
