@@ -6,16 +6,11 @@ import argparse
 import csv
 import logging
 import os
-import signal
 import sys
 from collections.abc import Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from llmatch.settings import Settings, get_settings
-
-if TYPE_CHECKING:
-    from encoder_worker.encoders.registry import EncoderPool
 
 log = logging.getLogger("llmatch")
 
@@ -213,51 +208,21 @@ def run_keys(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def run_worker(args: argparse.Namespace, settings: Settings) -> int:
+    from encoder_worker.process import WorkerOptions
+    from encoder_worker.process import run_worker as run
+
     if not _check_schema(settings):
         return 2
-    if args.no_restart:
-        return _run_worker_loop(args, settings, None)
-    from encoder_worker.supervisor import Supervisor, preloaded_pool
-
-    pool = preloaded_pool(settings)
-    return Supervisor(lambda: _run_worker_loop(args, settings, pool)).run()
-
-
-def _run_worker_loop(args: argparse.Namespace, settings: Settings, pool: EncoderPool | None) -> int:
-    """The worker loop in this process, on ``pool`` (a new one when None), until SIGTERM or a drained queue."""
-    from encoder_worker.encoders.registry import EncoderPool
-    from encoder_worker.metrics import serve_metrics
-    from encoder_worker.worker import EncoderWorker
-    from llmatch.db import make_engine, make_session_factory
-
-    if args.metrics_port:
-        serve_metrics(args.metrics_port, args.metrics_host)
-    engine = make_engine(settings.resolved_database_url)
-    pool = pool or EncoderPool(settings)
-    worker = EncoderWorker(make_session_factory(engine), pool, settings)
-    if args.serve_inline is not None:
-        from encoder_worker.inline_server import InlineEncodeServer
-
-        server = InlineEncodeServer(
-            pool,
-            args.serve_inline_host,
-            args.serve_inline,
-            args.serve_inline_concurrency,
-            timeout=settings.inline_server_timeout_seconds,
-            max_connections=settings.inline_server_max_connections,
-        )
-        server.start(preload=settings.default_encoder)
-    signal.signal(signal.SIGTERM, lambda *_: worker.stop())
-    try:
-        if args.drain:
-            worker.drain()
-        else:
-            worker.run()
-    except KeyboardInterrupt:
-        worker.stop()
-    finally:
-        engine.dispose()
-    return 0
+    options = WorkerOptions(
+        drain=args.drain,
+        metrics_port=args.metrics_port,
+        metrics_host=args.metrics_host,
+        serve_inline=args.serve_inline,
+        serve_inline_host=args.serve_inline_host,
+        serve_inline_concurrency=args.serve_inline_concurrency,
+        restart=not args.no_restart,
+    )
+    return run(settings, options)
 
 
 def run_migrate(_args: argparse.Namespace, settings: Settings) -> int:
