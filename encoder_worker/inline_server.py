@@ -30,8 +30,8 @@ from typing import Any
 
 import numpy as np
 
-from encoder_worker.encoders.base import EncoderInput
-from encoder_worker.encoders.registry import EncoderPool, EncoderUnavailableError, UnknownEncoderError
+from encoding.encoder import EncoderInput
+from encoding.registry import EncoderPool, EncoderUnavailableError, UnknownEncoderError
 from llmatch.settings import Settings
 
 log = logging.getLogger("llmatch.inline")

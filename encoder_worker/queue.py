@@ -20,7 +20,7 @@ from sqlalchemy import ColumnElement, LargeBinary, Row, Text, and_, case, cast, 
 from sqlalchemy.exc import IntegrityError, OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
-from encoder_worker.render import input_hash, render, render_config
+from encoding.render import input_hash, render, render_config
 from llmatch.db import db_now, transaction
 from llmatch.models import ENCODED, FAILED, PENDING, Dataset, IndexChange, Record
 from llmatch.vectors import delete_orphaned_embeddings

@@ -3,7 +3,7 @@
 Usage: python -m evaluation.ablation DATASET_DIR... [--encoder NAME|FOLDER] [--weights 0,0.05,...] [--out FILE]
 
 For each benchmark the encoder's dense vectors of the records that ``valid.csv`` names are computed once; each
-variant of the rules (``encoder_worker/encoders/identifiers.py``: digit runs, hyphens dropped, stems) then
+variant of the rules (``encoding/identifiers.py``: digit runs, hyphens dropped, stems) then
 recombines them with its own identifier features at every candidate weight, exactly as the serving encoder
 does, and keeps the weight with the best valid F1 (the smallest among equals, as the ``identifiers`` stage
 does). ``test.csv`` is never read: this is the measurement a rule is kept or dropped on.
@@ -20,11 +20,11 @@ from typing import Any
 
 import numpy as np
 
-from encoder_worker.encoders.base import EncoderInput
-from encoder_worker.encoders.identifiers import IdentifierRules, combine, identifier_vectors
-from encoder_worker.encoders.manifest import is_trained_folder, render_options
-from encoder_worker.encoders.registry import configured_specs, load_encoder, resolve_device, spec_from_options
-from encoder_worker.render import RenderConfig, render
+from encoding.encoder import EncoderInput
+from encoding.identifiers import IdentifierRules, combine, identifier_vectors
+from encoding.manifest import is_trained_folder, render_options
+from encoding.registry import configured_specs, load_encoder, resolve_device, spec_from_options
+from encoding.render import RenderConfig, render
 from evaluation import deepmatcher
 from llmatch.settings import Settings, get_settings
 from service.calibration import best_f1_threshold

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 from llmatch.settings import Settings, get_settings
 
 if TYPE_CHECKING:
-    from encoder_worker.encoders.registry import EncoderPool
+    from encoding.registry import EncoderPool
 
 log = logging.getLogger("llmatch")
 
@@ -225,9 +225,9 @@ def run_worker(args: argparse.Namespace, settings: Settings) -> int:
 
 def _run_worker_loop(args: argparse.Namespace, settings: Settings, pool: EncoderPool | None) -> int:
     """The worker loop in this process, on ``pool`` (a new one when None), until SIGTERM or a drained queue."""
-    from encoder_worker.encoders.registry import EncoderPool
     from encoder_worker.metrics import serve_metrics
     from encoder_worker.worker import EncoderWorker
+    from encoding.registry import EncoderPool
     from llmatch.db import make_engine, make_session_factory
 
     if args.metrics_port:
@@ -369,8 +369,8 @@ def run_entities(args: argparse.Namespace, _settings: Settings) -> int:
 
 
 def run_fetch_smollm2(args: argparse.Namespace, settings: Settings) -> int:
-    from encoder_worker.encoders.registry import SMOLLM2_FOLDER
-    from encoder_worker.smollm2 import fetch_and_convert
+    from encoding.registry import SMOLLM2_FOLDER
+    from encoding.smollm2 import fetch_and_convert
 
     out = args.out or settings.models_dir / SMOLLM2_FOLDER
     print(fetch_and_convert(out, force=args.force))
@@ -378,8 +378,8 @@ def run_fetch_smollm2(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def run_fetch_mpnet(args: argparse.Namespace, settings: Settings) -> int:
-    from encoder_worker.encoders.registry import MPNET_FOLDER
-    from encoder_worker.mpnet import fetch_and_assemble
+    from encoding.mpnet import fetch_and_assemble
+    from encoding.registry import MPNET_FOLDER
 
     out = args.out or settings.models_dir / MPNET_FOLDER
     print(fetch_and_assemble(out, force=args.force))

@@ -10,9 +10,9 @@ import numpy as np
 from sqlalchemy import and_, or_, select, tuple_
 from sqlalchemy.orm import Session
 
-from encoder_worker.encoders.base import EncoderInput
-from encoder_worker.encoders.registry import EncoderPool
-from encoder_worker.render import input_hash, render, render_config
+from encoding.encoder import EncoderInput
+from encoding.registry import EncoderPool
+from encoding.render import input_hash, render, render_config
 from llmatch.models import ENCODED, Calibration, Dataset, Embedding, Record
 from llmatch.vectors import from_bytes
 from service import calibration as calib

@@ -12,10 +12,10 @@ import numpy as np
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
-from encoder_worker.encoders.base import EncoderInput
-from encoder_worker.encoders.identifiers import identifier_tokens
-from encoder_worker.encoders.registry import EncoderPool
-from encoder_worker.render import RenderConfig, input_hash, render, render_config, value_text
+from encoding.encoder import EncoderInput
+from encoding.identifiers import identifier_tokens
+from encoding.registry import EncoderPool
+from encoding.render import RenderConfig, input_hash, render, render_config, value_text
 from llmatch.db import transaction
 from llmatch.models import Dataset
 from llmatch.settings import Settings

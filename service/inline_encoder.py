@@ -16,9 +16,9 @@ from typing import Any
 import httpx
 import numpy as np
 
-from encoder_worker.encoders.base import EncoderInput
-from encoder_worker.encoders.registry import EncoderPool
 from encoder_worker.inline_server import MAX_BODY_BYTES, MAX_INPUTS, decode_vectors
+from encoding.encoder import EncoderInput
+from encoding.registry import EncoderPool
 from llmatch.settings import Settings
 from service.errors import ServiceUnavailable
 

@@ -8,7 +8,7 @@ from sqlalchemy import insert, select, update
 from sqlalchemy.orm import Session
 
 from encoder_worker.queue import requeue
-from encoder_worker.render import content_hash, render, render_config
+from encoding.render import content_hash, render, render_config
 from llmatch.models import PENDING, Dataset, IndexChange, Record
 from llmatch.vectors import delete_orphaned_embeddings
 from service.datasets import get_dataset

@@ -15,8 +15,8 @@ from sqlalchemy import func, select, update
 
 import encoder_worker.queue
 from encoder_worker.queue import claim_batch, settle_expired
-from encoder_worker.render import RenderConfig, input_hash, render
 from encoder_worker.worker import EncoderWorker
+from encoding.render import RenderConfig, input_hash, render
 from llmatch.db import db_now, transaction
 from llmatch.models import ENCODED, FAILED, PENDING, Embedding, Record
 

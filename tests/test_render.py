@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from encoder_worker.render import RenderConfig, content_hash, input_hash, render, value_text
+from encoding.render import RenderConfig, content_hash, input_hash, render, value_text
 
 
 def test_tagged_and_plain():

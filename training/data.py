@@ -6,8 +6,8 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from encoder_worker.encoders.base import EncoderInput
-from encoder_worker.render import RenderConfig, render
+from encoding.encoder import EncoderInput
+from encoding.render import RenderConfig, render
 from evaluation import deepmatcher
 
 
