@@ -276,9 +276,9 @@ def run_migrate(_args: argparse.Namespace, settings: Settings) -> int:
 def run_requeue(args: argparse.Namespace, settings: Settings) -> int:
     from sqlalchemy import select
 
-    from encoder_worker.queue import requeue_failed
     from llmatch.db import make_engine, make_session_factory, transaction
     from llmatch.models import Dataset
+    from llmatch.requeue import requeue_failed
 
     if not _check_schema(settings):
         return 2

@@ -7,9 +7,9 @@ from collections.abc import Sequence
 from sqlalchemy import insert, select, update
 from sqlalchemy.orm import Session
 
-from encoder_worker.queue import requeue
 from encoding.render import content_hash, render, render_config
 from llmatch.models import PENDING, Dataset, IndexChange, Record
+from llmatch.requeue import requeue
 from llmatch.vectors import delete_orphaned_embeddings
 from service.datasets import get_dataset
 from service.errors import NotFound, without_paths
