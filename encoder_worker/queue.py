@@ -18,7 +18,7 @@ from typing import Any
 from sqlalchemy import ColumnElement, LargeBinary, Row, Text, and_, case, cast, func, or_, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
-from encoding.render import input_hash, render, render_config
+from encoding.recipe import Recipe, record_input
 from llmatch.db import db_now, transaction
 from llmatch.models import ENCODED, FAILED, PENDING, Dataset, IndexChange, Record
 
@@ -179,16 +179,15 @@ def _read(session: Session, ids: list[int], max_text_chars: int | None) -> list[
 
 
 def _rendered(record: Record, dataset: Dataset, max_text_chars: int | None) -> ClaimedRecord:
-    config = render_config(dataset)
-    text = render(record.attributes, config, dataset.seen_attributes, max_text_chars)
+    made = record_input(record.attributes, Recipe.of_dataset(dataset, max_text_chars))
     return ClaimedRecord(
         record_id=record.id,
         dataset_id=dataset.id,
         source=record.source,
         encoder=dataset.encoder,
-        instruction=config.instruction,
-        text=text,
-        input_hash=input_hash(config.instruction, text),
+        instruction=made.instruction,
+        text=made.text,
+        input_hash=made.input_hash,
         attempts=record.attempts,
         batch_limit=record.batch_limit,
     )

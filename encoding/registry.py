@@ -16,7 +16,8 @@ import numpy as np
 
 from encoding.encoder import Encoder, EncoderInput
 from encoding.identifiers import DEFAULT_DIMS, IdentifierEncoder
-from encoding.manifest import encoder_options, render_options
+from encoding.manifest import encoder_options
+from encoding.recipe import render_options
 from llmatch.settings import Settings
 
 log = logging.getLogger(__name__)

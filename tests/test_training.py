@@ -371,7 +371,8 @@ def test_train_command_reports_a_missing_dataset_folder(tmp_path: Path, capsys) 
 
 
 def test_training_on_a_trained_base_renders_records_as_it_was_trained(tmp_path: Path) -> None:
-    from encoding.manifest import render_options, write_manifest
+    from encoding.manifest import write_manifest
+    from encoding.recipe import render_options
 
     base = tmp_path / "simcse"
     base.mkdir()

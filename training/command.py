@@ -8,7 +8,8 @@ import re
 from pathlib import Path
 
 from encoding.llm2vec import UnsupportedModelError
-from encoding.manifest import ManifestError, is_trained_folder, read_manifest, render_options
+from encoding.manifest import ManifestError, is_trained_folder, read_manifest
+from encoding.recipe import render_options
 from encoding.registry import (
     EncoderSpec,
     EncoderUnavailableError,
