@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -46,10 +47,13 @@ class Recipe:
 
 @dataclass(frozen=True)
 class RecordInput:
-    """What an encoder embeds for a record, and its identity in the content cache."""
+    """What an encoder embeds for a record, and its identity in the content cache (hashed when first asked)."""
 
     item: EncoderInput
-    input_hash: str
+
+    @cached_property
+    def input_hash(self) -> str:
+        return input_hash(self.item.instruction, self.item.text)
 
     @property
     def text(self) -> str:
@@ -64,8 +68,7 @@ def record_input(attributes: Mapping[str, Any], recipe: Recipe) -> RecordInput:
     """A record's encoder input by ``recipe``: its attributes rendered (cut to ``recipe.max_chars``), with the
     dataset's instruction, and the hash of exactly that."""
     text = render(attributes, recipe.config, recipe.seen_order, recipe.max_chars)
-    instruction = recipe.config.instruction
-    return RecordInput(EncoderInput(instruction, text), input_hash(instruction, text))
+    return RecordInput(EncoderInput(recipe.config.instruction, text))
 
 
 def render_options(
