@@ -66,7 +66,7 @@ def read_table(path: Path, limit: int | None = None, *, exact: bool = True) -> T
 
 def rendered_texts(table: Table) -> list[str]:
     """Each record's text exactly as the service renders it (default tagged config, columns as seen order)."""
-    from encoder_worker.render import RenderConfig, render
+    from encoding.render import RenderConfig, render
 
     config = RenderConfig()
     return [render(record["attributes"], config, table.columns) for record in table.records]
@@ -76,8 +76,8 @@ def load_encoder_pool(encoder: str = ENCODER) -> Any:
     """An encoder of the service's configuration (default MiniLM) on CPU, loaded and warmed up in this process."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-    from encoder_worker.encoders.base import EncoderInput
-    from encoder_worker.encoders.registry import EncoderPool
+    from encoding.encoder import EncoderInput
+    from encoding.registry import EncoderPool
     from llmatch.settings import Settings
 
     pool = EncoderPool(Settings(device="cpu"))
@@ -86,7 +86,7 @@ def load_encoder_pool(encoder: str = ENCODER) -> Any:
 
 
 def encoder_inputs(texts: Sequence[str]) -> list[Any]:
-    from encoder_worker.encoders.base import EncoderInput
+    from encoding.encoder import EncoderInput
 
     return [EncoderInput(None, text) for text in texts]
 

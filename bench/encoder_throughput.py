@@ -104,8 +104,8 @@ def rows_for(baseline: Side, ours: Side, records: int, tokens: int) -> list[list
 
 def llm2vec_sides(pool: Any, name: str) -> tuple[Side, Side, Callable[[Sequence[Any]], int]]:
     """(``LLM2Vec.encode``, the worker's path, a token counter) for the pool's LLM2Vec encoder ``name``."""
-    from encoder_worker.encoders.base import l2_normalise
-    from encoder_worker.encoders.llm2vec import instruction_text_pairs, tokenize
+    from encoding.encoder import l2_normalise
+    from encoding.llm2vec import instruction_text_pairs, tokenize
 
     encoder, batch_size = pool.get(name), pool.spec(name).batch_size
     model = encoder.model
@@ -129,8 +129,8 @@ def sentence_transformer_sides(pool: Any, name: str) -> tuple[Side, Side, Callab
     """(``SentenceTransformer.encode``, the worker's path, a token counter) for encoder ``name``."""
     from sentence_transformers import SentenceTransformer
 
-    from encoder_worker.encoders.base import l2_normalise
-    from encoder_worker.encoders.sentence_transformer import sentence_text
+    from encoding.encoder import l2_normalise
+    from encoding.sentence_transformer import sentence_text
 
     encoder, spec = pool.get(name), pool.spec(name)
     model = SentenceTransformer(str(spec.model), device=encoder.model.device, local_files_only=True)
@@ -178,8 +178,8 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     import torch
 
-    from encoder_worker.encoders.base import EncoderInput
-    from encoder_worker.encoders.registry import EncoderPool, EncoderSpec
+    from encoding.encoder import EncoderInput
+    from encoding.registry import EncoderPool, EncoderSpec
     from llmatch.settings import Settings
 
     pool = EncoderPool(Settings(device="cpu"))

@@ -29,7 +29,7 @@ except ModuleNotFoundError:
     import common  # type: ignore[no-redef]
     import labelled  # type: ignore[no-redef]
 
-from encoder_worker.render import RenderConfig, render
+from encoding.render import RenderConfig, render
 from service.calibration import best_f1_threshold, decision_metrics
 from service.entities import Guard, group
 from service.pairs import EncodedRecords, candidate_pairs

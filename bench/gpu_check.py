@@ -70,7 +70,7 @@ def texts_for(count: int, seed: int = 0) -> tuple[list[str], str]:
 
 
 def measure_encoding(pool: Any, texts: list[str], chunk: int, device_name: str | None) -> tuple[list[list[Any]], dict]:
-    from encoder_worker.encoders.base import EncoderInput
+    from encoding.encoder import EncoderInput
 
     inputs = [EncoderInput(INSTRUCTION, text) for text in texts]
     baseline, ours, count_tokens = llm2vec_sides(pool, ENCODER)
@@ -132,8 +132,8 @@ def measure_faiss(dim: int, count: int, queries: int, seed: int = 0) -> tuple[li
 
 
 def measure_inline(pool: Any, repeats: int) -> list[list[Any]]:
-    from encoder_worker.encoders.base import EncoderInput
     from encoder_worker.inline_server import InlineEncodeServer
+    from encoding.encoder import EncoderInput
     from service.inline_encoder import RemoteEncodes
 
     records = [
@@ -179,7 +179,7 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("CUDA_VISIBLE_DEVICES", "0")  # one chip: LLM2Vec.encode spawns a process per visible GPU
     import torch
 
-    from encoder_worker.encoders.registry import EncoderPool, EncoderSpec
+    from encoding.registry import EncoderPool, EncoderSpec
     from llmatch.settings import Settings
 
     cuda = torch.cuda.is_available() and not args.dry_run

@@ -15,9 +15,9 @@ import statistics
 import time
 from pathlib import Path
 
-from encoder_worker.encoders.base import EncoderInput
-from encoder_worker.encoders.registry import EncoderPool
-from encoder_worker.render import RenderConfig, render
+from encoding.encoder import EncoderInput
+from encoding.registry import EncoderPool
+from encoding.render import RenderConfig, render
 from llmatch.settings import Settings
 from service.schemas import MAX_ATTRIBUTES, MAX_VALUE_CHARS
 

@@ -1,7 +1,8 @@
 """Inline encodes served by the worker: a small HTTP endpoint over the worker's already-loaded encoders.
 
 In a deployment where only the worker has the accelerator, the API sends the records of ``POST /match`` and
-``POST /candidates`` here (``LLMATCH_INLINE_ENCODER_URL``) instead of running the encoder on its CPU.
+``POST /candidates`` here (``LLMATCH_INLINE_ENCODER_URL``) instead of running the encoder on its CPU. Bodies
+follow ``encoding/wire.py``:
 
     POST /encode   {"encoder": NAME, "key": KEY | null, "inputs": [{"instruction": str | null, "text": str}, ...]}
         200 {"encoder": NAME, "key": KEY, "dim": D, "vectors": base64 of float32 (little-endian, row-major)}
@@ -19,7 +20,6 @@ each); a further connection waits up to ``timeout`` for one of them to end, then
 
 from __future__ import annotations
 
-import base64
 import json
 import logging
 import socket
@@ -28,16 +28,12 @@ import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
-import numpy as np
-
-from encoder_worker.encoders.base import EncoderInput
-from encoder_worker.encoders.registry import EncoderPool, EncoderUnavailableError, UnknownEncoderError
+from encoding.registry import EncoderPool, EncoderUnavailableError, UnknownEncoderError
+from encoding.wire import MAX_BODY_BYTES, MAX_INPUTS, parse_request, vectors_answer
 from llmatch.settings import Settings
 
 log = logging.getLogger("llmatch.inline")
 
-MAX_INPUTS = 64  # texts per request: inline encodes are a few records, not batches (those go through the queue)
-MAX_BODY_BYTES = 8 * 1024 * 1024
 DEFAULT_TIMEOUT_SECONDS: float = Settings.model_fields["inline_server_timeout_seconds"].default
 DEFAULT_MAX_CONNECTIONS: int = Settings.model_fields["inline_server_max_connections"].default
 
@@ -114,44 +110,7 @@ class InlineEncodeServer:
             return 503, {"detail": f"Encoder {name!r} cannot be loaded on this worker; an operator must install it."}
         finally:
             self.slots.release()
-        vectors = np.ascontiguousarray(vectors, dtype="<f4")
-        return 200, {
-            "encoder": name,
-            "key": spec.key,
-            "dim": int(vectors.shape[1]),
-            "vectors": base64.b64encode(vectors.tobytes()).decode("ascii"),
-        }
-
-
-def parse_request(body: bytes) -> tuple[str, str | None, list[EncoderInput]]:
-    """(encoder name, expected key, inputs) of a request body; ValueError says what is wrong."""
-    try:
-        data = json.loads(body)
-    except (UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise ValueError(f"The body is not valid JSON ({error}).") from None
-    if not isinstance(data, dict) or not isinstance(data.get("encoder"), str):
-        raise ValueError('Send {"encoder": NAME, "key": KEY, "inputs": [{"instruction", "text"}, ...]}.')
-    key = data.get("key")
-    items = data.get("inputs")
-    if (key is not None and not isinstance(key, str)) or not isinstance(items, list):
-        raise ValueError('"key" must be a string or null and "inputs" a list.')
-    inputs = []
-    for item in items:
-        text, instruction = (item.get("text"), item.get("instruction")) if isinstance(item, dict) else (None, None)
-        if not isinstance(text, str) or not (instruction is None or isinstance(instruction, str)):
-            raise ValueError('Each input must be {"instruction": string or null, "text": string}.')
-        inputs.append(EncoderInput(instruction, text))
-    return data["encoder"], key, inputs
-
-
-def decode_vectors(payload: dict[str, Any], count: int) -> np.ndarray:
-    """The float32 matrix of a 200 answer, checked against the number of inputs sent."""
-    raw = base64.b64decode(payload["vectors"])
-    dim = int(payload["dim"])
-    vectors = np.frombuffer(raw, dtype="<f4").astype(np.float32)
-    if dim <= 0 or vectors.size != count * dim:
-        raise ValueError(f"expected {count} vectors of dimension {dim}, got {vectors.size} numbers")
-    return vectors.reshape(count, dim)
+        return 200, vectors_answer(name, spec.key, vectors)
 
 
 class _BoundedServer(ThreadingHTTPServer):

@@ -6,7 +6,7 @@ from __future__ import annotations
 import signal
 from dataclasses import dataclass
 
-from encoder_worker.encoders.registry import EncoderPool
+from encoding.registry import EncoderPool
 from llmatch.db import make_engine, make_session_factory
 from llmatch.settings import Settings
 

@@ -9,7 +9,6 @@ worker killed by a huge record (out of memory) while reading it charges that rec
 
 from __future__ import annotations
 
-import logging
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -17,15 +16,11 @@ from datetime import timedelta
 from typing import Any
 
 from sqlalchemy import ColumnElement, LargeBinary, Row, Text, and_, case, cast, func, or_, select, update
-from sqlalchemy.exc import IntegrityError, OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
-from encoder_worker.render import input_hash, render, render_config
+from encoding.recipe import Recipe, record_input
 from llmatch.db import db_now, transaction
 from llmatch.models import ENCODED, FAILED, PENDING, Dataset, IndexChange, Record
-from llmatch.vectors import delete_orphaned_embeddings
-
-log = logging.getLogger("llmatch.worker")
 
 MAX_ERROR_CHARS = 2000
 
@@ -184,16 +179,15 @@ def _read(session: Session, ids: list[int], max_text_chars: int | None) -> list[
 
 
 def _rendered(record: Record, dataset: Dataset, max_text_chars: int | None) -> ClaimedRecord:
-    config = render_config(dataset)
-    text = render(record.attributes, config, dataset.seen_attributes, max_text_chars)
+    made = record_input(record.attributes, Recipe.of_dataset(dataset, max_text_chars))
     return ClaimedRecord(
         record_id=record.id,
         dataset_id=dataset.id,
         source=record.source,
         encoder=dataset.encoder,
-        instruction=config.instruction,
-        text=text,
-        input_hash=input_hash(config.instruction, text),
+        instruction=made.instruction,
+        text=made.text,
+        input_hash=made.input_hash,
         attempts=record.attempts,
         batch_limit=record.batch_limit,
     )
@@ -326,47 +320,3 @@ def unclaim(session: Session, token: str, records: Sequence[ClaimedRecord]) -> N
         .values(claim_token=None, lease_until=None, inflight_batch=None)
         .execution_options(synchronize_session=False)
     )
-
-
-def requeue(session: Session, which: ColumnElement[bool], *, reset_attempts: bool = True) -> int:
-    """Put the records matching ``which`` back to pending with nothing left of a claim (token, lease, the group
-    sizes of an encoder call) or of their last vector and error; with ``reset_attempts``, their attempts start
-    again at 0. Their old vectors are deleted unless another record (of any dataset) still holds them. Returns
-    how many records. The one way records go back to the queue: a claim field kept from before would charge the
-    new version for a death it did not cause, and a vector left behind would be kept forever."""
-    previous = session.scalars(
-        select(Record.embedding_id).where(which, Record.embedding_id.is_not(None)).distinct()
-    ).all()
-    values: dict[str, Any] = {
-        "status": PENDING,
-        "embedding_id": None,
-        "claim_token": None,
-        "lease_until": None,
-        "inflight_batch": None,
-        "batch_limit": None,
-        "error": None,
-    }
-    if reset_attempts:
-        values["attempts"] = 0
-    result = session.execute(update(Record).where(which).values(**values).execution_options(synchronize_session=False))
-    delete_orphans(session, previous)
-    return result.rowcount or 0
-
-
-def delete_orphans(session: Session, embedding_ids: Sequence[int]) -> None:
-    """Delete those of these vectors that no record references now. One that a worker's store takes up again
-    meanwhile (its text came back) is kept: the conflict undoes only this step, not the caller's transaction."""
-    if not embedding_ids:
-        return
-    try:
-        with session.begin_nested():
-            deleted = delete_orphaned_embeddings(session, embedding_ids)
-    except (IntegrityError, OperationalError):
-        log.info("vectors left for a later clean-up: a concurrent store references them again", exc_info=True)
-        return
-    log.debug("deleted %d vectors that no record references any more", deleted)
-
-
-def requeue_failed(session: Session, dataset_id: int) -> int:
-    """Put a dataset's failed records back in the queue with their attempts reset; returns how many."""
-    return requeue(session, and_(Record.dataset_id == dataset_id, Record.status == FAILED))

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from encoder_worker.encoders.registry import EncoderPool
+    from encoding.registry import EncoderPool
     from llmatch.settings import Settings
 
 log = logging.getLogger("llmatch.worker")
@@ -153,7 +153,7 @@ def preloaded_pool(settings: Settings) -> EncoderPool | None:
 
     if settings.device == "cuda" or (settings.device == "auto" and (torch.version.cuda or torch.version.hip)):
         return None
-    from encoder_worker.encoders.registry import EncoderPool, EncoderUnavailableError
+    from encoding.registry import EncoderPool, EncoderUnavailableError
 
     pool = EncoderPool(settings)
     try:

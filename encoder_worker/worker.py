@@ -23,8 +23,6 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
 from encoder_worker import metrics
-from encoder_worker.encoders.base import EncoderInput
-from encoder_worker.encoders.registry import EncoderPool, EncoderUnavailableError, UnknownEncoderError
 from encoder_worker.queue import (
     Claim,
     ClaimedRecord,
@@ -37,6 +35,8 @@ from encoder_worker.queue import (
     renew,
     unclaim,
 )
+from encoding.encoder import EncoderInput
+from encoding.registry import EncoderPool, EncoderUnavailableError, UnknownEncoderError
 from llmatch.db import transaction
 from llmatch.models import PENDING, Record
 from llmatch.settings import Settings

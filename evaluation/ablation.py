@@ -3,7 +3,7 @@
 Usage: python -m evaluation.ablation DATASET_DIR... [--encoder NAME|FOLDER] [--weights 0,0.05,...] [--out FILE]
 
 For each benchmark the encoder's dense vectors of the records that ``valid.csv`` names are computed once; each
-variant of the rules (``encoder_worker/encoders/identifiers.py``: digit runs, hyphens dropped, stems) then
+variant of the rules (``encoding/identifiers.py``: digit runs, hyphens dropped, stems) then
 recombines them with its own identifier features at every candidate weight, exactly as the serving encoder
 does, and keeps the weight with the best valid F1 (the smallest among equals, as the ``identifiers`` stage
 does). ``test.csv`` is never read: this is the measurement a rule is kept or dropped on.
@@ -20,11 +20,11 @@ from typing import Any
 
 import numpy as np
 
-from encoder_worker.encoders.base import EncoderInput
-from encoder_worker.encoders.identifiers import IdentifierRules, combine, identifier_vectors
-from encoder_worker.encoders.manifest import is_trained_folder, render_options
-from encoder_worker.encoders.registry import configured_specs, load_encoder, resolve_device, spec_from_options
-from encoder_worker.render import RenderConfig, render
+from encoding.identifiers import IdentifierRules, combine, identifier_vectors
+from encoding.manifest import is_trained_folder
+from encoding.recipe import Recipe, record_input, render_options
+from encoding.registry import configured_specs, load_encoder, resolve_device, spec_from_options
+from encoding.render import RenderConfig
 from evaluation import deepmatcher
 from llmatch.settings import Settings, get_settings
 from service.calibration import best_f1_threshold
@@ -82,11 +82,11 @@ def ablate(data: ValidData, weights: tuple[float, ...], dims: int) -> list[dict[
 def load_valid(folder: Path, encode, serialization: str, instruction: str | None) -> ValidData:
     """Render the records ``valid.csv`` names as the service would, and embed them once."""
     benchmark = deepmatcher.load(folder)
-    config = RenderConfig(serialization, benchmark.attributes, instruction)
+    recipe = Recipe(RenderConfig(serialization, benchmark.attributes, instruction))
     tables = {"a": {r["id"]: r for r in benchmark.table_a}, "b": {r["id"]: r for r in benchmark.table_b}}
     keys = sorted({("a", p.left_id) for p in benchmark.valid} | {("b", p.right_id) for p in benchmark.valid})
     row = {key: i for i, key in enumerate(keys)}
-    inputs = [EncoderInput(instruction, render(tables[source][rid]["attributes"], config)) for source, rid in keys]
+    inputs = [record_input(tables[source][rid]["attributes"], recipe).item for source, rid in keys]
     return ValidData(
         name=benchmark.name,
         texts=[item.text for item in inputs],

@@ -14,8 +14,9 @@ with warnings.catch_warnings():
     warnings.simplefilter("ignore", DeprecationWarning)  # starlette prefers httpx2; httpx is the pinned client
     from fastapi.testclient import TestClient
 
-from encoder_worker.encoders.manifest import is_trained_folder, render_options
-from encoder_worker.encoders.registry import configured_specs
+from encoding.manifest import is_trained_folder
+from encoding.recipe import render_options
+from encoding.registry import configured_specs
 from evaluation import deepmatcher, report
 from evaluation.runner import ConfigResult, EvalConfig, Evaluation, grid
 from llmatch.db import make_engine

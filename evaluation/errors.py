@@ -7,7 +7,7 @@ errors shapes the method, and a method shaped on test makes its test figures opt
 
 A code is a token of at least four characters that mixes letters and digits (a model or part number such as
 ``hdr-sr10``), compared with hyphens dropped, or a number of four or more digits standing alone (``35113``): the
-identifier tokens of ``encoder_worker/encoders/identifiers.py``.
+identifier tokens of ``encoding/identifiers.py``.
 The table counts, per outcome in ``SPLIT_pairs.csv``, the pairs whose records share a code, whose codes all
 differ, and where one record has none.
 """
@@ -20,8 +20,8 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-from encoder_worker.encoders.identifiers import identifier_tokens
-from encoder_worker.render import RenderConfig, render, value_text
+from encoding.identifiers import identifier_tokens
+from encoding.render import RenderConfig, render, value_text
 from evaluation import deepmatcher
 from evaluation.report import OUTCOMES as OUTCOME_NAMES
 

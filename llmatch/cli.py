@@ -241,9 +241,9 @@ def run_migrate(_args: argparse.Namespace, settings: Settings) -> int:
 def run_requeue(args: argparse.Namespace, settings: Settings) -> int:
     from sqlalchemy import select
 
-    from encoder_worker.queue import requeue_failed
     from llmatch.db import make_engine, make_session_factory, transaction
     from llmatch.models import Dataset
+    from llmatch.requeue import requeue_failed
 
     if not _check_schema(settings):
         return 2
@@ -334,8 +334,8 @@ def run_entities(args: argparse.Namespace, _settings: Settings) -> int:
 
 
 def run_fetch_smollm2(args: argparse.Namespace, settings: Settings) -> int:
-    from encoder_worker.encoders.registry import SMOLLM2_FOLDER
-    from encoder_worker.smollm2 import fetch_and_convert
+    from encoding.registry import SMOLLM2_FOLDER
+    from encoding.smollm2 import fetch_and_convert
 
     out = args.out or settings.models_dir / SMOLLM2_FOLDER
     print(fetch_and_convert(out, force=args.force))
@@ -343,8 +343,8 @@ def run_fetch_smollm2(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def run_fetch_mpnet(args: argparse.Namespace, settings: Settings) -> int:
-    from encoder_worker.encoders.registry import MPNET_FOLDER
-    from encoder_worker.mpnet import fetch_and_assemble
+    from encoding.mpnet import fetch_and_assemble
+    from encoding.registry import MPNET_FOLDER
 
     out = args.out or settings.models_dir / MPNET_FOLDER
     print(fetch_and_assemble(out, force=args.force))

@@ -9,7 +9,7 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI, HTTPException
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from encoder_worker.encoders.registry import EncoderPool, EncoderUnavailableError
+from encoding.registry import EncoderPool, EncoderUnavailableError
 from llmatch.settings import Settings, get_settings
 from service import metrics, openapi
 from service.auth import AuthGate

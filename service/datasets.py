@@ -8,9 +8,9 @@ from typing import Any
 from sqlalchemy import delete, func, insert, null, select
 from sqlalchemy.orm import Session
 
-from encoder_worker.encoders.registry import EncoderPool, EncoderUnavailableError, UnknownEncoderError
-from encoder_worker.queue import requeue
+from encoding.registry import EncoderPool, EncoderUnavailableError, UnknownEncoderError
 from llmatch.models import RECORD_STATUSES, Calibration, Dataset, IndexChange, Record
+from llmatch.requeue import requeue
 from llmatch.vectors import delete_explanation_vectors, delete_orphaned_embeddings
 from service.errors import NotFound, Unprocessable
 from service.index import IndexPolicy

@@ -10,9 +10,9 @@ import numpy as np
 from sqlalchemy import and_, or_, select, tuple_
 from sqlalchemy.orm import Session
 
-from encoder_worker.encoders.base import EncoderInput
-from encoder_worker.encoders.registry import EncoderPool
-from encoder_worker.render import input_hash, render, render_config
+from encoding.encoder import EncoderInput
+from encoding.recipe import Recipe, record_input
+from encoding.registry import EncoderPool
 from llmatch.models import ENCODED, Calibration, Dataset, Embedding, Record
 from llmatch.vectors import from_bytes
 from service import calibration as calib
@@ -97,13 +97,12 @@ class ToEncode:
 def prepare_inline(session: Session, pool: EncoderPool, dataset: Dataset, record: InlineRecord) -> Query | ToEncode:
     """The vector of a record of this dataset with an identical text, or what to encode (inline records are
     never stored)."""
-    config = render_config(dataset)
-    text = render(record.attributes, config, dataset.seen_attributes, pool.max_text_chars)  # as the worker cuts
+    made = record_input(record.attributes, Recipe.of_dataset(dataset, pool.max_text_chars))  # as the worker cuts
     key = pool.spec(dataset.encoder).key
-    cached = _dataset_vector(session, dataset, key, input_hash(config.instruction, text))
+    cached = _dataset_vector(session, dataset, key, made.input_hash)
     if cached is not None:
         return Query(cached)
-    return ToEncode(dataset.encoder, EncoderInput(config.instruction, text))
+    return ToEncode(dataset.encoder, made.item)
 
 
 def prepare(session: Session, pool: EncoderPool, dataset: Dataset, item: RecordRef | InlineRecord) -> Query | ToEncode:

@@ -12,10 +12,11 @@ import numpy as np
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
-from encoder_worker.encoders.base import EncoderInput
-from encoder_worker.encoders.identifiers import identifier_tokens
-from encoder_worker.encoders.registry import EncoderPool
-from encoder_worker.render import RenderConfig, input_hash, render, render_config, value_text
+from encoding.encoder import EncoderInput
+from encoding.identifiers import identifier_tokens
+from encoding.recipe import Recipe, record_input
+from encoding.registry import EncoderPool
+from encoding.render import RenderConfig, input_hash, value_text
 from llmatch.db import transaction
 from llmatch.models import Dataset
 from llmatch.settings import Settings
@@ -71,7 +72,7 @@ def explain(
     """Compare two records attribute by attribute (values embedded alone, through the dataset's explanation
     cache); attributes
     past the limits, like those with a value on one side only, get no similarity."""
-    config = render_config(dataset)
+    config = Recipe.of_dataset(dataset).config
     names = _attribute_names(config, dataset.seen_attributes, left, right)
     texts = {name: (_value(left.get(name)), _value(right.get(name))) for name in names}
     cut = {name: (_cut(a, limits.value_chars), _cut(b, limits.value_chars)) for name, (a, b) in texts.items()}
@@ -104,7 +105,7 @@ def compare_identifiers(left: Iterable[str | None], right: Iterable[str | None],
 def value_input(config: RenderConfig, name: str, text: str) -> EncoderInput:
     """What is embedded for one attribute value: a record of that attribute alone, rendered as the dataset does."""
     alone = RenderConfig(config.serialization, None, config.instruction)
-    return EncoderInput(config.instruction, render({name: text}, alone, [name]))
+    return record_input({name: text}, Recipe(alone, [name])).item
 
 
 def _compared_inputs(

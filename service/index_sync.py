@@ -16,9 +16,9 @@ import numpy as np
 from sqlalchemy import Row, Select, and_, delete, insert, select
 from sqlalchemy.orm import Session, sessionmaker
 
-from encoder_worker.queue import requeue
 from llmatch.db import transaction
 from llmatch.models import ENCODED, Calibration, Dataset, Embedding, IndexChange, Record
+from llmatch.requeue import requeue
 from service.change_cursor import ChangeCursor, consistent_snapshot, cursor_for, prune
 from service.index import IndexKey, IndexRegistry, VectorIndex, fingerprint
 

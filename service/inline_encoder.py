@@ -1,14 +1,13 @@
 """Inline encodes sent to a worker's accelerator (``LLMATCH_INLINE_ENCODER_URL``) instead of this process.
 
 In the compose deployment the API has no GPU: with the setting, every on-the-spot encode (inline records of
-``POST /match`` and ``POST /candidates``, explanations) goes to ``llmatch worker --serve-inline PORT``
-(``encoder_worker/inline_server.py``), which encodes with the models it already holds. Specs (names, keys of
-the content cache) stay this process's configuration; the worker refuses a name whose key differs.
+``POST /match`` and ``POST /candidates``, explanations) goes to ``llmatch worker --serve-inline PORT``, which
+encodes with the models it already holds (both sides speak ``encoding/wire.py``). Specs (names, keys of the
+content cache) stay this process's configuration; the worker refuses a name whose key differs.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 from collections.abc import Sequence
 from typing import Any
@@ -16,9 +15,9 @@ from typing import Any
 import httpx
 import numpy as np
 
-from encoder_worker.encoders.base import EncoderInput
-from encoder_worker.encoders.registry import EncoderPool
-from encoder_worker.inline_server import MAX_BODY_BYTES, MAX_INPUTS, decode_vectors
+from encoding.encoder import EncoderInput
+from encoding.registry import EncoderPool
+from encoding.wire import MAX_BODY_BYTES, MAX_INPUTS, decode_vectors, input_json, request_body, request_envelope
 from llmatch.settings import Settings
 from service.errors import ServiceUnavailable
 
@@ -41,10 +40,10 @@ class RemoteEncodes:
         """Vectors of ``inputs`` from the worker, each text cut to ``max_text_chars`` as the local pool does and
         sent in requests the worker accepts; 503 with what to fix when it cannot give them."""
         limit = self.inner.max_text_chars
-        items = [json.dumps({"instruction": item.instruction, "text": item.text[:limit]}) for item in inputs]
-        envelope = f'{{"encoder":{json.dumps(name)},"key":{json.dumps(self.inner.spec(name).key)},"inputs":['
+        items = [input_json(EncoderInput(item.instruction, item.text[:limit])) for item in inputs]
+        envelope = request_envelope(name, self.inner.spec(name).key)
         chunks = request_chunks(items, len(envelope) + 2) or [[]]
-        return np.concatenate([self._post(envelope + ",".join(chunk) + "]}", len(chunk)) for chunk in chunks])
+        return np.concatenate([self._post(request_body(envelope, chunk), len(chunk)) for chunk in chunks])
 
     def _post(self, body: str, count: int) -> np.ndarray:
         """Vectors of one request's ``count`` inputs."""

@@ -16,8 +16,8 @@ from fastapi import HTTPException
 from sqlalchemy import distinct, func, select
 from sqlalchemy.orm import Session
 
-from encoder_worker.encoders.base import EncoderInput
-from encoder_worker.encoders.registry import EncoderPool
+from encoding.encoder import EncoderInput
+from encoding.registry import EncoderPool
 from llmatch.models import Dataset, Record
 from service.errors import Unprocessable
 

@@ -79,7 +79,7 @@ def install(app: FastAPI, settings: Settings) -> None:
 
 def available_encoders(settings: Settings) -> list[str]:
     """Encoder names a dataset may use: configured, with their model folders present."""
-    from encoder_worker.encoders.registry import configured_specs
+    from encoding.registry import configured_specs
 
     return sorted(name for name, spec in configured_specs(settings).items() if spec.available)
 

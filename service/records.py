@@ -7,9 +7,10 @@ from collections.abc import Sequence
 from sqlalchemy import insert, select, update
 from sqlalchemy.orm import Session
 
-from encoder_worker.queue import delete_orphans, requeue
-from encoder_worker.render import content_hash, render, render_config
+from encoding.recipe import Recipe, record_input
+from encoding.render import content_hash
 from llmatch.models import PENDING, Dataset, IndexChange, Record
+from llmatch.requeue import delete_orphans, requeue
 from service.datasets import get_dataset
 from service.errors import NotFound, without_paths
 from service.limits import check_attribute_names, check_source_count
@@ -126,14 +127,14 @@ def unknown_record(dataset: Dataset, source: str, record_id: str) -> NotFound:
 
 
 def record_out(dataset: Dataset, record: Record) -> RecordOut:
-    config = render_config(dataset)
+    made = record_input(record.attributes, Recipe.of_dataset(dataset))  # uncut: the whole text
     return RecordOut(
         dataset=dataset.name,
         source=record.source,
         id=record.external_id,
         attributes=record.attributes,
-        text=render(record.attributes, config, dataset.seen_attributes),
-        instruction=config.instruction,
+        text=made.text,
+        instruction=made.instruction,
         status=record.status,
         error=None if record.error is None else without_paths(record.error),
         encoded_at=record.encoded_at,

@@ -9,8 +9,8 @@ from dataclasses import dataclass, field
 from sqlalchemy import Engine, text
 from sqlalchemy.orm import Session, sessionmaker
 
-from encoder_worker.encoders.registry import EncoderPool, UnknownEncoderError
 from encoder_worker.worker import EncoderWorker
+from encoding.registry import EncoderPool, UnknownEncoderError
 from llmatch.db import make_engine, make_session_factory
 from llmatch.migrate import ensure_schema
 from llmatch.settings import Settings

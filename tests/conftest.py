@@ -16,9 +16,9 @@ from alembic import command
 from fastapi.testclient import TestClient
 from sqlalchemy import Engine, make_url
 
-from encoder_worker.encoders.base import EncoderInput
-from encoder_worker.encoders.registry import EncoderPool
 from encoder_worker.worker import EncoderWorker
+from encoding.encoder import EncoderInput
+from encoding.registry import EncoderPool
 from llmatch.db import make_engine, make_session_factory
 from llmatch.migrate import alembic_config, upgrade_to_head
 from llmatch.settings import Settings

@@ -23,7 +23,7 @@ from fastapi.testclient import TestClient
 from sqlalchemy import event, select, update
 from sqlalchemy.exc import OperationalError
 
-from encoder_worker.encoders.registry import EncoderSpec
+from encoding.registry import EncoderSpec
 from llmatch.client import IngestError, ingest_records
 from llmatch.db import make_engine, transaction
 from llmatch.migrate import upgrade_to_head

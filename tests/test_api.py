@@ -55,7 +55,7 @@ def test_match_score_is_the_cosine_of_the_two_embeddings(products, client, pool)
     ).json()["score"]
     left = client.get("/records/shop/a/a1").json()["text"]
     right = client.get("/records/shop/b/b1").json()["text"]
-    from encoder_worker.encoders.base import EncoderInput
+    from encoding.encoder import EncoderInput
 
     vectors = pool.encode("minilm", [EncoderInput(None, left), EncoderInput(None, right)])
     assert abs(score - float(np.dot(vectors[0], vectors[1]))) < 1e-5
@@ -186,7 +186,7 @@ def test_operations_endpoints(products, client):
 
 
 def test_inline_encoding_with_a_vanished_model_folder_is_503(client, counting_pool, tmp_path):
-    from encoder_worker.encoders.registry import EncoderSpec
+    from encoding.registry import EncoderSpec
 
     folder = tmp_path / "model"
     folder.mkdir()

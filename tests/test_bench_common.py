@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from bench import common
-from encoder_worker.encoders.registry import SMOLLM2_FOLDER
+from encoding.registry import SMOLLM2_FOLDER
 from llmatch.settings import Settings
 
 

@@ -15,8 +15,9 @@ from sqlalchemy import func, select, update
 
 import encoder_worker.queue
 from encoder_worker.queue import claim_batch, settle_expired
-from encoder_worker.render import RenderConfig, input_hash, render
 from encoder_worker.worker import EncoderWorker
+from encoding.recipe import record_input
+from encoding.render import RenderConfig, input_hash, render
 from llmatch.db import db_now, transaction
 from llmatch.models import ENCODED, FAILED, PENDING, Embedding, Record
 
@@ -235,14 +236,14 @@ def test_a_maximal_record_is_claimed_cut_and_hashed_as_encoded(client, settings,
 
 
 def _dies_reading(marker: str) -> Callable:
-    """``render`` as a record whose reading kills its worker (out of memory) meets it."""
+    """``record_input`` as a record whose reading kills its worker (out of memory) meets it."""
 
-    def render_or_die(attributes, *args, **kwargs):
+    def record_input_or_die(attributes, *args, **kwargs):
         if any(marker in str(value) for value in attributes.values()):
             raise Crash
-        return render(attributes, *args, **kwargs)
+        return record_input(attributes, *args, **kwargs)
 
-    return render_or_die
+    return record_input_or_die
 
 
 def _close(worker: EncoderWorker) -> bool:
@@ -259,7 +260,7 @@ def test_a_record_that_kills_its_worker_while_read_fails_alone(client, settings,
     client.put("/datasets/shop", json={})
     client.post("/records", json=records_body("shop", "a", _rows(3) + [("bad", {"name": "HUGE record"})]))
     factory = _factory(client)
-    monkeypatch.setattr(encoder_worker.queue, "render", _dies_reading("HUGE"))
+    monkeypatch.setattr(encoder_worker.queue, "record_input", _dies_reading("HUGE"))
     settings = settings.model_copy(update={"worker_max_attempts": 3})
     deaths = 0
     for _ in range(12):  # each death is followed by a new worker once the lease has run out

@@ -247,7 +247,7 @@ def test_llmatch_variables_are_settings_fields(compose, monkeypatch):
     for name, value in used.items():
         monkeypatch.setenv(name, _interpolate(value))
     settings = settings_cls()
-    registry = pytest.importorskip("encoder_worker.encoders.registry")
+    registry = pytest.importorskip("encoding.registry")
     specs = registry.configured_specs(settings)
     assert settings.default_encoder in specs, f"{settings.default_encoder!r} is not a configured encoder"
     for name in settings.encoders:
@@ -366,7 +366,7 @@ def test_dockerignore_keeps_build_inputs_and_drops_local_state():
         for line in DOCKERIGNORE.read_text().splitlines()
         if line.strip() and not line.lstrip().startswith("#")
     ]
-    for needed in ("pyproject.toml", "README.md", "llmatch", "service", "encoder_worker", "migrations"):
+    for needed in ("pyproject.toml", "README.md", "llmatch", "service", "encoding", "encoder_worker", "migrations"):
         assert not _ignored(needed, patterns), f"{needed} is excluded from the build context"
     for local in (".venv", ".git", ".data", "__pycache__", "bench/out", "llmatch.egg-info"):
         assert _ignored(local, patterns), f"{local} is sent to the build context"

@@ -11,9 +11,9 @@ from conftest import CountingPool, migrate_engine, records_body
 from fastapi.testclient import TestClient
 from sqlalchemy import func, insert, inspect, select
 
-from encoder_worker.encoders.base import EncoderInput
-from encoder_worker.encoders.identifiers import identifier_tokens
-from encoder_worker.render import RenderConfig, input_hash
+from encoding.encoder import EncoderInput
+from encoding.identifiers import identifier_tokens
+from encoding.render import RenderConfig, input_hash
 from llmatch.db import make_engine, transaction
 from llmatch.models import Dataset, Embedding, ExplanationVector, IndexChange, Record
 from llmatch.settings import Settings

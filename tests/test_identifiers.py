@@ -17,9 +17,9 @@ from conftest import records_body
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
-from encoder_worker.encoders import identifiers
-from encoder_worker.encoders.base import EncoderInput
-from encoder_worker.encoders.identifiers import (
+from encoding import identifiers
+from encoding.encoder import EncoderInput
+from encoding.identifiers import (
     IdentifierEncoder,
     IdentifierRules,
     combine,
@@ -28,8 +28,8 @@ from encoder_worker.encoders.identifiers import (
     identifier_tokens,
     identifier_vectors,
 )
-from encoder_worker.encoders.manifest import encoder_options, read_manifest
-from encoder_worker.encoders.registry import EncoderPool, EncoderSpec, load_encoder
+from encoding.manifest import encoder_options, read_manifest
+from encoding.registry import EncoderPool, EncoderSpec, load_encoder
 from llmatch.cli import main
 from llmatch.settings import Settings
 from training import data as training_data
@@ -91,7 +91,7 @@ def test_identifier_tokens_take_linear_time_on_texts_the_searched_pattern_takes_
     """A million characters of each shape (the searched pattern needs minutes for the first): under a hard
     timeout in a process of its own, far beyond what a linear scan needs even on a loaded machine."""
     script = (
-        "from encoder_worker.encoders.identifiers import identifier_tokens\n"
+        "from encoding.identifiers import identifier_tokens\n"
         "shapes = ['a-', '1-', '-a', 'a1-', 'ab_', 'a1b2_', '-', '1']\n"
         "found = [len(identifier_tokens(shape * (1_000_000 // len(shape)))) for shape in shapes]\n"
         "print(found, sorted(len(t) for t in identifier_tokens('a-' * 500_000 + '1')))\n"
@@ -122,7 +122,7 @@ def test_identifier_vectors_agree_fully_on_a_code_half_on_its_variants_and_not_o
 
 def test_identifier_buckets_do_not_depend_on_the_process() -> None:
     """Vectors are stored and compared across processes: the hash must not be Python's salted one."""
-    script = "from encoder_worker.encoders import identifiers; print(identifiers._bucket('kd55x85j', 1024))"
+    script = "from encoding import identifiers; print(identifiers._bucket('kd55x85j', 1024))"
     root = Path(__file__).resolve().parents[1]
     buckets = {
         subprocess.run(

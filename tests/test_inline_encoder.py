@@ -21,12 +21,13 @@ import pytest
 from conftest import PRODUCTS_B, CountingPool, records_body
 from fastapi.testclient import TestClient
 
-from encoder_worker.encoders.base import EncoderInput
-from encoder_worker.encoders.registry import EncoderPool
-from encoder_worker.encoders.sentence_transformer import packaged_minilm_path
-from encoder_worker.inline_server import MAX_BODY_BYTES, MAX_INPUTS, InlineEncodeServer, decode_vectors
-from encoder_worker.render import RenderConfig, render
+from encoder_worker.inline_server import InlineEncodeServer
 from encoder_worker.worker import EncoderWorker
+from encoding.encoder import EncoderInput
+from encoding.registry import EncoderPool
+from encoding.render import RenderConfig, render
+from encoding.sentence_transformer import packaged_minilm_path
+from encoding.wire import MAX_BODY_BYTES, MAX_INPUTS, decode_vectors
 from llmatch.db import make_engine
 from llmatch.migrate import upgrade_to_head
 from llmatch.settings import Settings

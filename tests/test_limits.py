@@ -13,9 +13,9 @@ import pytest
 from conftest import records_body
 from fastapi.testclient import TestClient
 
-from encoder_worker.encoders.base import EncoderInput, l2_normalise
-from encoder_worker.encoders.registry import EncoderSpec
 from encoder_worker.worker import EncoderWorker
+from encoding.encoder import EncoderInput, l2_normalise
+from encoding.registry import EncoderSpec
 from llmatch.settings import Settings
 from service.app import create_app
 from service.schemas import MAX_ATTRIBUTES, MAX_VALUE_CHARS

@@ -13,9 +13,9 @@ import torch
 from peft import LoraConfig, get_peft_model
 from tiny_llama import HIDDEN_SIZE, build_tiny_llama, build_tiny_non_llama
 
-from encoder_worker.encoders.base import EncoderInput, l2_normalise
-from encoder_worker.encoders.batching import token_batches
-from encoder_worker.encoders.llm2vec import (
+from encoding.batching import token_batches
+from encoding.encoder import EncoderInput, l2_normalise
+from encoding.llm2vec import (
     LLM2VEC_SEPARATOR,
     LLM2VecEncoder,
     UnsupportedModelError,
@@ -145,7 +145,7 @@ def smollm2_folder() -> Path:
 
 @pytest.mark.skipif(
     not (smollm2_folder() / "config.json").is_file(),
-    reason="converted SmolLM2 not found (run `python -m encoder_worker.smollm2` or set LLMATCH_SMOLLM2_DIR)",
+    reason="converted SmolLM2 not found (run `python -m encoding.smollm2` or set LLMATCH_SMOLLM2_DIR)",
 )
 def test_smollm2_near_duplicates_score_higher() -> None:
     encoder = LLM2VecEncoder("smollm2", smollm2_folder())

@@ -6,8 +6,8 @@ import numpy as np
 from conftest import PRODUCTS_A, PRODUCTS_B, records_body
 from tiny_llama import HIDDEN_SIZE, build_tiny_llama
 
-from encoder_worker.encoders.base import EncoderInput
-from encoder_worker.encoders.registry import EncoderSpec
+from encoding.encoder import EncoderInput
+from encoding.registry import EncoderSpec
 
 
 def test_dataset_on_an_llm2vec_encoder(client, drain, counting_pool, tmp_path):

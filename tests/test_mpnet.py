@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from encoder_worker import mpnet
-from encoder_worker.encoders.registry import MPNET_FOLDER, builtin_specs
+from encoding import mpnet
+from encoding.registry import MPNET_FOLDER, builtin_specs
 from llmatch.settings import Settings
 
 MODEL_FILES = {name: f"contents of {name}" for name in (*mpnet.REQUIRED_FILES, "1_Pooling/config.json")}

@@ -19,7 +19,7 @@ import pytest
 from separable import write_separable_benchmark
 from tiny_llama import build_tiny_llama
 
-from encoder_worker.encoders.manifest import read_manifest
+from encoding.manifest import read_manifest
 from evaluation import ablation
 from llmatch.cli import main
 

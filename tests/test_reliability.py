@@ -13,8 +13,8 @@ import pytest
 from fastapi.testclient import TestClient
 
 from bench.reliability import api_faults, data, index_faults, load, worker_faults
-from encoder_worker.encoders.base import EncoderInput
-from encoder_worker.encoders.registry import EncoderPool
+from encoding.encoder import EncoderInput
+from encoding.registry import EncoderPool
 from service.app import create_app
 from tests.live_server import live_server
 

@@ -1,8 +1,13 @@
-"""Serialization of records into the text an encoder embeds."""
+"""Serialization of records into the text an encoder embeds, and the recipe that gives it with its hash."""
 
 from __future__ import annotations
 
-from encoder_worker.render import RenderConfig, content_hash, input_hash, render, value_text
+from types import SimpleNamespace
+
+from encoding.encoder import EncoderInput
+from encoding.manifest import write_manifest
+from encoding.recipe import Recipe, record_input, render_options
+from encoding.render import RenderConfig, content_hash, input_hash, render, value_text
 
 
 def test_tagged_and_plain():
@@ -31,3 +36,23 @@ def test_hashes():
     assert content_hash({"a": 1, "b": 2}) == content_hash({"b": 2, "a": 1})
     assert content_hash({"a": 1}) != content_hash({"a": "1"})
     assert input_hash("find", "x") != input_hash(None, "x") and input_hash(None, "x") == input_hash("", "x")
+
+
+def test_recipe_is_render_and_hash_with_the_dataset_settings():
+    dataset = SimpleNamespace(
+        serialization="tagged", attributes=None, instruction="find the product", seen_attributes=["brand", "title"]
+    )
+    record = {"title": "iPhone 12 " * 20, "brand": "Apple", "price": 799.0}
+    made = record_input(record, Recipe.of_dataset(dataset, max_chars=50))
+    text = render(record, RenderConfig("tagged", None, "find the product"), ["brand", "title"], 50)
+    assert made.item == EncoderInput("find the product", text) and len(text) == 50
+    assert made.input_hash == input_hash("find the product", text)
+    whole = record_input(record, Recipe.of_dataset(dataset))
+    assert whole.text.startswith(text) and len(whole.text) > 50
+
+
+def test_render_options_given_then_trained_folder_then_default(tmp_path):
+    write_manifest(tmp_path, {"encoder": {}, "render": {"serialization": "plain", "instruction": "match it"}})
+    assert render_options(tmp_path, None, None) == ("plain", "match it")
+    assert render_options(tmp_path, "tagged", "") == ("tagged", "")
+    assert render_options("minilm", None, None) == ("tagged", None)

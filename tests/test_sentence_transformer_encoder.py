@@ -13,9 +13,9 @@ import numpy as np
 import pytest
 from sentence_transformers import SentenceTransformer
 
-from encoder_worker.encoders.base import EncoderInput, l2_normalise
-from encoder_worker.encoders.sentence_folder import PlainSentenceModel, plain_layout
-from encoder_worker.encoders.sentence_transformer import (
+from encoding.encoder import EncoderInput, l2_normalise
+from encoding.sentence_folder import PlainSentenceModel, plain_layout
+from encoding.sentence_transformer import (
     LibraryModel,
     LibraryOnlyModel,
     SentenceTransformerEncoder,
@@ -109,8 +109,8 @@ def test_the_usual_folder_does_not_import_sentence_transformers() -> None:
     """Every worker start pays for what it imports; the packaged model needs transformers only."""
     script = (
         "import sys\n"
-        "from encoder_worker.encoders.base import EncoderInput\n"
-        "from encoder_worker.encoders.sentence_transformer import SentenceTransformerEncoder, packaged_minilm_path\n"
+        "from encoding.encoder import EncoderInput\n"
+        "from encoding.sentence_transformer import SentenceTransformerEncoder, packaged_minilm_path\n"
         "SentenceTransformerEncoder('minilm', packaged_minilm_path()).encode([EncoderInput(None, 'sony tv')])\n"
         "print(sorted(m for m in sys.modules if m.split('.')[0] in ('sentence_transformers', 'sklearn')))\n"
     )

@@ -15,11 +15,11 @@ from fastapi.testclient import TestClient
 from separable import write_separable_benchmark
 from tiny_llama import build_tiny_llama, build_tiny_non_llama
 
-from encoder_worker.encoders.base import EncoderInput
-from encoder_worker.encoders.llm2vec import LLM2VecEncoder
-from encoder_worker.encoders.manifest import encoder_options, read_manifest
-from encoder_worker.encoders.registry import EncoderPool, EncoderSpec, configured_specs, load_encoder
 from encoder_worker.worker import EncoderWorker
+from encoding.encoder import EncoderInput
+from encoding.llm2vec import LLM2VecEncoder
+from encoding.manifest import encoder_options, read_manifest
+from encoding.registry import EncoderPool, EncoderSpec, configured_specs, load_encoder
 from evaluation import deepmatcher
 from llmatch.cli import main
 from llmatch.db import make_engine
@@ -371,7 +371,8 @@ def test_train_command_reports_a_missing_dataset_folder(tmp_path: Path, capsys) 
 
 
 def test_training_on_a_trained_base_renders_records_as_it_was_trained(tmp_path: Path) -> None:
-    from encoder_worker.encoders.manifest import render_options, write_manifest
+    from encoding.manifest import write_manifest
+    from encoding.recipe import render_options
 
     base = tmp_path / "simcse"
     base.mkdir()

@@ -16,7 +16,7 @@ import httpx
 import pytest
 from fastapi.testclient import TestClient
 
-from encoder_worker.encoders.registry import EncoderPool
+from encoding.registry import EncoderPool
 from llmatch.settings import Settings
 from service.app import create_app
 from tests.live_server import live_server

@@ -7,9 +7,10 @@ import logging
 import re
 from pathlib import Path
 
-from encoder_worker.encoders.llm2vec import UnsupportedModelError
-from encoder_worker.encoders.manifest import ManifestError, is_trained_folder, read_manifest, render_options
-from encoder_worker.encoders.registry import (
+from encoding.llm2vec import UnsupportedModelError
+from encoding.manifest import ManifestError, is_trained_folder, read_manifest
+from encoding.recipe import render_options
+from encoding.registry import (
     EncoderSpec,
     EncoderUnavailableError,
     UnknownEncoderError,

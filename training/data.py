@@ -6,8 +6,9 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from encoder_worker.encoders.base import EncoderInput
-from encoder_worker.render import RenderConfig, render
+from encoding.encoder import EncoderInput
+from encoding.recipe import Recipe, record_input
+from encoding.render import RenderConfig
 from evaluation import deepmatcher
 
 
@@ -59,11 +60,11 @@ def load(folders: list[Path], serialization: str, instruction: str | None) -> Tr
         if benchmark.name in data.names:
             raise deepmatcher.DatasetError(f"{folder}: dataset {benchmark.name!r} is given twice")
         data.names.append(benchmark.name)
-        config = RenderConfig(serialization, benchmark.attributes, instruction)
+        recipe = Recipe(RenderConfig(serialization, benchmark.attributes, instruction))
         for source, table in (("a", benchmark.table_a), ("b", benchmark.table_b)):
             for record in table:
-                text = render(record["attributes"], config)
-                data.inputs[f"{benchmark.name}/{source}/{record['id']}"] = EncoderInput(instruction, text)
+                key = f"{benchmark.name}/{source}/{record['id']}"
+                data.inputs[key] = record_input(record["attributes"], recipe).item
         for split, pairs in benchmark.splits.items():
             data.splits[split][benchmark.name] = [
                 TextPair(f"{benchmark.name}/a/{p.left_id}", f"{benchmark.name}/b/{p.right_id}", p.label) for p in pairs

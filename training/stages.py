@@ -18,10 +18,10 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from encoder_worker.encoders.base import EncoderInput
-from encoder_worker.encoders.identifiers import combine, identifier_vectors
-from encoder_worker.encoders.manifest import relative_path, write_manifest
-from encoder_worker.encoders.registry import EncoderSpec, load_encoder, spec_from_options
+from encoding.encoder import EncoderInput
+from encoding.identifiers import combine, identifier_vectors
+from encoding.manifest import relative_path, write_manifest
+from encoding.registry import EncoderSpec, load_encoder, spec_from_options
 from service.calibration import best_f1_threshold
 from training import loop
 from training.data import TextPair, TrainingData

@@ -12,10 +12,10 @@ from typing import Any, Protocol
 
 import torch
 
-from encoder_worker.encoders.base import EncoderInput
-from encoder_worker.encoders.llm2vec import UnsupportedModelError, load_llm2vec, tokenizer_inputs, torch_dtype
-from encoder_worker.encoders.manifest import relative_path
-from encoder_worker.encoders.sentence_transformer import sentence_text
+from encoding.encoder import EncoderInput
+from encoding.llm2vec import UnsupportedModelError, load_llm2vec, tokenizer_inputs, torch_dtype
+from encoding.manifest import relative_path
+from encoding.sentence_transformer import sentence_text
 from training.options import LoraSettings
 
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]

@@ -22,7 +22,7 @@ def input_hash(instruction: str | None, text: str) -> str:
 
 def install(log_dir: Path) -> None:
     """Wrap ``EncoderPool.encode`` so that every encoded input is logged."""
-    from encoder_worker.encoders.registry import EncoderPool
+    from encoding.registry import EncoderPool
 
     log_dir.mkdir(parents=True, exist_ok=True)
     handles: dict[int, TextIO] = {}

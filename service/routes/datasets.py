@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from fastapi import APIRouter, Response, status
 
-from encoder_worker.queue import requeue_failed
 from llmatch.db import transaction
+from llmatch.requeue import requeue_failed
 from service import audit, auth, decisions, entities, labels
 from service import datasets as logic
 from service.deps import DatasetPath, State

@@ -216,7 +216,7 @@ def _replace_dir(staging: Path, out_dir: Path) -> None:
 
 def default_out_dir() -> Path:
     """``<data_dir>/models/smollm2-135m-instruct``, where the built-in ``smollm2`` encoder looks."""
-    from encoder_worker.encoders.registry import SMOLLM2_FOLDER
+    from encoding.registry import SMOLLM2_FOLDER
     from llmatch.settings import get_settings
 
     return get_settings().models_dir / SMOLLM2_FOLDER

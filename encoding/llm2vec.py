@@ -8,8 +8,8 @@ from pathlib import Path
 
 import numpy as np
 
-from encoder_worker.encoders.base import EncoderInput, l2_normalise
-from encoder_worker.encoders.batching import default_batch_tokens, token_batches
+from encoding.batching import default_batch_tokens, token_batches
+from encoding.encoder import EncoderInput, l2_normalise
 
 # llm2vec joins instruction and text with this string and splits on it again.
 LLM2VEC_SEPARATOR = "!@#$%^&*()"

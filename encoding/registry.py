@@ -14,9 +14,10 @@ from typing import Any, Literal
 
 import numpy as np
 
-from encoder_worker.encoders.base import Encoder, EncoderInput
-from encoder_worker.encoders.identifiers import DEFAULT_DIMS, IdentifierEncoder
-from encoder_worker.encoders.manifest import encoder_options, render_options
+from encoding.encoder import Encoder, EncoderInput
+from encoding.identifiers import DEFAULT_DIMS, IdentifierEncoder
+from encoding.manifest import encoder_options
+from encoding.recipe import render_options
 from llmatch.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -88,7 +89,7 @@ def _available(path: str) -> bool:
 
 
 def builtin_specs(settings: Settings) -> dict[str, EncoderSpec]:
-    from encoder_worker.encoders.sentence_transformer import packaged_minilm_path
+    from encoding.sentence_transformer import packaged_minilm_path
 
     return {
         "minilm": EncoderSpec("minilm", "sentence-transformers", str(packaged_minilm_path()), batch_size=64),
@@ -148,13 +149,13 @@ def load_encoder(spec: EncoderSpec, device: str) -> Encoder:
 
 def _load_dense(spec: EncoderSpec, device: str) -> Encoder:
     if spec.kind == "sentence-transformers":
-        from encoder_worker.encoders.sentence_transformer import SentenceTransformerEncoder
+        from encoding.sentence_transformer import SentenceTransformerEncoder
 
         return SentenceTransformerEncoder(
             spec.key, spec.model, device=device, max_seq_length=spec.max_length, batch_tokens=spec.batch_tokens
         )
     if spec.kind == "llm2vec":
-        from encoder_worker.encoders.llm2vec import LLM2VecEncoder
+        from encoding.llm2vec import LLM2VecEncoder
 
         return LLM2VecEncoder(
             spec.key,

@@ -8,9 +8,9 @@ from typing import Any
 
 import numpy as np
 
-from encoder_worker.encoders.base import EncoderInput, l2_normalise
-from encoder_worker.encoders.batching import default_batch_tokens, token_batches
-from encoder_worker.encoders.sentence_folder import load_plain_model
+from encoding.batching import default_batch_tokens, token_batches
+from encoding.encoder import EncoderInput, l2_normalise
+from encoding.sentence_folder import load_plain_model
 
 
 def packaged_minilm_path() -> Path:

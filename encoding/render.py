@@ -6,7 +6,7 @@ import hashlib
 import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any
 
 SERIALIZATIONS = ("tagged", "plain")
 
@@ -18,19 +18,6 @@ class RenderConfig:
     serialization: str = "tagged"
     attributes: Sequence[str] | None = None  # fixed order and selection; None: the order first seen
     instruction: str | None = None
-
-
-class RenderSettings(Protocol):
-    """What a stored dataset says about its text (``llmatch.models.Dataset`` has these columns)."""
-
-    serialization: str
-    attributes: Sequence[str] | None
-    instruction: str | None
-
-
-def render_config(dataset: RenderSettings) -> RenderConfig:
-    """The rendering of a stored dataset, as the worker and the API both apply it."""
-    return RenderConfig(dataset.serialization, dataset.attributes, dataset.instruction)
 
 
 def value_text(value: Any) -> str:

@@ -43,18 +43,6 @@ def write_manifest(folder: Path, manifest: dict[str, Any]) -> Path:
     return path
 
 
-def render_options(
-    encoder: str | Path | None, serialization: str | None, instruction: str | None
-) -> tuple[str, str | None]:
-    """Serialization and instruction: as given, else as the trained folder ``encoder`` recorded, else tagged
-    and none (a folder from ``llmatch train`` embeds records the way it was trained on them)."""
-    render = read_manifest(encoder).get("render", {}) if encoder and is_trained_folder(encoder) else {}
-    return (
-        serialization or render.get("serialization") or "tagged",
-        instruction if instruction is not None else render.get("instruction"),
-    )
-
-
 def encoder_options(folder: str | Path) -> dict[str, Any]:
     """The encoder specification of a trained folder, with its paths made absolute."""
     root = Path(folder).expanduser().resolve()

@@ -29,7 +29,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from encoder_worker.encoders.base import Encoder, EncoderInput, l2_normalise
+from encoding.encoder import Encoder, EncoderInput, l2_normalise
 
 DEFAULT_DIMS = 1024
 # At least four characters of letters, digits and hyphens, with a digit and a letter (hdr-sr10, am53bk, 1080p).
