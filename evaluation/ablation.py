@@ -27,7 +27,7 @@ from encoder_worker.encoders.registry import configured_specs, load_encoder, res
 from encoder_worker.render import RenderConfig, render
 from evaluation import deepmatcher
 from llmatch.settings import Settings, get_settings
-from service.calibration import best_f1_threshold
+from matching.calibration import best_f1_threshold
 
 log = logging.getLogger("llmatch.ablation")
 

@@ -12,8 +12,8 @@ from encoder_worker.encoders.registry import EncoderPool, EncoderUnavailableErro
 from encoder_worker.queue import requeue
 from llmatch.models import RECORD_STATUSES, Calibration, Dataset, IndexChange, Record
 from llmatch.vectors import delete_explanation_vectors, delete_orphaned_embeddings
+from matching.index import IndexPolicy
 from service.errors import NotFound, Unprocessable
-from service.index import IndexPolicy
 from service.schemas import CalibrationOut, DatasetConfigIn, DatasetOut, IndexOptionsOut, StatusCounts
 
 TEXT_FIELDS = ("encoder", "serialization", "attributes", "instruction")

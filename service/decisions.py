@@ -15,10 +15,10 @@ from encoder_worker.encoders.registry import EncoderPool
 from encoder_worker.render import input_hash, render, render_config
 from llmatch.models import ENCODED, Calibration, Dataset, Embedding, Record
 from llmatch.vectors import from_bytes
-from service import calibration as calib
+from matching import calibration as calib
+from matching.index import IndexRegistry
 from service.datasets import sources, unknown_dataset
 from service.errors import Conflict, NotFound, without_paths
-from service.index import IndexRegistry
 from service.records import unknown_record
 from service.schemas import (
     CalibrateIn,

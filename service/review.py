@@ -22,11 +22,11 @@ from sqlalchemy import select, tuple_
 from sqlalchemy.orm import Session
 
 from llmatch.models import Dataset, Record
-from service import calibration as calib
+from matching import calibration as calib
+from matching.index import IndexRegistry
+from matching.pairs import EncodedRecords, indexed_candidate_pairs, load_encoded, query_sample
 from service.decisions import active_calibration
-from service.index import IndexRegistry
 from service.labels import labelled_keys, pair_key
-from service.pairs import EncodedRecords, indexed_candidate_pairs, load_encoded, query_sample
 from service.schemas import ReviewOut, ReviewPair, ReviewRecord
 
 Strategy = Literal["uncertainty", "balanced", "diverse"]

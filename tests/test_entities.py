@@ -15,8 +15,8 @@ from sqlalchemy import select
 from llmatch.db import transaction
 from llmatch.models import Dataset, Entity, EntityMember, EntityState
 from llmatch.terminal import export_entities
-from service import entities
-from service.entities import Grouping, Guard, group
+from matching import entities
+from matching.entities import Grouping, Guard, group
 
 POSITIVES = [("a1", "b1"), ("a2", "b2"), ("a3", "b3"), ("a4", "b4")]
 NEGATIVES = [("a1", "b2"), ("a2", "b3"), ("a3", "b4"), ("a4", "b5"), ("a1", "b5"), ("a2", "b1")]

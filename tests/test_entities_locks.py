@@ -12,8 +12,8 @@ from sqlalchemy import make_url, select, update
 
 from llmatch.db import transaction
 from llmatch.models import Dataset, EntityMember, EntityState
-from service import entities
-from service.entities import Grouping
+from matching import entities
+from matching.entities import Grouping
 
 POSITIVES = [("a1", "b1"), ("a2", "b2"), ("a3", "b3"), ("a4", "b4")]
 NEGATIVES = [("a1", "b2"), ("a2", "b3"), ("a3", "b4"), ("a4", "b5")]

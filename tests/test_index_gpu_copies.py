@@ -7,8 +7,8 @@ import faiss
 import numpy as np
 import pytest
 
-from service import index as index_module
-from service.index import GpuCopies, VectorIndex
+from matching import index as index_module
+from matching.index import GpuCopies, VectorIndex
 
 DIM = 16
 

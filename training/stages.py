@@ -22,7 +22,7 @@ from encoder_worker.encoders.base import EncoderInput
 from encoder_worker.encoders.identifiers import combine, identifier_vectors
 from encoder_worker.encoders.manifest import relative_path, write_manifest
 from encoder_worker.encoders.registry import EncoderSpec, load_encoder, spec_from_options
-from service.calibration import best_f1_threshold
+from matching.calibration import best_f1_threshold
 from training import loop
 from training.data import TextPair, TrainingData
 from training.losses import cosent, info_nce

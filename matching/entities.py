@@ -30,10 +30,10 @@ from sqlalchemy.orm import Session, sessionmaker
 from llmatch.db import transaction
 from llmatch.models import ENCODED, Calibration, Dataset, Entity, EntityLink, EntityMember, EntityState, Record
 from llmatch.settings import Settings
+from matching.index import IndexRegistry
+from matching.pairs import EncodedRecords, candidate_pairs, load_encoded, target_sources
 from service.datasets import sources as dataset_sources
 from service.errors import Conflict, NotFound
-from service.index import IndexRegistry
-from service.pairs import EncodedRecords, candidate_pairs, load_encoded, target_sources
 from service.schemas import EntitiesOut, EntityLinkOut, EntityOut, EntityRecord, EntitySummary
 
 log = logging.getLogger("llmatch.entities")

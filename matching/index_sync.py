@@ -19,8 +19,8 @@ from sqlalchemy.orm import Session, sessionmaker
 from encoder_worker.queue import requeue
 from llmatch.db import transaction
 from llmatch.models import ENCODED, Calibration, Dataset, Embedding, IndexChange, Record
-from service.change_cursor import ChangeCursor, consistent_snapshot, cursor_for, prune
-from service.index import IndexKey, IndexRegistry, VectorIndex, fingerprint
+from matching.change_cursor import ChangeCursor, consistent_snapshot, cursor_for, prune
+from matching.index import IndexKey, IndexRegistry, VectorIndex, fingerprint
 
 log = logging.getLogger("llmatch.index")
 

@@ -13,7 +13,7 @@ from sqlalchemy.orm import Session
 
 from llmatch.models import ENCODED, Embedding, Record
 from llmatch.vectors import stack
-from service.index import IndexRegistry
+from matching.index import IndexRegistry
 
 
 @dataclass(frozen=True)
