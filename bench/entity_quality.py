@@ -2,7 +2,7 @@
 benchmarks, and the largest entity, for plain connected components and the guards against long chains.
 
 In this process, with the code the service runs when it groups a dataset (``matching.pairs.candidate_pairs``,
-``matching.entities.group``): the records that valid and test pairs reference (``--records-of``) are rendered as
+``matching.grouping.group``): the records that valid and test pairs reference (``--records-of``) are rendered as
 the service renders them (tagged, the tables' column order) and embedded with untrained MiniLM (kept in bench/out
 for the next run); links are each record's ``--k`` candidates in the other table at or above the threshold, which
 is calibrated on ``valid.csv`` (as ``llmatch evaluate`` does). A labelled pair counts as predicted a match when
@@ -31,7 +31,7 @@ except ModuleNotFoundError:
 
 from encoder_worker.render import RenderConfig, render
 from matching.calibration import best_f1_threshold, decision_metrics
-from matching.entities import Guard, group
+from matching.grouping import Guard, group
 from matching.pairs import EncodedRecords, candidate_pairs
 
 NAME = "entity_quality"

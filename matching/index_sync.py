@@ -20,7 +20,9 @@ from encoder_worker.queue import requeue
 from llmatch.db import transaction
 from llmatch.models import ENCODED, Calibration, Dataset, Embedding, IndexChange, Record
 from matching.change_cursor import ChangeCursor, consistent_snapshot, cursor_for, prune
-from matching.index import IndexKey, IndexRegistry, VectorIndex, fingerprint
+from matching.index import VectorIndex
+from matching.index_files import fingerprint
+from matching.registry import IndexKey, IndexRegistry
 
 log = logging.getLogger("llmatch.index")
 

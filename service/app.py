@@ -11,9 +11,9 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from encoder_worker.encoders.registry import EncoderPool, EncoderUnavailableError
 from llmatch.settings import Settings, get_settings
-from matching.entities import follow as follow_entities
 from service import metrics, openapi
 from service.auth import AuthGate
+from service.entities import follow as follow_entities
 from service.errors import ApiError, ServiceUnavailable, install_error_handlers, log
 from service.inline_encoder import inline_encoder_pool
 from service.keys import KeyCache

@@ -18,7 +18,8 @@ from llmatch.db import make_engine
 from llmatch.migrate import alembic_config
 from llmatch.models import Dataset, IndexChange
 from llmatch.settings import Settings
-from matching.index import MIN_APPROXIMATE_SIZE, VectorIndex, storage_of
+from matching.index import VectorIndex
+from matching.index_policy import MIN_APPROXIMATE_SIZE, storage_of
 from service.app import create_app
 
 SPACE = Space(dim=32, latent=8, clusters=200, spread=0.3, noise=0.05)

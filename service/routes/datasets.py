@@ -6,8 +6,7 @@ from fastapi import APIRouter, Response, status
 
 from encoder_worker.queue import requeue_failed
 from llmatch.db import transaction
-from matching import entities
-from service import audit, auth, decisions, labels
+from service import audit, auth, decisions, entities, labels
 from service import datasets as logic
 from service.deps import DatasetPath, State
 from service.schemas import (

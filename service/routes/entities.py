@@ -6,8 +6,8 @@ from typing import Annotated
 
 from fastapi import APIRouter, Path, Query
 
-from matching import entities as logic
 from service import auth
+from service import entities as logic
 from service.datasets import get_dataset
 from service.deps import DatasetPath, State
 from service.schemas import MAX_COUNT, EntitiesOut, EntityOut

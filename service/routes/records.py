@@ -5,11 +5,11 @@ from __future__ import annotations
 from fastapi import APIRouter, Response, status
 
 from llmatch.db import transaction
-from matching.entities import entity_of
 from service import audit, auth
 from service import records as logic
 from service.datasets import get_dataset
 from service.deps import DatasetPath, RecordIdPath, SourcePath, State
+from service.entities import entity_of
 from service.schemas import IngestResult, RecordOut, RecordsIn
 
 router = APIRouter(prefix="/records", tags=["records"])
