@@ -39,7 +39,7 @@ except ModuleNotFoundError:
     import common  # type: ignore[no-redef]
     import labelled  # type: ignore[no-redef]
 
-from service.calibration import decision_metrics
+from matching.calibration import decision_metrics
 
 NAME = "active_learning"
 STRATEGIES = ("review", "balanced", "diverse", "random")

@@ -1,8 +1,8 @@
 """Entity quality: pairwise precision, recall and F1 of entities against the labelled pairs of DeepMatcher
 benchmarks, and the largest entity, for plain connected components and the guards against long chains.
 
-In this process, with the code the service runs when it groups a dataset (``service.pairs.candidate_pairs``,
-``service.entities.group``): the records that valid and test pairs reference (``--records-of``) are rendered as
+In this process, with the code the service runs when it groups a dataset (``matching.pairs.candidate_pairs``,
+``matching.grouping.group``): the records that valid and test pairs reference (``--records-of``) are rendered as
 the service renders them (tagged, the tables' column order) and embedded with untrained MiniLM (kept in bench/out
 for the next run); links are each record's ``--k`` candidates in the other table at or above the threshold, which
 is calibrated on ``valid.csv`` (as ``llmatch evaluate`` does). A labelled pair counts as predicted a match when
@@ -30,9 +30,9 @@ except ModuleNotFoundError:
     import labelled  # type: ignore[no-redef]
 
 from encoding.render import RenderConfig, render
-from service.calibration import best_f1_threshold, decision_metrics
-from service.entities import Guard, group
-from service.pairs import EncodedRecords, candidate_pairs
+from matching.calibration import best_f1_threshold, decision_metrics
+from matching.grouping import Guard, group
+from matching.pairs import EncodedRecords, candidate_pairs
 
 NAME = "entity_quality"
 GUARDS = {

@@ -34,7 +34,8 @@ if __package__ in (None, ""):
 
 from bench import common  # noqa: E402
 from bench.vectors import Space, real_vectors, store_vectors  # noqa: E402
-from service.index import IndexPolicy, VectorIndex, single_threaded  # noqa: E402
+from matching.index import VectorIndex, single_threaded  # noqa: E402
+from matching.index_policy import IndexPolicy  # noqa: E402
 
 REAL_CACHE = common.OUT_DIR / "real_minilm.npy"
 # Recall depends on the data: two synthetic distributions, one with tight topical clusters (as product catalogues

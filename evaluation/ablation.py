@@ -27,7 +27,7 @@ from encoding.registry import configured_specs, load_encoder, resolve_device, sp
 from encoding.render import RenderConfig
 from evaluation import deepmatcher
 from llmatch.settings import Settings, get_settings
-from service.calibration import best_f1_threshold
+from matching.calibration import best_f1_threshold
 
 log = logging.getLogger("llmatch.ablation")
 

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from service.calibration import (
+from matching.calibration import (
     CALIBRATION_BINS,
     brier_score,
     expected_calibration_error,

@@ -16,7 +16,7 @@ import numpy as np  # noqa: E402
 
 from evaluation.deepmatcher import Pair  # noqa: E402
 from evaluation.runner import RECALL_KS, ConfigResult  # noqa: E402
-from service.calibration import calibration_bins, decision_metrics  # noqa: E402
+from matching.calibration import calibration_bins, decision_metrics  # noqa: E402
 
 # (decided a match, label) -> the outcome test_pairs.csv names, in the order tables list them.
 OUTCOMES = {(True, 1): "true match", (False, 1): "missed match", (True, 0): "false match", (False, 0): "non-match"}

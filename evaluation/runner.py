@@ -16,7 +16,7 @@ from encoder_worker.worker import EncoderWorker
 from evaluation.deepmatcher import Benchmark, Pair
 from llmatch.client import batches
 from llmatch.models import PENDING, Calibration, Dataset, Record
-from service.calibration import CALIBRATION_BINS, brier_score, decision_metrics, expected_calibration_error
+from matching.calibration import CALIBRATION_BINS, brier_score, decision_metrics, expected_calibration_error
 
 if TYPE_CHECKING:
     from fastapi.testclient import TestClient

@@ -46,7 +46,7 @@ class Dataset(Base):
     attributes: Mapped[list[str] | None] = mapped_column(JSON, nullable=True)
     instruction: Mapped[str | None] = mapped_column(Text, nullable=True)
     seen_attributes: Mapped[list[str]] = mapped_column(JSON, default=list)
-    # The dataset's own FAISS index policy (fields of service.index.IndexPolicy); None: the process's settings.
+    # The dataset's own FAISS index policy (fields of matching.index.IndexPolicy); None: the process's settings.
     index_options: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
     created_at: Mapped[datetime] = mapped_column(DateTime, server_default=func.now())
     updated_at: Mapped[datetime] = mapped_column(DateTime, server_default=func.now(), onupdate=func.now())

@@ -12,8 +12,8 @@ from encoding.registry import EncoderPool, EncoderUnavailableError, UnknownEncod
 from llmatch.models import RECORD_STATUSES, Calibration, Dataset, IndexChange, Record
 from llmatch.requeue import requeue
 from llmatch.vectors import delete_explanation_vectors, delete_orphaned_embeddings
+from matching.index_policy import IndexPolicy
 from service.errors import NotFound, Unprocessable
-from service.index import IndexPolicy
 from service.schemas import CalibrationOut, DatasetConfigIn, DatasetOut, IndexOptionsOut, StatusCounts
 
 TEXT_FIELDS = ("encoder", "serialization", "attributes", "instruction")
@@ -206,20 +206,6 @@ def calibration_out(calibration: Calibration | None) -> CalibrationOut | None:
     if calibration is None:
         return None
     return CalibrationOut.model_validate(calibration)
-
-
-def sources(session: Session, dataset_id: int) -> list[str]:
-    """The sources that hold at least one record of the dataset: one index seek per source on the
-    (dataset, source, status) index, where DISTINCT would read every record of the dataset."""
-    found: list[str] = []
-    while True:
-        query = select(func.min(Record.source)).where(Record.dataset_id == dataset_id)
-        if found:
-            query = query.where(Record.source > found[-1])
-        source = session.scalar(query)
-        if source is None:
-            return found
-        found.append(source)
 
 
 def all_datasets(session: Session) -> list[Dataset]:

@@ -15,10 +15,12 @@ from encoding.recipe import Recipe, record_input
 from encoding.registry import EncoderPool
 from llmatch.models import ENCODED, Calibration, Dataset, Embedding, Record
 from llmatch.vectors import from_bytes
-from service import calibration as calib
-from service.datasets import sources, unknown_dataset
+from matching import calibration as calib
+from matching.errors import UnknownSource
+from matching.neighbours import neighbours
+from matching.registry import IndexRegistry
+from service.datasets import unknown_dataset
 from service.errors import Conflict, NotFound, without_paths
-from service.index import IndexRegistry
 from service.records import unknown_record
 from service.schemas import (
     CalibrateIn,
@@ -167,57 +169,30 @@ def candidates(
 ) -> list[Candidate]:
     """The ``k`` nearest records of the target sources, best first, never the query record itself; ``match``
     by the dataset's active ``calibration``."""
-    known = sources(session, dataset.id)
-    if target_source is not None and target_source not in known:
-        raise NotFound(
-            f"Dataset {dataset.name!r} has no source {target_source!r}; its sources: {', '.join(known) or 'none yet'}."
+    try:
+        [found] = neighbours(
+            session,
+            registry,
+            dataset.id,
+            query.vector,
+            k,
+            record_ids=[query.record_id],
+            sources=[query.source],
+            target=target_source,
         )
-    targets = [target_source] if target_source else _default_targets(known, query.source)
-    hits: list[tuple[float, int, int]] = []  # (score, record id, embedding id the index holds for it)
-    for source in targets:
-        key = (dataset.id, source)
-        extra = 1 if query.record_id is not None and source == query.source else 0
-        found = [hit for hit in registry.search(key, query.vector, k + extra) if hit.record_id != query.record_id]
-        held = registry.embedding_ids(key, np.array([hit.record_id for hit in found], dtype=np.int64))
-        hits.extend((hit.score, hit.record_id, int(e)) for hit, e in zip(found, held, strict=True))
-    hits.sort(key=lambda item: -item[0])
-    return _as_candidates(session, dataset, calibration, hits[:k])
-
-
-def _default_targets(known: Sequence[str], query_source: str | None) -> list[str]:
-    """Every other source; a single-source dataset (deduplication) searches its own source."""
-    others = [source for source in known if source != query_source]
-    return others or ([query_source] if query_source else list(known))
-
-
-def _as_candidates(
-    session: Session, dataset: Dataset, calibration: Calibration | None, hits: list[tuple[float, int, int]]
-) -> list[Candidate]:
-    """Name the hits; drop any the index holds stale (a record deleted, re-queued or re-encoded since the index
-    saw it, or not of this dataset): only what the database says is encoded, with this vector, is served."""
-    if not hits:
-        return []
-    held = {rid: embedding_id for _, rid, embedding_id in hits}
-    # By primary key, checked here: a condition on status would let the planner scan the status index instead.
-    rows = session.execute(
-        select(
-            Record.id, Record.source, Record.external_id, Record.dataset_id, Record.status, Record.embedding_id
-        ).where(Record.id.in_(list(held)))
-    )
-    names = {
-        row.id: (row.source, row.external_id)
-        for row in rows
-        if row.dataset_id == dataset.id and row.status == ENCODED and row.embedding_id == held[row.id]
-    }
+    except UnknownSource as error:
+        raise NotFound(
+            f"Dataset {dataset.name!r} has no source {error.source!r}; "
+            f"its sources: {', '.join(error.known) or 'none yet'}."
+        ) from error
     return [
         Candidate(
-            source=names[rid][0],
-            id=names[rid][1],
-            score=min(score, 1.0),
-            match=None if calibration is None else score >= calibration.threshold,
+            source=hit.source,
+            id=hit.external_id,
+            score=hit.score,
+            match=None if calibration is None else hit.score >= calibration.threshold,
         )
-        for score, rid, _ in hits
-        if rid in names
+        for hit in found[:k]
     ]
 
 

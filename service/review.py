@@ -1,12 +1,6 @@
-"""The review queue: unlabelled candidate pairs whose labels would teach the threshold the most.
-
-A label moves the threshold only if its pair's score lies near it, so the queue asks about the pairs nearest
-the current threshold: the calibrated one; while uncalibrated, one fitted on the stored labels when they hold
-both classes; with labels of one class only, halfway between the most extreme of them and the end of the score
-range where the other class must lie (so the first match, or non-match, is found); before any label, the
-middle of the candidate pairs' score range. ``balanced`` takes the nearest pairs
-alternately from above and below that threshold; ``diverse`` keeps a page from asking about one record many
-times (one pair per record, then the rest in order).
+"""The review queue as the API serves it: unlabelled candidate pairs whose labels would teach the threshold the
+most, each shaped as a ``ReviewPair`` with its records' attributes and probability. Which pairs, and in what order,
+is the engine's (``matching.review``).
 
 The cost of a call is bounded: candidate pairs are those of at most ``max_records`` query records (all of them
 in a smaller dataset; else a repeatable sample that changes as labels are stored and takes records not yet in
@@ -15,22 +9,18 @@ a label first), searched in the process's loaded indexes; only their vectors and
 
 from __future__ import annotations
 
-from typing import Literal
-
-import numpy as np
 from sqlalchemy import select, tuple_
 from sqlalchemy.orm import Session
 
 from llmatch.models import Dataset, Record
-from service import calibration as calib
+from matching import calibration as calib
+from matching.pairs import EncodedRecords, indexed_candidate_pairs, load_encoded, query_sample
+from matching.registry import IndexRegistry
+from matching.review import Strategy, choose, review_threshold
 from service.decisions import active_calibration
-from service.index import IndexRegistry
 from service.labels import labelled_keys, pair_key
-from service.pairs import EncodedRecords, indexed_candidate_pairs, load_encoded, query_sample
 from service.schemas import ReviewOut, ReviewPair, ReviewRecord
 
-Strategy = Literal["uncertainty", "balanced", "diverse"]
-Basis = Literal["calibration", "labels", "middle", "none"]
 Names = dict[int, tuple[str, str]]
 
 
@@ -52,14 +42,8 @@ def review(
     if not pairs:
         return ReviewOut(pairs=[], threshold=None, basis="none")
     calibration = active_calibration(session, dataset)
-    threshold, basis = _threshold(known, labelled, pairs, calibration.threshold if calibration else None)
-    ordered = sorted(pairs, key=lambda ids: (abs(pairs[ids] - threshold), -pairs[ids], ids))
-    if strategy == "balanced":
-        chosen = _balanced(ordered, pairs, threshold, limit)
-    elif strategy == "diverse":
-        chosen = _diverse(ordered, limit)
-    else:
-        chosen = ordered[:limit]
+    threshold, basis = review_threshold(known, labelled, pairs, calibration.threshold if calibration else None)
+    chosen = choose(pairs, threshold, limit, strategy)
     mapping = calibration.probability_model if calibration else None
     wanted = [record_id for ids in chosen for record_id in ids]
     rows = session.execute(select(Record.id, Record.attributes).where(Record.id.in_(wanted)))
@@ -82,62 +66,6 @@ def _labelled_records(
             )
         )
     return load_encoded(session, dataset_id, record_ids)
-
-
-def _threshold(
-    records: EncodedRecords,
-    labelled: dict[tuple[str, str, str, str], int],
-    pairs: dict[tuple[int, int], float],
-    calibrated: float | None,
-) -> tuple[float, Basis]:
-    if calibrated is not None:
-        return calibrated, "calibration"
-    row = {(s, i): r for r, (s, i) in enumerate(zip(records.sources, records.external_ids, strict=True))}
-    scores, labels = [], []
-    for (ls, li, rs, ri), label in labelled.items():
-        if (ls, li) in row and (rs, ri) in row:
-            scores.append(float(records.vectors[row[(ls, li)]] @ records.vectors[row[(rs, ri)]]))
-            labels.append(label)
-    if 0 < sum(labels) < len(labels):
-        choice = calib.best_f1_threshold(np.array(scores), np.array(labels))
-        return choice.threshold, "labels"
-    values = list(pairs.values())
-    low, high = min(values), max(values)
-    if labels and sum(labels) == 0:  # only non-matches so far: look above the best of them for a first match
-        return (max(max(scores), low) + high) / 2, "labels"
-    if labels:  # only matches so far: look below the worst of them for a first non-match
-        return (low + min(min(scores), high)) / 2, "labels"
-    return (low + high) / 2, "middle"
-
-
-def _balanced(
-    ordered: list[tuple[int, int]], pairs: dict[tuple[int, int], float], threshold: float, limit: int
-) -> list[tuple[int, int]]:
-    """Nearest the threshold, alternately from above and from below it (candidate pairs are mostly
-    non-matches, so plain nearness mostly asks about non-matches)."""
-    above = [rows for rows in ordered if pairs[rows] >= threshold]
-    below = [rows for rows in ordered if pairs[rows] < threshold]
-    chosen: list[tuple[int, int]] = []
-    for i in range(max(len(above), len(below))):
-        chosen += [side[i] for side in (above, below) if i < len(side)]
-        if len(chosen) >= limit:
-            break
-    return chosen[:limit]
-
-
-def _diverse(ordered: list[tuple[int, int]], limit: int) -> list[tuple[int, int]]:
-    """In order, at most one pair per record; then the pairs passed over, in order, to fill the page."""
-    seen: set[int] = set()
-    first, rest = [], []
-    for rows in ordered:
-        if len(first) >= limit:
-            break
-        if seen & set(rows):
-            rest.append(rows)
-        else:
-            first.append(rows)
-            seen.update(rows)
-    return (first + rest)[:limit]
 
 
 def _key(names: Names, i: int, j: int) -> tuple[str, str, str, str]:

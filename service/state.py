@@ -14,8 +14,10 @@ from encoding.registry import EncoderPool, UnknownEncoderError
 from llmatch.db import make_engine, make_session_factory
 from llmatch.migrate import ensure_schema
 from llmatch.settings import Settings
-from service.index import IndexPolicy, IndexRegistry, gpu_available
-from service.index_sync import IndexSynchronizer, follow_encoder_keys
+from matching.index_gpu import gpu_available
+from matching.index_policy import IndexPolicy
+from matching.index_sync import IndexSynchronizer, follow_encoder_keys
+from matching.registry import IndexRegistry
 
 log = logging.getLogger("llmatch.api")
 

@@ -7,7 +7,7 @@ import json
 import numpy as np
 import pytest
 
-from service.calibration import (
+from matching.calibration import (
     best_f1_threshold,
     brier_score,
     calibration_bins,

@@ -15,8 +15,8 @@ from sqlalchemy import select
 from llmatch.db import transaction
 from llmatch.models import Dataset, Entity, EntityMember, EntityState
 from llmatch.terminal import export_entities
-from service import entities
-from service.entities import Grouping, Guard, group
+from matching import entity_sync
+from matching.grouping import Grouping, Guard, group
 
 POSITIVES = [("a1", "b1"), ("a2", "b2"), ("a3", "b3"), ("a4", "b4")]
 NEGATIVES = [("a1", "b2"), ("a2", "b3"), ("a3", "b4"), ("a4", "b5"), ("a1", "b5"), ("a2", "b1")]
@@ -133,7 +133,7 @@ def test_a_new_record_joins_its_entity_which_keeps_its_id_without_a_full_regroup
     def regroup_all(*_args, **_kwargs):
         raise AssertionError("one new record must not regroup the dataset")
 
-    monkeypatch.setattr(entities, "regroup_all", regroup_all)
+    monkeypatch.setattr(entity_sync, "regroup_all", regroup_all)
     duplicate = [("b6", {"name": "Canon EOS R6 mirrorless camera body", "price": "2499"})]
     client.post("/records", json=records_body("shop", "b", duplicate))
     drain()
@@ -187,7 +187,7 @@ def test_merging_keeps_the_oldest_id(calibrated, client):
     with transaction(state.session_factory) as session:
         dataset_id = session.scalar(select(Dataset.id).where(Dataset.name == "shop"))
         # A threshold below every candidate score links everything; without a guard one entity remains.
-        entities.regroup_all(session, dataset_id, -1.0, Grouping(Guard("none", max_size=0), k=10))
+        entity_sync.regroup_all(session, state.registry, dataset_id, -1.0, Grouping(Guard("none", max_size=0), k=10))
     groups = membership(client)
     assert list(groups) == [str(oldest)] and len(groups[str(oldest)]) == 9
 
@@ -211,7 +211,7 @@ def test_updates_are_idempotent_and_safe_when_several_processes_apply_them(calib
         try:
             with transaction(state.session_factory) as session:
                 dataset_id = session.scalar(select(Dataset.id).where(Dataset.name == "shop"))
-                entities.sync(session, state.registry, dataset_id, grouping, None)
+                entity_sync.sync(session, state.registry, dataset_id, grouping, None)
         except BaseException as error:  # noqa: BLE001 - reported below
             errors.append(error)
 

@@ -12,8 +12,8 @@ from sqlalchemy import make_url, select, update
 
 from llmatch.db import transaction
 from llmatch.models import Dataset, EntityMember, EntityState
-from service import entities
-from service.entities import Grouping
+from matching import entity_sync
+from matching.grouping import Grouping
 
 POSITIVES = [("a1", "b1"), ("a2", "b2"), ("a3", "b3"), ("a4", "b4")]
 NEGATIVES = [("a1", "b2"), ("a2", "b3"), ("a3", "b4"), ("a4", "b5")]
@@ -27,8 +27,10 @@ def labelled_pairs() -> list[dict]:
 
 
 def write_beside(database_path: str) -> str | None:
-    """Take SQLite's write lock from another connection, waiting at most 0.3 s: None, or why it failed."""
-    connection = sqlite3.connect(database_path, timeout=0.3, isolation_level=None)
+    """Take SQLite's write lock from another connection, waiting at most 2 s: None, or why it failed. (Regrouping
+    under the request's own write lock would make this wait out the whole timeout, however long: the request is
+    blocked in this call.)"""
+    connection = sqlite3.connect(database_path, timeout=2.0, isolation_level=None)
     try:
         connection.execute("BEGIN IMMEDIATE")
         connection.execute("UPDATE datasets SET instruction = instruction")
@@ -44,13 +46,13 @@ def write_beside(database_path: str) -> str | None:
 def test_a_calibrations_regrouping_leaves_the_write_lock_to_other_writers(products, client, database_url, monkeypatch):
     database_path = make_url(database_url).database
     outcomes: list[str | None] = []
-    real_group = entities.group
+    real_group = entity_sync.group
 
     def group_while_another_writes(*args, **kwargs):
         outcomes.append(write_beside(database_path))
         return real_group(*args, **kwargs)
 
-    monkeypatch.setattr(entities, "group", group_while_another_writes)
+    monkeypatch.setattr(entity_sync, "group", group_while_another_writes)
     response = client.post("/datasets/shop/calibrate", json={"pairs": labelled_pairs()})
     assert response.status_code == 200, response.text
     assert outcomes == [None], "another writer went on while the dataset was regrouped"
@@ -67,14 +69,14 @@ def test_a_plan_made_for_an_older_calibration_is_not_stored(products, client):
         dataset_id = session.scalar(select(Dataset.id).where(Dataset.name == "shop"))
         session.execute(update(EntityState).values(calibration_id=None))
     with state.session_factory() as session:
-        plan = entities.plan_regroup(session, dataset_id, grouping)
+        plan = entity_sync.plan_regroup(session, state.registry, dataset_id, grouping)
     assert plan is not None
     assert client.post("/datasets/shop/calibrate", json={"pairs": labelled_pairs()}).status_code == 200
     with transaction(state.session_factory) as session:
         session.execute(update(EntityState).values(calibration_id=None))
     with transaction(state.session_factory) as session:
-        assert entities.sync(session, state.registry, dataset_id, grouping, None, plan) is False
-    entities.update_entities(state.session_factory, state.registry, dataset_id, grouping)
+        assert entity_sync.sync(session, state.registry, dataset_id, grouping, None, plan) is False
+    entity_sync.update_entities(state.session_factory, state.registry, dataset_id, grouping)
     with state.session_factory() as session:
         assert session.scalar(select(EntityState.calibration_id)) not in (None, plan.calibration_id)
 
@@ -110,9 +112,9 @@ def race_delete_and_regroup(client, name: str, dataset_id: int, in_lock: bool) -
         try:
             if in_lock:
                 with transaction(state.session_factory) as session:
-                    entities.sync(session, state.registry, dataset_id, grouping, None)
+                    entity_sync.sync(session, state.registry, dataset_id, grouping, None)
             else:
-                entities.update_entities(state.session_factory, state.registry, dataset_id, grouping, None)
+                entity_sync.update_entities(state.session_factory, state.registry, dataset_id, grouping, None)
         except BaseException as error:  # noqa: BLE001 - reported by the caller
             errors.append(error)
 

@@ -15,8 +15,8 @@ from fastapi.testclient import TestClient
 from sqlalchemy import select
 
 from llmatch.models import ENCODED, Record
+from matching.index import VectorIndex
 from service.app import create_app
-from service.index import VectorIndex
 
 REPO = Path(__file__).resolve().parent.parent
 

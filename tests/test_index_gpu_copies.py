@@ -7,8 +7,9 @@ import faiss
 import numpy as np
 import pytest
 
-from service import index as index_module
-from service.index import GpuCopies, VectorIndex
+from matching import index_gpu
+from matching.index import VectorIndex
+from matching.index_gpu import GpuCopies
 
 DIM = 16
 
@@ -33,7 +34,7 @@ def both(record_ids: np.ndarray, vectors: np.ndarray, copies: GpuCopies) -> tupl
     """The same content twice: searched through a (fake) GPU copy, and on the CPU alone."""
     embedding_ids = record_ids + 1000
     on_gpu = VectorIndex.build(record_ids, embedding_ids, vectors, use_gpu=True)
-    on_gpu._gpu_copies = copies
+    on_gpu._gpu.copies = copies
     return on_gpu, VectorIndex.build(record_ids, embedding_ids, vectors)
 
 
@@ -63,7 +64,7 @@ def test_the_gpu_copy_follows_changes_without_being_remade():
         assert_same_answers(on_gpu, on_cpu, vectors)  # the new vectors find themselves first
     assert copies.copies == 1, "one copy, followed in place"
 
-    on_gpu.gpu_refresh_seconds = 0.0  # due now: remade at the next search, once
+    on_gpu._gpu.refresh_seconds = 0.0  # due now: remade at the next search, once
     assert_same_answers(on_gpu, on_cpu, unit_rows(rng, 5))
     assert_same_answers(on_gpu, on_cpu, unit_rows(rng, 5))
     assert copies.copies == 2
@@ -75,7 +76,7 @@ def test_the_gpu_copy_follows_changes_without_being_remade():
 
 
 def test_too_many_out_of_date_entries_remake_the_copy_before_the_refresh_interval(monkeypatch: pytest.MonkeyPatch):
-    monkeypatch.setattr(index_module, "GPU_MAX_MASKED", 8)
+    monkeypatch.setattr(index_gpu, "GPU_MAX_MASKED", 8)
     rng = np.random.default_rng(3)
     copies = CountingCopies()
     on_gpu, on_cpu = both(np.arange(100, dtype=np.int64), unit_rows(rng, 100), copies)

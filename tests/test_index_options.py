@@ -16,8 +16,9 @@ from bench.vectors import Space, store_vectors
 from llmatch.db import make_engine
 from llmatch.models import Dataset, IndexChange
 from llmatch.settings import Settings
+from matching.index import VectorIndex
+from matching.index_policy import MIN_APPROXIMATE_SIZE, storage_of
 from service.app import create_app
-from service.index import MIN_APPROXIMATE_SIZE, VectorIndex, storage_of
 
 SPACE = Space(dim=32, latent=8, clusters=200, spread=0.3, noise=0.05)
 BIG = MIN_APPROXIMATE_SIZE + 100  # enough vectors for an inverted file

@@ -18,9 +18,12 @@ from sqlalchemy import update
 from bench.vectors import Space, store_vectors
 from llmatch.db import make_engine, make_session_factory
 from llmatch.models import Record
-from service import index_sync
+from matching import index_sync
+from matching.index import VectorIndex
+from matching.index_files import fingerprint
+from matching.index_policy import MIN_APPROXIMATE_SIZE, IndexPolicy
+from matching.registry import IndexRegistry
 from service.app import create_app
-from service.index import MIN_APPROXIMATE_SIZE, IndexPolicy, IndexRegistry, VectorIndex, fingerprint
 
 SPACE = Space(dim=32, latent=8, clusters=200, spread=0.3, noise=0.05)
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from llmatch.settings import Settings
-from service import pairs
+from matching import pairs
 
 BOUND = 4  # the products fixture holds 9 encoded records
 
@@ -18,7 +18,7 @@ def settings(settings: Settings) -> Settings:
 
 @pytest.fixture
 def decoded(monkeypatch: pytest.MonkeyPatch) -> list[int]:
-    """The number of stored vectors each decode in service.pairs turns into arrays."""
+    """The number of stored vectors each decode in matching.pairs turns into arrays."""
     counts: list[int] = []
     real = pairs.stack
 

@@ -98,7 +98,7 @@ def test_supervised_training_raises_valid_f1_and_keeps_the_best_checkpoint(
     left = encoder.encode([data.inputs[p.left] for p in pairs])
     right = encoder.encode([data.inputs[p.right] for p in pairs])
     scores = np.sum(left * right, axis=1)
-    from service.calibration import best_f1_threshold
+    from matching.calibration import best_f1_threshold
 
     served = best_f1_threshold(scores, np.array([p.label for p in pairs])).f1
     assert served == pytest.approx(manifest["valid_f1"], abs=1e-3)

@@ -22,7 +22,7 @@ from encoding.encoder import EncoderInput
 from encoding.identifiers import combine, identifier_vectors
 from encoding.manifest import relative_path, write_manifest
 from encoding.registry import EncoderSpec, load_encoder, spec_from_options
-from service.calibration import best_f1_threshold
+from matching.calibration import best_f1_threshold
 from training import loop
 from training.data import TextPair, TrainingData
 from training.losses import cosent, info_nce

@@ -19,8 +19,10 @@ from sqlalchemy.orm import Session, sessionmaker
 from llmatch.db import transaction
 from llmatch.models import ENCODED, Calibration, Dataset, Embedding, IndexChange, Record
 from llmatch.requeue import requeue
-from service.change_cursor import ChangeCursor, consistent_snapshot, cursor_for, prune
-from service.index import IndexKey, IndexRegistry, VectorIndex, fingerprint
+from matching.change_cursor import ChangeCursor, consistent_snapshot, cursor_for, prune
+from matching.index import VectorIndex
+from matching.index_files import fingerprint
+from matching.registry import IndexKey, IndexRegistry
 
 log = logging.getLogger("llmatch.index")
 

@@ -1,5 +1,8 @@
 """Candidate pairs of a dataset's stored records: each encoded record with its ``k`` nearest records of its
-default target sources (every other source; its own in a single-source dataset), scored by cosine."""
+default target sources (every other source; its own in a single-source dataset), scored by cosine.
+
+``indexed_candidate_pairs`` (review) searches through ``matching.neighbours``; ``candidate_pairs`` is for vectors
+held by no index or database (offline benchmarks), with the same target-source rule."""
 
 from __future__ import annotations
 
@@ -13,7 +16,8 @@ from sqlalchemy.orm import Session
 
 from llmatch.models import ENCODED, Embedding, Record
 from llmatch.vectors import stack
-from service.index import IndexRegistry
+from matching.neighbours import neighbours, target_sources
+from matching.registry import IndexRegistry
 
 
 @dataclass(frozen=True)
@@ -59,16 +63,24 @@ def load_encoded(session: Session, dataset_id: int, record_ids: Iterable[int] | 
     )
 
 
-def target_sources(known: Iterable[str], source: str) -> list[str]:
-    """Every other source; a single-source dataset (deduplication) searches its own source."""
-    others = sorted({s for s in known if s != source})
-    return others or [source]
+def encoded_ids(session: Session, dataset_id: int) -> tuple[np.ndarray, np.ndarray]:
+    """(record ids, embedding ids) of every encoded record of a dataset, by record id; no vectors read."""
+    rows = session.execute(
+        select(Record.id, Record.embedding_id)
+        .where(Record.dataset_id == dataset_id, Record.status == ENCODED, Record.embedding_id.is_not(None))
+        .order_by(Record.id)
+        .execution_options(yield_per=50_000)
+    ).all()
+    array = np.array(rows, dtype=np.int64).reshape(-1, 2)
+    return array[:, 0].copy(), array[:, 1].copy()
 
 
 def candidate_pairs(
     records: EncodedRecords, k: int, queries: Iterable[int] | None = None
 ) -> dict[tuple[int, int], float]:
-    """Scores of the pairs (row i, row j), i < j, where one record is among the other's ``k`` nearest in its targets.
+    """Scores of the pairs (row i, row j), i < j, where one record is among the other's ``k`` nearest in its targets,
+    searched exactly in memory (for vectors no index holds: offline benchmarks; the service searches through
+    ``matching.neighbours``).
 
     ``queries`` (rows) limits which records look for neighbours; by default all do.
     """
@@ -137,41 +149,15 @@ def _shuffled_rank(ids: np.ndarray, seed: int) -> np.ndarray:
 def indexed_candidate_pairs(
     session: Session, registry: IndexRegistry, dataset_id: int, queries: EncodedRecords, k: int
 ) -> IndexedPairs:
-    """The pairs of each query record with its ``k`` nearest records in its target sources, searched in this
-    process's loaded indexes; hits the database no longer holds encoded with that vector are dropped."""
-    known = [key[1] for key in registry.keys() if key[0] == dataset_id and registry.size(key) > 0]
-    hits: dict[tuple[int, int], float] = {}
-    held: dict[int, int] = {}  # record id -> embedding id the index holds for it
-    for source in sorted(set(queries.sources)):
-        rows = np.array([i for i, s in enumerate(queries.sources) if s == source], dtype=np.int64)
-        for target in target_sources(known, source):
-            index = registry.get((dataset_id, target))
-            if index is None or index.size == 0:
-                continue
-            scores, found = index.search(queries.vectors[rows], k + (1 if target == source else 0))
-            embedding_ids = index.embedding_ids_of(found.ravel()).reshape(found.shape)
-            for q, row in enumerate(rows):
-                query_id = int(queries.ids[row])
-                for score, other, embedding_id in zip(scores[q], found[q], embedding_ids[q], strict=True):
-                    if other < 0 or other == query_id:
-                        continue
-                    held[int(other)] = int(embedding_id)
-                    key = (min(query_id, int(other)), max(query_id, int(other)))
-                    hits[key] = min(float(score), 1.0)
+    """The pairs of each query record with its ``k`` nearest records in its target sources (``neighbours``: this
+    process's loaded indexes, hits the database no longer holds encoded with that vector dropped)."""
+    found = neighbours(
+        session, registry, dataset_id, queries.vectors, k, record_ids=queries.ids.tolist(), sources=queries.sources
+    )
     names = {int(i): (s, e) for i, s, e in zip(queries.ids, queries.sources, queries.external_ids, strict=True)}
-    names.update(_current_names(session, dataset_id, held))
-    return IndexedPairs({key: s for key, s in hits.items() if key[0] in names and key[1] in names}, names)
-
-
-def _current_names(session: Session, dataset_id: int, held: dict[int, int]) -> dict[int, tuple[str, str]]:
-    """(source, external id) of the records still encoded in the dataset with the vector the index holds."""
-    wanted = sorted(held)
-    names: dict[int, tuple[str, str]] = {}
-    for start in range(0, len(wanted), 500):
-        rows = session.execute(
-            select(Record.id, Record.source, Record.external_id, Record.embedding_id).where(
-                Record.dataset_id == dataset_id, Record.status == ENCODED, Record.id.in_(wanted[start : start + 500])
-            )
-        )
-        names.update({i: (s, e) for i, s, e, embedding_id in rows if embedding_id == held[i]})
-    return names
+    scores: dict[tuple[int, int], float] = {}
+    for query_id, hits in zip(queries.ids.tolist(), found, strict=True):
+        for hit in hits:
+            names[hit.record_id] = (hit.source, hit.external_id)
+            scores[(min(query_id, hit.record_id), max(query_id, hit.record_id))] = hit.score
+    return IndexedPairs(scores, names)
