@@ -150,7 +150,7 @@ def carried_figures(
     valid_scores: np.ndarray, valid_labels: np.ndarray, test_scores: np.ndarray, test_labels: np.ndarray
 ) -> dict[str, Any]:
     """Threshold and probability mapping fitted on the (other benchmarks') valid pairs; test figures with them."""
-    from service.calibration import (
+    from matching.calibration import (
         best_f1_threshold,
         brier_score,
         decision_metrics,

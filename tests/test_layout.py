@@ -49,7 +49,7 @@ def imports(path: Path) -> list[tuple[int, str]]:
 
 def module_exists(name: str) -> bool:
     base = ROOT.joinpath(*name.split("."))
-    return base.with_suffix(".py").is_file() or base.is_dir()
+    return base.with_suffix(".py").is_file() or (base.is_dir() and any(base.glob("*.py")))  # not a bare __pycache__
 
 
 def package(path: Path) -> str:
