@@ -13,11 +13,7 @@ from encoding.registry import EncoderPool, EncoderUnavailableError
 from llmatch.settings import Settings, get_settings
 from service import metrics, openapi
 from service.auth import AuthGate
-from service.entities import follow as follow_entities
 from service.errors import ApiError, ServiceUnavailable, install_error_handlers, log
-from service.inline_encoder import inline_encoder_pool
-from service.keys import KeyCache
-from service.limits import InlineEncodes
 from service.routes import datasets, decisions, entities, labels, ops, records
 from service.routes import ui as ui_routes
 from service.state import ServiceState
@@ -31,15 +27,8 @@ def create_app(
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        state = ServiceState.open(settings, pool=pool, run_worker=run_worker)
-        # The worker keeps the bare pool; inline encodes may go to a worker's accelerator (inline_encoder.py).
-        state.pool = InlineEncodes(inline_encoder_pool(state.pool, settings), settings.max_inline_encodes)
-        metrics.QUEUE.session_factory = state.session_factory
-        metrics.AUDIT.session_factory = state.session_factory
-        app.state.keys = KeyCache(state.session_factory, settings.auth_cache_seconds)
-        app.state.service = state
+        app.state.service = state = ServiceState.open(settings, pool=pool, run_worker=run_worker)
         state.start()
-        app.state.entities = follow_entities(state)  # entities follow what enters and leaves the indexes
         try:
             yield
         finally:

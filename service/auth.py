@@ -131,7 +131,7 @@ async def _authenticated(request: Request, credentials: HTTPAuthorizationCredent
         return verdict
     if isinstance(verdict, Exception):
         raise verdict
-    return await authenticate(request.app.state.keys, credentials)
+    return await authenticate(request.app.state.service.keys, credentials)
 
 
 async def authenticate(cache: KeyCache, credentials: HTTPAuthorizationCredentials | None) -> Access:
@@ -218,12 +218,12 @@ class AuthGate:
             await self.app(scope, receive, send)
             return
         headers = Headers(scope=scope)
-        cache: KeyCache | None = getattr(scope["app"].state, "keys", None)
-        if cache is None:  # the lifespan has not run: nothing to check keys against; authorize answers
+        state = getattr(scope["app"].state, "service", None)
+        if state is None:  # the lifespan has not run: nothing to check keys against; authorize answers
             await self.app(scope, receive, send)
             return
         try:
-            verdict: Access | Exception = await authenticate(cache, _credentials(headers))
+            verdict: Access | Exception = await authenticate(state.keys, _credentials(headers))
         except (HTTPException, ApiError) as refusal:
             verdict = refusal
         if verdict is OPEN and not self.insecure_no_auth and not is_loopback_host(headers.get("host", "")):

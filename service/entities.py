@@ -7,14 +7,12 @@ follower for a service.
 
 from __future__ import annotations
 
-import threading
 from collections import defaultdict
 
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from llmatch.models import Calibration, Dataset, Entity, EntityMember, Record
-from matching.entity_follower import EntityFollower
 from matching.entity_sync import links_among, update_entities
 from matching.grouping import Grouping
 from service.errors import Conflict, NotFound
@@ -92,13 +90,3 @@ def _members(session: Session, entity_ids: list[int]) -> dict[int, list[EntityRe
 def refresh(state, dataset_id: int) -> None:  # noqa: ANN001 - service.state.ServiceState
     """Regroup a dataset's entities now if its calibration changed (the calibrate route calls this)."""
     update_entities(state.session_factory, state.registry, dataset_id, Grouping.from_settings(state.settings), [])
-
-
-def follow(state) -> EntityFollower:  # noqa: ANN001 - service.state.ServiceState (imported lazily: no cycle)
-    """Attach an entity follower to a started service: a listener on its index follower and a thread."""
-    follower = EntityFollower(state.session_factory, state.registry, Grouping.from_settings(state.settings))
-    state.synchronizer.listeners.append(follower.on_index_changes)
-    thread = threading.Thread(target=follower.run, args=(state.synchronizer.stop_event,), name="entities", daemon=True)
-    thread.start()
-    state.threads.append(thread)
-    return follower

@@ -1,4 +1,6 @@
-"""What the API process holds: database, encoders, indexes, and the background threads around them."""
+"""What the API process holds, in one place: database, encoder pools, key cache, indexes, metrics collectors, and
+every background thread (index follower, index saver, entity follower, the in-process worker). ``service/app.py``
+only builds the app around it: ``ServiceState.open`` in its lifespan, then ``start`` and ``close``."""
 
 from __future__ import annotations
 
@@ -14,10 +16,16 @@ from encoding.registry import EncoderPool, UnknownEncoderError
 from llmatch.db import make_engine, make_session_factory
 from llmatch.migrate import ensure_schema
 from llmatch.settings import Settings
+from matching.entity_follower import EntityFollower
+from matching.grouping import Grouping
 from matching.index_gpu import gpu_available
 from matching.index_policy import IndexPolicy
 from matching.index_sync import IndexSynchronizer, follow_encoder_keys
 from matching.registry import IndexRegistry
+from service import metrics
+from service.inline_encoder import inline_encoder_pool
+from service.keys import KeyCache
+from service.limits import InlineEncodes
 
 log = logging.getLogger("llmatch.api")
 
@@ -31,10 +39,12 @@ class ServiceState:
     settings: Settings
     engine: Engine
     session_factory: sessionmaker[Session]
-    pool: EncoderPool
+    pool: InlineEncodes  # on-the-spot encodes: bounded slots, perhaps sent to a worker's accelerator
     registry: IndexRegistry
     synchronizer: IndexSynchronizer
-    worker: EncoderWorker | None = None
+    keys: KeyCache
+    entities: EntityFollower
+    worker: EncoderWorker | None = None  # the embedded default's in-process worker, on the bare pool
     threads: list[threading.Thread] = field(default_factory=list)
 
     @classmethod
@@ -53,14 +63,21 @@ class ServiceState:
         follow_encoder_keys(factory, lambda name: _encoder_key(pool, name))
         synchronizer.load_all()
         worker = EncoderWorker(factory, pool, settings) if run_worker else None
-        return cls(settings, engine, factory, pool, registry, synchronizer, worker)
+        inline = InlineEncodes(inline_encoder_pool(pool, settings), settings.max_inline_encodes)
+        keys = KeyCache(factory, settings.auth_cache_seconds)
+        entities = EntityFollower(factory, registry, Grouping.from_settings(settings))
+        synchronizer.listeners.append(entities.on_index_changes)  # entities follow what enters and leaves indexes
+        return cls(settings, engine, factory, inline, registry, synchronizer, keys, entities, worker)
 
     def start(self) -> None:
-        """Start the index follower and, on the embedded default, the in-process encoder worker."""
+        """Start the index follower, the index saver, the entity follower and, on the embedded default, the
+        in-process encoder worker; metrics read this database from now on."""
+        metrics.QUEUE.session_factory = metrics.AUDIT.session_factory = self.session_factory
         interval = self.settings.index_sync_seconds
         self._spawn("index-sync", lambda: self.synchronizer.run(interval))
         if self.settings.index_save_seconds > 0:
             self._spawn("index-save", self._save_indexes_periodically)
+        self._spawn("entities", lambda: self.entities.run(self.synchronizer.stop_event))
         if self.worker is not None:
             self._spawn("encoder-worker", self.worker.run)
 
@@ -89,6 +106,8 @@ class ServiceState:
             self.registry.save_all()
         except OSError:
             log.exception("could not save index files; they will be rebuilt at the next start")
+        if metrics.QUEUE.session_factory is self.session_factory:
+            metrics.QUEUE.session_factory = metrics.AUDIT.session_factory = None
         self.engine.dispose()
 
     def database_ok(self) -> bool:

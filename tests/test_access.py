@@ -129,6 +129,23 @@ ROWS = [
     ),
     Row("GET", "/candidates?dataset=shop&source=a&id=a1&k=2", "read", 200, "shop"),
     Row("POST", "/candidates", "read", 200, "shop", {"json": {"dataset": "shop", "record": INLINE, "k": 2}}),
+    # The batch forms; the trailing '?' keeps their key in the table (url and method) apart from the single forms'.
+    Row(
+        "POST",
+        "/candidates?",
+        "read",
+        200,
+        "shop",
+        {"json": {"dataset": "shop", "records": [INLINE, {"source": "a", "id": "a1"}], "k": 2}},
+    ),
+    Row(
+        "POST",
+        "/match?",
+        "read",
+        200,
+        "shop",
+        {"json": {"dataset": "shop", "pairs": [{"left": INLINE, "right": {"source": "b", "id": "b4"}}]}},
+    ),
 ]
 WHO = ("off", "none", "unknown", "revoked", "expired", "wrong", "read", "write", "manage", "admin")
 
@@ -412,7 +429,7 @@ def test_keys_are_cached_and_last_use_written_lazily(settings, counting_pool, tm
     with TestClient(create_app(cached, pool=counting_pool, run_worker=False), base_url="http://localhost") as client:
         state = client.app.state.service
         key = make_key(client, "admin", ["admin"])
-        client.app.state.keys.refresh()
+        client.app.state.service.keys.refresh()
         lookups: list[str] = []
 
         def count(_conn, _cursor, statement, *_args) -> None:
@@ -427,18 +444,18 @@ def test_keys_are_cached_and_last_use_written_lazily(settings, counting_pool, tm
             event.remove(state.engine, "before_cursor_execute", count)
         assert lookups == [], lookups
 
-        client.app.state.keys.refresh()
+        client.app.state.service.keys.refresh()
         with state.session_factory() as session:
             first = session.scalar(select(ApiKey.last_used_at).where(ApiKey.name == "admin"))
         assert first is not None
         assert client.get("/datasets", headers=bearer(key)).status_code == 200
-        client.app.state.keys.refresh()
+        client.app.state.service.keys.refresh()
         with state.session_factory() as session:
             again = session.scalar(select(ApiKey.last_used_at).where(ApiKey.name == "admin"))
         assert again == first, "last-used time written again within a minute"
 
         # A key made after the last refresh works at once (an unknown key triggers a reload, at most once a second).
-        client.app.state.keys._loaded_at -= 2
+        client.app.state.service.keys._loaded_at -= 2
         fresh = make_key(client, "fresh", ["shop:read"])
         assert client.get("/datasets", headers=bearer(fresh)).status_code == 200
 
@@ -457,7 +474,7 @@ def test_ingest_client_sends_its_key(client):
 def test_database_outage_keeps_the_loaded_keys(client, products):
     """Keys already loaded keep working while the database is away; with none loaded yet: 503, not a 500."""
     key = make_key(client, "admin", ["admin"])
-    cache = client.app.state.keys
+    cache = client.app.state.service.keys
     cache.refresh()
 
     def unreachable():
@@ -465,7 +482,7 @@ def test_database_outage_keeps_the_loaded_keys(client, products):
 
     cache.session_factory, cache._loaded_at = unreachable, cache._loaded_at - 3600
     assert client.get("/datasets/shop", headers=bearer(key)).status_code == 200
-    client.app.state.keys = KeyCache(unreachable, 5)
+    client.app.state.service.keys = KeyCache(unreachable, 5)
     response = client.get("/datasets/shop", headers=bearer(key))
     assert response.status_code == 503 and "API keys cannot be checked" in response.json()["detail"]
 

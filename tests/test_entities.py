@@ -31,7 +31,7 @@ def pairs(positives=POSITIVES, negatives=NEGATIVES) -> list[dict]:
 
 def settle(client) -> None:
     """Apply what the index follower noted (the entity thread does the same in the background)."""
-    client.app.state.entities.run_once()
+    client.app.state.service.entities.run_once()
 
 
 def entity_of(client, source: str, record_id: str) -> str | None:
