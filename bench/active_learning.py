@@ -208,7 +208,8 @@ def summary(runs: list[dict[str, Any]], budget: int) -> tuple[float, float, int]
     values = [run["f1"].get(budget) for run in runs]
     calibrated = sum(v is not None for v in values)
     scores = np.array([v if v is not None else 0.0 for v in values])
-    return float(scores.mean()), float(scores.std()), calibrated
+    spread = float(scores.std(ddof=1)) if len(scores) > 1 else 0.0  # sample standard deviation
+    return float(scores.mean()), spread, calibrated
 
 
 def markdown(results: dict[str, Any], budgets: list[int]) -> str:

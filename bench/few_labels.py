@@ -107,7 +107,7 @@ def markdown(results: dict[str, list[dict[str, Any]]], sizes: list[int]) -> str:
                     size,
                     int(by_size(runs, size, "valid_pairs")[0]),
                     f"{by_size(runs, size, 'train_matches').mean():.0f}",
-                    f"{f1.mean():.3f} ± {f1.std():.3f}",
+                    f"{f1.mean():.3f} ± {sample_sd(f1):.3f}",
                     f"{f1.min():.3f}",
                     f"{f1.max():.3f}",
                     f"{by_size(runs, size, 'valid_f1').mean():.3f}",
@@ -116,6 +116,11 @@ def markdown(results: dict[str, list[dict[str, Any]]], sizes: list[int]) -> str:
                 ]
             )
     return common.markdown_table(headers, rows)
+
+
+def sample_sd(values: np.ndarray) -> float:
+    """The sample standard deviation (n - 1); 0 for a single run."""
+    return float(values.std(ddof=1)) if len(values) > 1 else 0.0
 
 
 def figure(results: dict[str, list[dict[str, Any]]], sizes: list[int], path: Path) -> None:
@@ -128,7 +133,7 @@ def figure(results: dict[str, list[dict[str, Any]]], sizes: list[int], path: Pat
     for name, runs in results.items():
         done = [s for s in sizes if len(by_size(runs, s, "test_f1"))]
         means = [by_size(runs, s, "test_f1").mean() for s in done]
-        stds = [by_size(runs, s, "test_f1").std() for s in done]
+        stds = [sample_sd(by_size(runs, s, "test_f1")) for s in done]
         ax.errorbar(done, means, yerr=stds, marker="o", capsize=3, label=name)
     ax.set_xscale("log")
     ax.set_xticks(sizes, [str(s) for s in sizes])
