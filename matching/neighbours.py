@@ -83,31 +83,42 @@ def neighbours(
     known = list(known) if known is not None else dataset_sources(session, dataset_id)
     found: list[list[tuple[float, int]]] = [[] for _ in range(count)]
     held: dict[int, int] = {}  # record id -> the embedding id the index holds for it
-    by_source: dict[str | None, list[int]] = defaultdict(list)
-    for row, source in enumerate(sources):
-        by_source[source].append(row)
-    for source, rows in by_source.items():
-        for searched in target_sources(known, source, target):
-            index = registry.get((dataset_id, searched))
-            if index is None or index.size == 0:
-                continue
-            itself = searched == source and any(record_ids[row] is not None for row in rows)
-            scores, ids = index.search(queries[rows], k + (1 if itself else 0))
-            embedding_ids = index.embedding_ids_of(ids.ravel()).reshape(ids.shape)
-            for at, row in enumerate(rows):
-                kept = 0
-                for score, other, embedding_id in zip(scores[at], ids[at], embedding_ids[at], strict=True):
-                    if other < 0 or other == record_ids[row] or kept == k:
-                        continue
-                    kept += 1
-                    held[int(other)] = int(embedding_id)
-                    found[row].append((min(float(score), 1.0), int(other)))
+    for searched, rows in _rows_by_target(known, sources, target).items():
+        index = registry.get((dataset_id, searched))
+        if index is None or index.size == 0:
+            continue
+        # One search per target source for every query row that searches it; one more hit where a row may find
+        # itself (a stored record of that source), dropped below.
+        itself = any(record_ids[row] is not None and sources[row] == searched for row in rows)
+        scores, ids = index.search(queries[rows], k + (1 if itself else 0))
+        embedding_ids = index.embedding_ids_of(ids.ravel()).reshape(ids.shape)
+        for at, row in enumerate(rows):
+            kept = 0
+            for score, other, embedding_id in zip(scores[at], ids[at], embedding_ids[at], strict=True):
+                if other < 0 or other == record_ids[row] or kept == k:
+                    continue
+                kept += 1
+                held[int(other)] = int(embedding_id)
+                found[row].append((min(float(score), 1.0), int(other)))
     names = current_names(session, dataset_id, held)
     answers = []
     for hits in found:
         hits.sort(key=lambda hit: -hit[0])  # stable: ties keep the target sources' order
         answers.append([Neighbour(rid, *names[rid], score) for score, rid in hits if rid in names])
     return answers
+
+
+def _rows_by_target(known: Sequence[str], sources: Sequence[str | None], target: str | None) -> dict[str, list[int]]:
+    """Target source -> the query rows that search it (in row order), so that a batch of queries of mixed sources
+    (stored records of several sources, inline records) costs one index search per target source."""
+    by_source: dict[str | None, list[int]] = defaultdict(list)
+    for row, source in enumerate(sources):
+        by_source[source].append(row)
+    by_target: dict[str, list[int]] = defaultdict(list)
+    for source, rows in by_source.items():
+        for searched in target_sources(known, source, target):
+            by_target[searched].extend(rows)
+    return {searched: sorted(by_target[searched]) for searched in sorted(by_target)}  # each row's targets in order
 
 
 def current_names(session: Session, dataset_id: int, held: dict[int, int]) -> dict[int, tuple[str, str]]:

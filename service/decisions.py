@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+from pydantic import TypeAdapter, ValidationError
 from sqlalchemy import and_, or_, select, tuple_
 from sqlalchemy.orm import Session
 
@@ -17,19 +18,24 @@ from llmatch.models import ENCODED, Calibration, Dataset, Embedding, Record
 from llmatch.vectors import from_bytes
 from matching import calibration as calib
 from matching.errors import UnknownSource
-from matching.neighbours import neighbours
+from matching.neighbours import dataset_sources, neighbours, target_sources
 from matching.registry import IndexRegistry
 from service.datasets import unknown_dataset
-from service.errors import Conflict, NotFound, without_paths
+from service.errors import ApiError, Conflict, NotFound, printable, without_paths
 from service.records import unknown_record
 from service.schemas import (
+    BatchPairIn,
     CalibrateIn,
     CalibrateOut,
     Candidate,
+    CandidatesOut,
     InlineRecord,
+    ItemError,
+    ItemFailed,
     LabelledPair,
     MatchOut,
     RecordRef,
+    RefOrInline,
 )
 
 
@@ -75,17 +81,24 @@ def stored_queries(session: Session, dataset: Dataset, refs: Sequence[tuple[str,
     found = {(row.source, row.external_id): row for row in rows}
     queries = []
     for source, record_id in refs:
-        row = found.get((source, record_id))
-        if row is None:
-            raise unknown_record(dataset, source, record_id)
-        if row.status != ENCODED or row.vector is None:
-            last_error = f" Last error: {without_paths(row.error)}" if row.error else ""
-            raise Conflict(
-                f"Record {record_id!r} in source {source!r} is {row.status}, not encoded yet; "
-                "retry once the encoder worker has processed it." + last_error
-            )
-        queries.append(Query(from_bytes(row.vector, row.dim), row.id, source))
+        query = _stored_or_error(dataset, source, record_id, found.get((source, record_id)))
+        if isinstance(query, ApiError):
+            raise query
+        queries.append(query)
     return queries
+
+
+def _stored_or_error(dataset: Dataset, source: str, record_id: str, row: Any) -> Query | ApiError:
+    """The query of a stored record's row, or the error its absence (404) or status (409) is."""
+    if row is None:
+        return unknown_record(dataset, source, record_id)
+    if row.status != ENCODED or row.vector is None:
+        last_error = f" Last error: {without_paths(row.error)}" if row.error else ""
+        return Conflict(
+            f"Record {record_id!r} in source {source!r} is {row.status}, not encoded yet; "
+            "retry once the encoder worker has processed it." + last_error
+        )
+    return Query(from_bytes(row.vector, row.dim), row.id, source)
 
 
 @dataclass(frozen=True)
@@ -259,3 +272,195 @@ def _encoded_vectors(
 
 def _names(refs: list[tuple[str, str]]) -> str:
     return ", ".join(f"{source}/{rid}" for source, rid in refs[:5])
+
+
+# ------------------------------------------------------------------------------------- batch forms (v1.2)
+
+CHUNK = 500  # rows per IN (...) list
+
+
+@dataclass(frozen=True)
+class Problem:
+    """Why one item of a batch gets no answer: the status and detail the single form would have answered."""
+
+    status: int
+    detail: str
+
+    @classmethod
+    def of(cls, error: ApiError) -> Problem:
+        return cls(error.status_code, error.detail)
+
+    def failed(self) -> ItemFailed:
+        return ItemFailed(error=ItemError(status=self.status, detail=self.detail))
+
+
+_REF_OR_INLINE: TypeAdapter[RecordRef | InlineRecord] = TypeAdapter(RefOrInline)
+
+
+def parsed_items(values: Sequence[Any], model: type[BatchPairIn] | None = None) -> list[Any]:
+    """Each item of a batch checked alone: a ref or inline record (a pair of them with ``model``), or the 422
+    Problem it is."""
+    items: list[Any] = []
+    for at, value in enumerate(values):
+        try:
+            items.append(model.model_validate(value) if model else _REF_OR_INLINE.validate_python(value))
+        except ValidationError as error:
+            items.append(Problem(422, _item_sentence(at, error)))
+    return items
+
+
+def _item_sentence(at: int, error: ValidationError) -> str:
+    first = error.errors()[0]
+    where = ".".join(str(part) for part in first.get("loc", ()) if not str(part).startswith("function-"))
+    message = str(first.get("msg", "invalid value")).removeprefix("Value error, ")
+    more = f" (and {error.error_count() - 1} more problems)" if error.error_count() > 1 else ""
+    return printable(f"Invalid item {at}: {where + ': ' if where else ''}{message}{more}.")
+
+
+def prepare_many(
+    session: Session, pool: EncoderPool, dataset: Dataset, items: Sequence[RecordRef | InlineRecord | Problem]
+) -> list[Query | ToEncode | Problem]:
+    """``prepare`` for many items in a few queries: stored records by their (source, id), inline ones rendered
+    as the worker renders them and looked up in the dataset's own vectors; an unknown (404) or not yet encoded
+    (409) record is the Problem in its place."""
+    refs = sorted({(item.source, item.id) for item in items if isinstance(item, RecordRef)})
+    rows: dict[tuple[str, str], Any] = {}
+    for start in range(0, len(refs), CHUNK):
+        chunk = refs[start : start + CHUNK]
+        found = session.execute(
+            select(
+                Record.id,
+                Record.source,
+                Record.external_id,
+                Record.status,
+                Record.error,
+                Embedding.vector,
+                Embedding.dim,
+            )
+            .outerjoin(Embedding, Record.embedding_id == Embedding.id)
+            .where(Record.dataset_id == dataset.id, tuple_(Record.source, Record.external_id).in_(chunk))
+        )
+        rows.update({(row.source, row.external_id): row for row in found})
+    recipe = Recipe.of_dataset(dataset, pool.max_text_chars)  # as the worker cuts
+    made = {
+        at: record_input(item.attributes, recipe) for at, item in enumerate(items) if isinstance(item, InlineRecord)
+    }
+    cached = _dataset_vectors(session, dataset, pool.spec(dataset.encoder).key, {m.input_hash for m in made.values()})
+    prepared: list[Query | ToEncode | Problem] = []
+    for at, item in enumerate(items):
+        if isinstance(item, Problem):
+            prepared.append(item)
+        elif isinstance(item, RecordRef):
+            query = _stored_or_error(dataset, item.source, item.id, rows.get((item.source, item.id)))
+            prepared.append(Problem.of(query) if isinstance(query, ApiError) else query)
+        else:
+            vector = cached.get(made[at].input_hash)
+            prepared.append(Query(vector) if vector is not None else ToEncode(dataset.encoder, made[at].item))
+    return prepared
+
+
+def _dataset_vectors(session: Session, dataset: Dataset, encoder_key: str, digests: set[str]) -> dict[str, np.ndarray]:
+    """``_dataset_vector`` for many texts: only vectors a record of ``dataset`` holds."""
+    held = select(Record.id).where(Record.dataset_id == dataset.id, Record.embedding_id == Embedding.id).exists()
+    wanted = sorted(digests)
+    found: dict[str, np.ndarray] = {}
+    for start in range(0, len(wanted), CHUNK):
+        rows = session.execute(
+            select(Embedding.input_hash, Embedding.vector, Embedding.dim).where(
+                Embedding.encoder_key == encoder_key, Embedding.input_hash.in_(wanted[start : start + CHUNK]), held
+            )
+        )
+        found.update({row.input_hash: from_bytes(row.vector, row.dim) for row in rows})
+    return found
+
+
+def encoded_many(pool: EncoderPool, prepared: Sequence[Query | ToEncode | Problem]) -> list[Query | Problem]:
+    """``encoded`` for many: every inline record left to encode, identical texts once, in ONE encoder call (one
+    on-the-spot slot, the same cut as the single form). Call it with no session open."""
+    todo = [item for item in prepared if isinstance(item, ToEncode)]
+    if not todo:
+        return list(prepared)  # type: ignore[arg-type]
+    distinct = list(dict.fromkeys((item.item.instruction, item.item.text) for item in todo))
+    inputs = {key: at for at, key in enumerate(distinct)}
+    first = {(item.item.instruction, item.item.text): item.item for item in reversed(todo)}
+    vectors = pool.encode(todo[0].encoder, [first[key] for key in distinct])
+    return [
+        Query(vectors[inputs[(item.item.instruction, item.item.text)]]) if isinstance(item, ToEncode) else item
+        for item in prepared
+    ]
+
+
+def candidates_many(
+    session: Session,
+    registry: IndexRegistry,
+    dataset: Dataset,
+    calibration: Calibration | None,
+    queries: Sequence[Query | Problem],
+    k: int,
+    target_source: str | None,
+) -> list[CandidatesOut | ItemFailed]:
+    """``candidates`` for many queries from one batched neighbour search (one index search per target source);
+    an unknown ``target_source`` is a 404 for the whole batch, as it would be for every item."""
+    known = dataset_sources(session, dataset.id)
+    try:
+        target_sources(known, None, target_source)
+    except UnknownSource as error:
+        raise NotFound(
+            f"Dataset {dataset.name!r} has no source {error.source!r}; "
+            f"its sources: {', '.join(error.known) or 'none yet'}."
+        ) from error
+    good = [query for query in queries if isinstance(query, Query)]
+    found = iter(
+        neighbours(
+            session,
+            registry,
+            dataset.id,
+            np.stack([query.vector for query in good]) if good else np.zeros((0, 1), dtype=np.float32),
+            k,
+            record_ids=[query.record_id for query in good],
+            sources=[query.source for query in good],
+            target=target_source,
+            known=known,
+        )
+    )
+    results: list[CandidatesOut | ItemFailed] = []
+    for query in queries:
+        if isinstance(query, Problem):
+            results.append(query.failed())
+            continue
+        hits = next(found)[:k]
+        results.append(
+            CandidatesOut(
+                candidates=[
+                    Candidate(
+                        source=hit.source,
+                        id=hit.external_id,
+                        score=hit.score,
+                        match=None if calibration is None else hit.score >= calibration.threshold,
+                    )
+                    for hit in hits
+                ]
+            )
+        )
+    return results
+
+
+def decisions_many(
+    calibration: Calibration | None, sides: Sequence[Query | Problem], pairs: Sequence[BatchPairIn | Problem]
+) -> list[MatchOut | ItemFailed]:
+    """One decision per pair; ``sides`` holds each pair's left and right (in that order) for the pairs that
+    parsed. A pair with a bad side answers that side's problem (the left one first)."""
+    it = iter(sides)
+    results: list[MatchOut | ItemFailed] = []
+    for pair in pairs:
+        if isinstance(pair, Problem):
+            results.append(pair.failed())
+            continue
+        left, right = next(it), next(it)
+        problem = left if isinstance(left, Problem) else right if isinstance(right, Problem) else None
+        if problem is not None:
+            results.append(problem.failed())
+        else:
+            results.append(decision(calibration, cosine(left.vector, right.vector)))  # type: ignore[union-attr]
+    return results
+

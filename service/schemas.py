@@ -12,11 +12,14 @@ from pydantic import (
     BeforeValidator,
     ConfigDict,
     Field,
+    GetJsonSchemaHandler,
     StringConstraints,
     WithJsonSchema,
     field_validator,
     model_validator,
 )
+from pydantic.json_schema import JsonSchemaValue
+from pydantic_core import core_schema
 
 DATASET_NAME = r"^[a-z0-9_-]{1,64}$"
 SOURCE_NAME = r"^[A-Za-z0-9_-]{1,64}$"
@@ -305,6 +308,146 @@ class Candidate(BaseModel):
 
 class CandidatesOut(BaseModel):
     candidates: list[Candidate]
+
+
+# Batch forms of POST /candidates and POST /match (contract v1.2). Items are checked one by one by the route, so
+# that one bad item is answered in its place; the schema below says what a good item is.
+MAX_BATCH_RECORDS = 1_000
+MAX_BATCH_PAIRS = 10_000
+REF_OR_INLINE_SCHEMA = {
+    "anyOf": [RecordRef.model_json_schema(), InlineRecord.model_json_schema()],
+    "description": 'a stored record {"source", "id"} or an inline one {"attributes"}',
+}
+BatchRecord = Annotated[Any, WithJsonSchema(REF_OR_INLINE_SCHEMA, mode="validation")]
+BatchPair = Annotated[
+    Any,
+    WithJsonSchema(
+        {
+            "type": "object",
+            "properties": {"left": REF_OR_INLINE_SCHEMA, "right": REF_OR_INLINE_SCHEMA},
+            "required": ["left", "right"],
+            "additionalProperties": False,
+        },
+        mode="validation",
+    ),
+]
+
+
+def _one_form(value: Any, single: type[BaseModel], batch: str, fields: tuple[str, ...]) -> Any:
+    """A body without the ``batch`` field is the single form, checked by its own model (its errors unchanged)."""
+    if not isinstance(value, dict) or value.get(batch) is None:
+        single.model_validate(value)
+        return value
+    given = [name for name in fields if name in value]
+    if given:
+        raise ValueError(f"give either {' and '.join(fields[:2])} or {batch}, not both ({', '.join(given)} given)")
+    return value
+
+
+class CandidatesBatchIn(Strict):
+    """The batch form of POST /candidates (as published; the route checks each record alone)."""
+
+    dataset: DatasetName
+    records: list[BatchRecord] = Field(min_length=1, max_length=MAX_BATCH_RECORDS)
+    k: int = Field(default=10, ge=1, le=1000)
+    target_source: SourceName | None = None
+
+
+class MatchBatchIn(Strict):
+    """The batch form of POST /match (as published; the route checks each pair alone). No ``explain``."""
+
+    dataset: DatasetName
+    pairs: list[BatchPair] = Field(min_length=1, max_length=MAX_BATCH_PAIRS)
+
+
+def _published_as(*forms: type[BaseModel]) -> Any:
+    """A body model published as "one of these forms" (each with extra fields forbidden, so at most one fits)."""
+
+    def schema(cls: type[BaseModel], _core: Any, handler: GetJsonSchemaHandler) -> JsonSchemaValue:
+        published = handler(core_schema.union_schema([form.__pydantic_core_schema__ for form in forms]))
+        # What every form has in common, said once at the top (the dataset the request is about).
+        common = {"dataset": {"type": "string", "pattern": DATASET_NAME}}
+        return {"type": "object", "properties": common, "required": list(common), **published}
+
+    return classmethod(schema)
+
+
+class CandidatesRequest(Strict):
+    """POST /candidates: ``record`` (the single form, answered as CandidatesOut) or ``records`` (the batch form,
+    answered as CandidatesBatchOut, one result per record in the order given)."""
+
+    __get_pydantic_json_schema__ = _published_as(CandidatesIn, CandidatesBatchIn)
+
+    dataset: DatasetName
+    record: InlineRecord | None = None
+    records: list[BatchRecord] | None = Field(default=None, min_length=1, max_length=MAX_BATCH_RECORDS)
+    k: int = Field(default=10, ge=1, le=1000)
+    target_source: SourceName | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _form(cls, value: Any) -> Any:
+        return _one_form(value, CandidatesIn, "records", ("record",))
+
+
+class MatchRequest(Strict):
+    """POST /match: ``left`` and ``right`` (the single form, answered as MatchOut) or ``pairs`` (the batch form,
+    answered as MatchBatchOut, one result per pair in the order given; no ``explain``)."""
+
+    __get_pydantic_json_schema__ = _published_as(MatchIn, MatchBatchIn)
+
+    dataset: DatasetName
+    left: RefOrInline | None = None
+    right: RefOrInline | None = None
+    pairs: list[BatchPair] | None = Field(default=None, min_length=1, max_length=MAX_BATCH_PAIRS)
+    explain: bool = False
+
+    @model_validator(mode="before")
+    @classmethod
+    def _form(cls, value: Any) -> Any:
+        value = _one_form(value, MatchIn, "pairs", ("left", "right"))
+        if isinstance(value, dict) and value.get("pairs") is not None and "explain" in value:
+            raise ValueError("explain is not supported with pairs; ask for one pair's explanation with GET /match")
+        return value
+
+
+class BatchPairIn(Strict):
+    """One item of ``pairs``."""
+
+    left: RefOrInline
+    right: RefOrInline
+
+
+class ItemError(BaseModel):
+    status: int = Field(description="the status the single form would answer for this item: 404, 409 or 422")
+    detail: str
+
+
+class ItemFailed(BaseModel):
+    error: ItemError
+
+
+class CandidatesBatchOut(BaseModel):
+    results: list[CandidatesOut | ItemFailed]
+
+
+class MatchBatchOut(BaseModel):
+    results: list[MatchOut | ItemFailed]
+
+
+class PairRef(BaseModel):
+    source: str
+    id: str
+
+
+class ExportedPair(BaseModel):
+    """One line of GET /datasets/{name}/pairs (NDJSON); the last line is ``{"cursor": str | null}`` instead."""
+
+    left: PairRef
+    right: PairRef
+    score: float
+    match: bool | None
+    probability: float | None
 
 
 class LabelledPair(Strict):

@@ -15,10 +15,13 @@ from service.deps import State
 from service.schemas import (
     DATASET_NAME,
     SOURCE_NAME,
-    CandidatesIn,
+    BatchPairIn,
+    CandidatesBatchOut,
     CandidatesOut,
-    MatchIn,
+    CandidatesRequest,
+    MatchBatchOut,
     MatchOut,
+    MatchRequest,
     RecordRef,
     storable_id,
 )
@@ -54,9 +57,13 @@ def get_match(
     return answer
 
 
-@router.post("/match", response_model=MatchOut)
-def post_match(body: MatchIn, state: State, _: auth.Read) -> MatchOut:
-    """Like GET /match; inline records are encoded on the spot and not stored."""
+@router.post("/match", response_model=MatchOut | MatchBatchOut)
+def post_match(body: MatchRequest, state: State, _: auth.Read) -> MatchOut | MatchBatchOut:
+    """Like GET /match; inline records are encoded on the spot and not stored. With ``pairs`` (1 to 10,000)
+    instead of ``left``/``right``: one decision per pair, in the order given, a bad pair's error in its place."""
+    if body.pairs is not None:
+        return _match_batch(body, state)
+    assert body.left is not None and body.right is not None  # the single form, checked by MatchIn
     with state.session_factory() as session:
         found = get_dataset(session, body.dataset)
         prepared = [logic.prepare(session, state.pool, found, side) for side in (body.left, body.right)]
@@ -88,9 +95,14 @@ def get_candidates(
     return CandidatesOut(candidates=hits)
 
 
-@router.post("/candidates", response_model=CandidatesOut)
-def post_candidates(body: CandidatesIn, state: State, _: auth.Read) -> CandidatesOut:
-    """Blocking for a new record given inline (encoded on the spot, not stored)."""
+@router.post("/candidates", response_model=CandidatesOut | CandidatesBatchOut)
+def post_candidates(body: CandidatesRequest, state: State, _: auth.Read) -> CandidatesOut | CandidatesBatchOut:
+    """Blocking for a new record given inline (encoded on the spot, not stored). With ``records`` (1 to 1,000
+    stored refs or inline records) instead of ``record``: one candidate list per record, in the order given, from
+    one batched index search, a bad record's error in its place."""
+    if body.records is not None:
+        return _candidates_batch(body, state)
+    assert body.record is not None  # the single form, checked by CandidatesIn
     with state.session_factory() as session:
         found = get_dataset(session, body.dataset)
         prepared = logic.prepare_inline(session, state.pool, found, body.record)
@@ -99,3 +111,29 @@ def post_candidates(body: CandidatesIn, state: State, _: auth.Read) -> Candidate
         calibration = logic.active_calibration(session, found)
         hits = logic.candidates(session, state.registry, found, calibration, query, body.k, body.target_source)
     return CandidatesOut(candidates=hits)
+
+
+def _candidates_batch(body: CandidatesRequest, state: State) -> CandidatesBatchOut:
+    items = logic.parsed_items(body.records or [])
+    with state.session_factory() as session:
+        found = get_dataset(session, body.dataset)
+        prepared = logic.prepare_many(session, state.pool, found, items)
+    queries = logic.encoded_many(state.pool, prepared)  # one encoder call, no session open
+    with state.session_factory() as session:
+        calibration = logic.active_calibration(session, found)
+        results = logic.candidates_many(
+            session, state.registry, found, calibration, queries, body.k, body.target_source
+        )
+    return CandidatesBatchOut(results=results)
+
+
+def _match_batch(body: MatchRequest, state: State) -> MatchBatchOut:
+    pairs = logic.parsed_items(body.pairs or [], BatchPairIn)
+    sides = [side for pair in pairs if isinstance(pair, BatchPairIn) for side in (pair.left, pair.right)]
+    with state.session_factory() as session:
+        found = get_dataset(session, body.dataset)
+        prepared = logic.prepare_many(session, state.pool, found, sides)
+    queries = logic.encoded_many(state.pool, prepared)  # one encoder call, no session open
+    with state.session_factory() as session:
+        calibration = logic.active_calibration(session, found)
+    return MatchBatchOut(results=logic.decisions_many(calibration, queries, pairs))
