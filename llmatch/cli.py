@@ -106,6 +106,15 @@ def build_parser() -> argparse.ArgumentParser:
     label.add_argument("--no-explain", action="store_true", help="do not show each attribute's similarity")
     label.set_defaults(handler=run_label)
 
+    pairs = commands.add_parser("pairs", help="write every candidate pair of a dataset to a CSV file")
+    pairs.add_argument("dataset")
+    pairs.add_argument("--out", type=Path, required=True, metavar="FILE.csv")
+    pairs.add_argument("--k", type=int, default=10, help="candidates per record, as for /candidates (1-1000)")
+    pairs.add_argument("--min-score", type=float, default=None, help="leave out pairs scoring less (-1 to 1)")
+    pairs.add_argument("--url", default="http://127.0.0.1:8000", help="the API's base URL")
+    pairs.add_argument("--key", default=os.environ.get("LLMATCH_API_KEY"), help="API key (env LLMATCH_API_KEY)")
+    pairs.set_defaults(handler=run_pairs)
+
     entities = commands.add_parser("entities", help="write each record's entity id to a CSV file")
     entities.add_argument("dataset")
     entities.add_argument("--out", type=Path, required=True, metavar="FILE.csv")
@@ -317,6 +326,20 @@ def run_label(args: argparse.Namespace, _settings: Settings) -> int:
         print(f"llmatch: {error}", file=sys.stderr)
         return 1
     print(f"{stored} labels stored")
+    return 0
+
+
+def run_pairs(args: argparse.Namespace, _settings: Settings) -> int:
+    from llmatch.client import ExportError, export_pairs
+
+    try:
+        written = export_pairs(
+            args.url, args.dataset, args.out, k=args.k, min_score=args.min_score, progress=True, api_key=args.key
+        )
+    except ExportError as error:
+        print(f"llmatch: {error}", file=sys.stderr)
+        return 1
+    print(f"{written} pairs written to {args.out}")
     return 0
 
 

@@ -1,9 +1,13 @@
-"""A small HTTP client for the API, used by ``llmatch ingest`` and the evaluation."""
+"""A small HTTP client for the API, used by ``llmatch ingest``, ``llmatch pairs`` and the evaluation."""
 
 from __future__ import annotations
 
+import csv
+import json
 from collections.abc import Iterable, Iterator
 from itertools import islice
+from pathlib import Path
+from typing import Any
 
 import httpx
 from tqdm import tqdm
@@ -58,3 +62,89 @@ def _detail(response: httpx.Response) -> str:
         return str(response.json().get("detail"))
     except ValueError:
         return response.text[:200]
+
+
+PAIR_COLUMNS = ["left_source", "left_id", "right_source", "right_id", "score", "match", "probability"]
+
+
+class ExportError(RuntimeError):
+    pass
+
+
+def export_pairs(
+    url: str,
+    dataset: str,
+    out: Path,
+    k: int = 10,
+    min_score: float | None = None,
+    progress: bool = False,
+    client: httpx.Client | None = None,
+    api_key: str | None = None,
+    retries: int = 3,
+) -> int:
+    """Every candidate pair of ``dataset`` (GET /datasets/NAME/pairs, following its cursors) written to ``out`` as
+    CSV; returns the number of pairs. A response cut short is asked again from its cursor (up to ``retries``
+    times in a row): a page's pairs are written only once its cursor line has arrived, so none is written twice."""
+    owned = client is None
+    headers = {"Authorization": f"Bearer {api_key}"} if api_key else None
+    client = client or httpx.Client(base_url=url, timeout=httpx.Timeout(300, connect=10))
+    bar = tqdm(desc=f"pairs {dataset}", unit=" pairs", disable=not progress)
+    written, cursor, failures = 0, None, 0
+    try:
+        with out.open("w", newline="", encoding="utf-8") as handle:
+            writer = csv.writer(handle)
+            writer.writerow(PAIR_COLUMNS)
+            while True:
+                params: dict[str, Any] = {"k": k}
+                if min_score is not None:
+                    params["min_score"] = min_score
+                if cursor is not None:
+                    params["cursor"] = cursor
+                try:
+                    page, done, cursor_after = _pairs_page(client, dataset, params, headers)
+                except (httpx.TransportError, _CutShort) as error:
+                    failures += 1
+                    if failures > retries:
+                        raise ExportError(
+                            f"the export of {dataset!r} was cut short {failures} times: {error}"
+                        ) from error
+                    continue
+                failures = 0
+                writer.writerows(page)
+                written += len(page)
+                bar.update(len(page))
+                if done:
+                    return written
+                cursor = cursor_after
+    except httpx.HTTPError as error:
+        raise ExportError(f"cannot reach the API at {url} ({error}); is `llmatch serve` running?") from error
+    finally:
+        bar.close()
+        if owned:
+            client.close()
+
+
+class _CutShort(Exception):
+    pass
+
+
+def _pairs_page(
+    client: httpx.Client, dataset: str, params: dict[str, Any], headers: dict[str, str] | None
+) -> tuple[list[list[Any]], bool, str | None]:
+    """One response of the export: its pairs as CSV rows, whether it was the last, and the cursor to go on."""
+    rows: list[list[Any]] = []
+    with client.stream("GET", f"/datasets/{dataset}/pairs", params=params, headers=headers) as response:
+        if response.status_code != 200:
+            response.read()
+            raise ExportError(f"GET /datasets/{dataset}/pairs answered {response.status_code}: {_detail(response)}")
+        for line in response.iter_lines():
+            if not line.strip():
+                continue
+            item = json.loads(line)
+            if "cursor" in item:
+                return rows, item["cursor"] is None, item["cursor"]
+            match = "" if item["match"] is None else str(item["match"]).lower()
+            probability = "" if item["probability"] is None else item["probability"]
+            left, right = item["left"], item["right"]
+            rows.append([left["source"], left["id"], right["source"], right["id"], item["score"], match, probability])
+    raise _CutShort("the response ended before its cursor line")

@@ -159,6 +159,15 @@ class Settings(BaseSettings):
         default=2000, ge=1, le=1_000_000, description="Records whose candidates one /review call reads at most."
     )
 
+    # The pair export (contract v1.2).
+    pairs_page_records: int = Field(
+        default=10_000,
+        ge=1,
+        le=1_000_000,
+        description="Records one GET /datasets/NAME/pairs response queries before its cursor line; the client "
+        "follows the cursor for the rest.",
+    )
+
     @field_validator("encoders", mode="before")
     @classmethod
     def _parse_encoders(cls, value: Any) -> Any:

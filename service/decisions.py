@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import json
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -18,7 +19,7 @@ from llmatch.models import ENCODED, Calibration, Dataset, Embedding, Record
 from llmatch.vectors import from_bytes
 from matching import calibration as calib
 from matching.errors import UnknownSource
-from matching.neighbours import dataset_sources, neighbours, target_sources
+from matching.neighbours import Neighbour, dataset_sources, neighbours, target_sources
 from matching.registry import IndexRegistry
 from service.datasets import unknown_dataset
 from service.errors import ApiError, Conflict, NotFound, printable, without_paths
@@ -464,3 +465,114 @@ def decisions_many(
             results.append(decision(calibration, cosine(left.vector, right.vector)))  # type: ignore[union-attr]
     return results
 
+
+# ------------------------------------------------------------------------------------- pair export (v1.2)
+
+EXPORT_CHUNK_PAIRS = 50_000  # query records per chunk: about this many hits (chunk x k) in memory at once
+
+
+def export_lines(
+    session_factory: Any,
+    registry: IndexRegistry,
+    dataset: Dataset,
+    calibration: Calibration | None,
+    k: int,
+    min_score: float | None,
+    after: int,
+    page_records: int,
+) -> Iterator[str]:
+    """NDJSON lines of every candidate pair of the dataset, each unordered pair once, then ``{"cursor"}``.
+
+    The encoded records with ids from ``after`` are queried in record id order, at most ``page_records`` of
+    them, in chunks (each chunk's vectors read from the database, one batched neighbour search per target
+    source). A record's candidates are its ``k`` best, as GET /candidates answers them. The pair of x and y
+    (record ids x < y) is written at x's query when y is among x's candidates, else at y's query (which searches
+    x's candidates again to know): the same lines whatever the pages, so a resumed export writes what one pass
+    would. The cursor is the next record id to query, null when none is left."""
+    chunk = max(1, min(1_000, EXPORT_CHUNK_PAIRS // k))
+    queried, next_id = 0, after
+    with session_factory() as session:
+        known = dataset_sources(session, dataset.id)
+    while queried < page_records:
+        with session_factory() as session:
+            rows = _encoded_rows(session, dataset, next_id, min(chunk, page_records - queried))
+            if not rows:
+                yield json.dumps({"cursor": None}) + "\n"
+                return
+            found = _candidates_of(session, registry, dataset, rows, k, known)
+            earlier = sorted(
+                {hit.record_id for row, hits in zip(rows, found, strict=True) for hit in hits if hit.record_id < row.id}
+            )
+            written_there: dict[int, set[int]] = {}
+            for start in range(0, len(earlier), chunk):
+                others = _encoded_rows(session, dataset, None, None, earlier[start : start + chunk])
+                for other, hits in zip(
+                    others, _candidates_of(session, registry, dataset, others, k, known), strict=True
+                ):
+                    written_there[other.id] = {hit.record_id for hit in hits}
+        lines = []
+        for row, hits in zip(rows, found, strict=True):
+            for hit in hits:
+                if min_score is not None and hit.score < min_score:
+                    continue
+                if hit.record_id < row.id and row.id in written_there.get(hit.record_id, ()):
+                    continue  # written at the other record's query
+                sides = sorted([(row.source, row.external_id), (hit.source, hit.external_id)])
+                answer = decision(calibration, hit.score)
+                lines.append(
+                    json.dumps(
+                        {
+                            "left": {"source": sides[0][0], "id": sides[0][1]},
+                            "right": {"source": sides[1][0], "id": sides[1][1]},
+                            "score": hit.score,
+                            "match": answer.match,
+                            "probability": answer.probability,
+                        }
+                    )
+                    + "\n"
+                )
+        if lines:
+            yield "".join(lines)
+        queried += len(rows)
+        next_id = rows[-1].id + 1
+    with session_factory() as session:
+        more = _encoded_rows(session, dataset, next_id, 1)
+    yield json.dumps({"cursor": str(next_id) if more else None}) + "\n"
+
+
+def _encoded_rows(
+    session: Session, dataset: Dataset, after: int | None, limit: int | None, ids: Sequence[int] | None = None
+) -> list[Any]:
+    """Encoded records of the dataset with their vectors: from record id ``after`` in id order (``limit`` of
+    them), or those of ``ids``."""
+    query = (
+        select(Record.id, Record.source, Record.external_id, Embedding.vector, Embedding.dim)
+        .join(Embedding, Record.embedding_id == Embedding.id)
+        .where(Record.dataset_id == dataset.id, Record.status == ENCODED)
+    )
+    if ids is not None:
+        query = query.where(Record.id.in_(ids))
+    if after is not None:
+        query = query.where(Record.id >= after)
+    query = query.order_by(Record.id)
+    return list(session.execute(query if limit is None else query.limit(limit)))
+
+
+def _candidates_of(
+    session: Session, registry: IndexRegistry, dataset: Dataset, rows: Sequence[Any], k: int, known: list[str]
+) -> list[list[Neighbour]]:
+    """Each stored record's candidates as GET /candidates answers them (its k best), from one batched search."""
+    if not rows:
+        return []
+    vectors = np.stack([from_bytes(row.vector, row.dim) for row in rows])
+    found = neighbours(
+        session,
+        registry,
+        dataset.id,
+        vectors,
+        k,
+        record_ids=[row.id for row in rows],
+        sources=[row.source for row in rows],
+        known=known,
+    )
+    return [hits[:k] for hits in found]

@@ -146,6 +146,7 @@ ROWS = [
         "shop",
         {"json": {"dataset": "shop", "pairs": [{"left": INLINE, "right": {"source": "b", "id": "b4"}}]}},
     ),
+    Row("GET", "/datasets/shop/pairs?k=2", "read", 200, "shop"),
 ]
 WHO = ("off", "none", "unknown", "revoked", "expired", "wrong", "read", "write", "manage", "admin")
 
