@@ -115,7 +115,11 @@ class ConnectionWatchingPool(CountingPool):
 
 
 def test_sixteen_concurrent_requests_reuse_their_connections(client):
-    engine = client.app.state.service.engine
+    state = client.app.state.service
+    state.synchronizer.stop_event.set()  # the background threads (index and entity followers) use the pool too
+    for thread in state.threads:
+        thread.join(timeout=30)
+    engine = state.engine
     opened = []
     event.listen(engine, "connect", lambda conn, _record: opened.append(conn))
     engine.dispose()  # start from an empty pool

@@ -55,7 +55,7 @@ SIZES = {
         "api": {"records": 3_000, "kills": 20},
         "index": {"records": 1_000, "probes": 100},
         "load": {"records": 1_000, "seconds": 60.0},
-        "fuzz": {"max_examples": 20},  # with the coverage and stateful phases: over 2,000 cases per backend
+        "fuzz": {"max_examples": 50},  # with the coverage and stateful phases: over 2,000 cases per backend
     },
 }
 
