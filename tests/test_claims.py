@@ -208,7 +208,11 @@ def test_a_claim_stops_taking_records_at_its_byte_cap(client, settings, counting
     capped = settings.model_copy(update={"worker_claim_max_bytes": 100_000})
     with transaction(factory) as session:
         session.execute(update(Record).values(claim_token=None, lease_until=None, inflight_batch=None))
-    assert EncoderWorker(factory, counting_pool, capped).run_once().claimed == 2
+    worker = EncoderWorker(factory, counting_pool, capped)
+    try:
+        assert worker.run_once().claimed == 2
+    finally:
+        worker.close()  # stop its heartbeat before the test's database goes
 
 
 def test_a_maximal_record_is_claimed_cut_and_hashed_as_encoded(client, settings, counting_pool, drain):
