@@ -205,8 +205,8 @@ GATE_VERDICT = "llmatch_access"  # request.state key: the gate's Access, or the 
 
 class AuthGate:
     """Authenticate before anything reads the body. A body sent without a valid key is refused at once (401,
-    or 503 while keys cannot be checked) and never read; a bodiless request goes on with the verdict in
-    ``request.state`` for ``authorize`` to raise on routes that need a key (public routes need none). While
+    or 503 while keys cannot be checked) and never read. A bodiless request is left to ``authorize`` on the
+    routes that need a key, so public ones (``/healthz``) never wait here for the key cache to reload. While
     auth is off, only loopback host names are served unless ``insecure_no_auth`` says the operator chose it."""
 
     def __init__(self, app: ASGIApp, insecure_no_auth: bool = False):
@@ -222,17 +222,24 @@ class AuthGate:
         if state is None:  # the lifespan has not run: nothing to check keys against; authorize answers
             await self.app(scope, receive, send)
             return
-        try:
-            verdict: Access | Exception = await authenticate(state.keys, _credentials(headers))
-        except (HTTPException, ApiError) as refusal:
-            verdict = refusal
-        if verdict is OPEN and not self.insecure_no_auth and not is_loopback_host(headers.get("host", "")):
+        cache: KeyCache = state.keys
+        foreign = not self.insecure_no_auth and not is_loopback_host(headers.get("host", ""))
+        open_as_loaded = cache.loaded and not cache.auth_on
+        if _has_body(headers) or not cache.loaded or (foreign and open_as_loaded and cache.stale()):
+            try:
+                verdict: Access | Exception = await authenticate(cache, _credentials(headers))
+            except (HTTPException, ApiError) as refusal:
+                verdict = refusal
+            if isinstance(verdict, Exception) and _has_body(headers):
+                await _answer_refusal(send, verdict)
+                return
+            scope.setdefault("state", {})[GATE_VERDICT] = verdict
+            auth_off = verdict is OPEN
+        else:  # no body: the route authenticates if it needs a key; liveness never waits for the database here
+            auth_off = open_as_loaded
+        if auth_off and foreign:
             await _answer(send, 400, _NOT_LOOPBACK)
             return
-        if isinstance(verdict, Exception) and _has_body(headers):
-            await _answer_refusal(send, verdict)
-            return
-        scope.setdefault("state", {})[GATE_VERDICT] = verdict
         await self.app(scope, receive, send)
 
 

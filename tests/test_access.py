@@ -378,6 +378,23 @@ def test_a_body_without_a_valid_key_is_refused_unread(client, products):
     assert (status, reads) == (400, 4)
 
 
+def test_liveness_never_waits_for_the_key_cache(client, products):
+    """With keys on and the cache due for a reload, /healthz answers without reloading it (a reload reads the
+    database and queues for a thread), while a request that needs a key still reloads it."""
+    key = bearer(make_key(client, "admin", ["admin"]))
+    cache = client.app.state.service.keys
+    cache.refresh()
+    reloads: list[float] = []
+    real_refresh = cache.refresh
+    cache.refresh = lambda older_than=0.0: (reloads.append(older_than), real_refresh(older_than))[1]
+    cache._loaded_at -= 3600  # due for a reload
+    assert client.get("/healthz").status_code == 200
+    assert client.get("/healthz", headers={"host": "attacker.example"}).status_code == 200  # auth is on
+    assert reloads == []
+    assert client.get("/datasets/shop", headers=key).status_code == 200
+    assert len(reloads) == 1
+
+
 def test_without_keys_only_loopback_host_names_are_served(client, settings, counting_pool):
     """Auth off (no key): a request addressed to another host name (DNS rebinding) is refused."""
     for host in ("attacker.example", "attacker.example:8000", "127.0.0.1.attacker.example", "10.0.0.1", ""):
