@@ -10,7 +10,7 @@ API processes can apply the same change: the first does the work, the others fin
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -242,21 +242,29 @@ def _add(
 ) -> None:
     """Group arriving records one by one: each joins the entities it links to, oldest and best first, as far as
     the guard allows; one that joins none starts its own."""
+    for records, found in _neighbours_by_chunk(session, registry, dataset_id, record_ids, grouping.k):
+        for row, hits in enumerate(found):
+            _add_one(session, dataset_id, records, row, hits, threshold, grouping)
+
+
+def _neighbours_by_chunk(
+    session: Session, registry: IndexRegistry, dataset_id: int, record_ids: Sequence[int], k: int
+) -> Iterator[tuple[EncodedRecords, list[list[Neighbour]]]]:
+    """The encoded ones of these records, ``CHUNK`` at a time (vectors read per chunk), each with its neighbours."""
     known = dataset_sources(session, dataset_id)
     for start in range(0, len(record_ids), CHUNK):
-        records = load_encoded(session, dataset_id, record_ids[start : start + CHUNK])
+        records = load_encoded(session, dataset_id, list(record_ids[start : start + CHUNK]))
         found = neighbours(
             session,
             registry,
             dataset_id,
             records.vectors,
-            grouping.k,
+            k,
             record_ids=records.ids.tolist(),
             sources=records.sources,
             known=known,
         )
-        for row, hits in enumerate(found):
-            _add_one(session, dataset_id, records, row, hits, threshold, grouping)
+        yield records, found
 
 
 def _add_one(
@@ -376,20 +384,8 @@ def _grouping_of(
         raise IndexesNotLoaded(f"dataset {dataset_id} cannot be regrouped before this process's indexes are loaded")
     record_ids, embedding_ids = encoded_ids(session, dataset_id)
     row_of = {int(record_id): row for row, record_id in enumerate(record_ids)}
-    known = dataset_sources(session, dataset_id)
     pairs: dict[tuple[int, int], float] = {}
-    for start in range(0, len(record_ids), CHUNK):
-        chunk = load_encoded(session, dataset_id, record_ids[start : start + CHUNK].tolist())
-        found = neighbours(
-            session,
-            registry,
-            dataset_id,
-            chunk.vectors,
-            grouping.k,
-            record_ids=chunk.ids.tolist(),
-            sources=chunk.sources,
-            known=known,
-        )
+    for chunk, found in _neighbours_by_chunk(session, registry, dataset_id, record_ids.tolist(), grouping.k):
         for query_id, hits in zip(chunk.ids.tolist(), found, strict=True):
             for hit in hits:
                 if hit.record_id in row_of:

@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 from pydantic import TypeAdapter, ValidationError
-from sqlalchemy import and_, or_, select, tuple_
+from sqlalchemy import select, tuple_
 from sqlalchemy.orm import Session
 
 from encoding.encoder import EncoderInput
@@ -39,6 +39,8 @@ from service.schemas import (
     RefOrInline,
 )
 
+CHUNK = 500  # rows per IN (...) list
+
 
 @dataclass(frozen=True)
 class Query:
@@ -67,19 +69,9 @@ def stored_query(session: Session, dataset: Dataset, source: str, record_id: str
 
 
 def stored_queries(session: Session, dataset: Dataset, refs: Sequence[tuple[str, str]]) -> list[Query]:
-    """The stored vectors of several records of a dataset, in one query; the first unknown (404) or not yet
-    encoded (409) record, in the order given, is the error."""
-    rows = session.execute(
-        select(
-            Record.id, Record.source, Record.external_id, Record.status, Record.error, Embedding.vector, Embedding.dim
-        )
-        .outerjoin(Embedding, Record.embedding_id == Embedding.id)
-        .where(
-            Record.dataset_id == dataset.id,
-            or_(*(and_(Record.source == source, Record.external_id == rid) for source, rid in dict.fromkeys(refs))),
-        )
-    ).all()
-    found = {(row.source, row.external_id): row for row in rows}
+    """The stored vectors of several records of a dataset; the first unknown (404) or not yet encoded (409)
+    record, in the order given, is the error."""
+    found = _stored_rows(session, dataset, refs)
     queries = []
     for source, record_id in refs:
         query = _stored_or_error(dataset, source, record_id, found.get((source, record_id)))
@@ -87,6 +79,25 @@ def stored_queries(session: Session, dataset: Dataset, refs: Sequence[tuple[str,
             raise query
         queries.append(query)
     return queries
+
+
+def _stored_rows(session: Session, dataset: Dataset, refs: Iterable[tuple[str, str]]) -> dict[tuple[str, str], Any]:
+    """Each known record of these (source, id) with its status, error and vector (None while not encoded), in
+    queries of ``CHUNK`` records."""
+    wanted = sorted(set(refs))
+    rows: dict[tuple[str, str], Any] = {}
+    for start in range(0, len(wanted), CHUNK):
+        found = session.execute(
+            select(Record.id, Record.source, Record.external_id, Record.status, Record.error)
+            .add_columns(Embedding.vector, Embedding.dim)
+            .outerjoin(Embedding, Record.embedding_id == Embedding.id)
+            .where(
+                Record.dataset_id == dataset.id,
+                tuple_(Record.source, Record.external_id).in_(wanted[start : start + CHUNK]),
+            )
+        )
+        rows.update({(row.source, row.external_id): row for row in found})
+    return rows
 
 
 def _stored_or_error(dataset: Dataset, source: str, record_id: str, row: Any) -> Query | ApiError:
@@ -136,15 +147,8 @@ def encoded(pool: EncoderPool, prepared: Query | ToEncode) -> Query:
 
 
 def _dataset_vector(session: Session, dataset: Dataset, encoder_key: str, digest: str) -> np.ndarray | None:
-    """The cached vector of this text only if a record of ``dataset`` holds it: the content cache is shared
-    across datasets, and reusing another dataset's vector would reveal (by its speed) that the text is there."""
-    held = select(Record.id).where(Record.dataset_id == dataset.id, Record.embedding_id == Embedding.id).exists()
-    row = session.execute(
-        select(Embedding.vector, Embedding.dim).where(
-            Embedding.encoder_key == encoder_key, Embedding.input_hash == digest, held
-        )
-    ).first()
-    return None if row is None else from_bytes(row.vector, row.dim)
+    """The cached vector of this text only if a record of ``dataset`` holds it (``_dataset_vectors``)."""
+    return _dataset_vectors(session, dataset, encoder_key, {digest}).get(digest)
 
 
 def cosine(left: np.ndarray, right: np.ndarray) -> float:
@@ -277,9 +281,6 @@ def _names(refs: list[tuple[str, str]]) -> str:
 
 # ------------------------------------------------------------------------------------- batch forms (v1.2)
 
-CHUNK = 500  # rows per IN (...) list
-
-
 @dataclass(frozen=True)
 class Problem:
     """Why one item of a batch gets no answer: the status and detail the single form would have answered."""
@@ -324,24 +325,7 @@ def prepare_many(
     """``prepare`` for many items in a few queries: stored records by their (source, id), inline ones rendered
     as the worker renders them and looked up in the dataset's own vectors; an unknown (404) or not yet encoded
     (409) record is the Problem in its place."""
-    refs = sorted({(item.source, item.id) for item in items if isinstance(item, RecordRef)})
-    rows: dict[tuple[str, str], Any] = {}
-    for start in range(0, len(refs), CHUNK):
-        chunk = refs[start : start + CHUNK]
-        found = session.execute(
-            select(
-                Record.id,
-                Record.source,
-                Record.external_id,
-                Record.status,
-                Record.error,
-                Embedding.vector,
-                Embedding.dim,
-            )
-            .outerjoin(Embedding, Record.embedding_id == Embedding.id)
-            .where(Record.dataset_id == dataset.id, tuple_(Record.source, Record.external_id).in_(chunk))
-        )
-        rows.update({(row.source, row.external_id): row for row in found})
+    rows = _stored_rows(session, dataset, ((item.source, item.id) for item in items if isinstance(item, RecordRef)))
     recipe = Recipe.of_dataset(dataset, pool.max_text_chars)  # as the worker cuts
     made = {
         at: record_input(item.attributes, recipe) for at, item in enumerate(items) if isinstance(item, InlineRecord)
@@ -361,7 +345,8 @@ def prepare_many(
 
 
 def _dataset_vectors(session: Session, dataset: Dataset, encoder_key: str, digests: set[str]) -> dict[str, np.ndarray]:
-    """``_dataset_vector`` for many texts: only vectors a record of ``dataset`` holds."""
+    """Cached vectors of these texts, only those a record of ``dataset`` holds: the content cache is shared across
+    datasets, and reusing another dataset's vector would reveal (by its speed) that the text is there."""
     held = select(Record.id).where(Record.dataset_id == dataset.id, Record.embedding_id == Embedding.id).exists()
     wanted = sorted(digests)
     found: dict[str, np.ndarray] = {}
