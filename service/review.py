@@ -1,6 +1,8 @@
-"""The review queue as the API serves it: unlabelled candidate pairs whose labels would teach the threshold the
-most, each shaped as a ``ReviewPair`` with its records' attributes and probability. Which pairs, and in what order,
-is the engine's (``matching.review``).
+"""The review queue as the API serves it: unlabelled candidate pairs whose labels would teach the current model
+the most, each shaped as a ``ReviewPair`` with its records' attributes and probability. Which pairs, and in what
+order, is the engine's (``matching.review``: by default nearest the threshold first, spread over records, with
+some slots exploring away from it); its random draws are seeded by the number of stored labels, like the sample
+below, so the same labelled state gives the same page.
 
 The cost of a call is bounded: candidate pairs are those of at most ``max_records`` query records (all of them
 in a smaller dataset; else a repeatable sample that changes as labels are stored and takes records not yet in
@@ -30,7 +32,7 @@ def review(
     dataset: Dataset,
     limit: int,
     k: int,
-    strategy: Strategy = "uncertainty",
+    strategy: Strategy = "teaching",
     max_records: int = 2000,
 ) -> ReviewOut:
     """Up to ``limit`` unlabelled candidate pairs, the most informative first."""
@@ -43,7 +45,7 @@ def review(
         return ReviewOut(pairs=[], threshold=None, basis="none")
     calibration = active_calibration(session, dataset)
     threshold, basis = review_threshold(known, labelled, pairs, calibration.threshold if calibration else None)
-    chosen = choose(pairs, threshold, limit, strategy)
+    chosen = choose(pairs, threshold, limit, strategy, seed=len(labelled))
     mapping = calibration.probability_model if calibration else None
     wanted = [record_id for ids in chosen for record_id in ids]
     rows = session.execute(select(Record.id, Record.attributes).where(Record.id.in_(wanted)))

@@ -92,9 +92,9 @@ def review(client, **params) -> dict:
 
 
 def test_review_while_uncalibrated_asks_about_the_middle_of_the_scores_first(products, client):
-    page = review(client, limit=5)
+    page = review(client, limit=5, strategy="uncertainty")
     assert page["basis"] == "middle" and len(page["pairs"]) == 5
-    everything = review(client, limit=100)["pairs"]
+    everything = review(client, limit=100, strategy="uncertainty")["pairs"]
     scores = [p["score"] for p in everything]
     middle = (min(scores) + max(scores)) / 2
     assert page["threshold"] == pytest.approx(middle)
@@ -105,6 +105,9 @@ def test_review_while_uncalibrated_asks_about_the_middle_of_the_scores_first(pro
     assert first["left"]["source"] == "a" and first["right"]["source"] == "b"
     assert "name" in first["left"]["attributes"] and "name" in first["right"]["attributes"]
     assert len({(p["left"]["id"], p["right"]["id"]) for p in everything}) == len(everything) == 4 * 5
+    default = review(client, limit=100)
+    assert default["threshold"] == page["threshold"] and default["pairs"][0] == everything[0], "nearest first"
+    assert sorted(map(str, default["pairs"])) == sorted(map(str, everything)), "the same pairs, in another order"
 
 
 def test_review_leaves_out_labelled_pairs_in_either_order(products, client):
@@ -118,7 +121,7 @@ def test_review_leaves_out_labelled_pairs_in_either_order(products, client):
 
 def test_review_after_calibration_asks_nearest_the_threshold_with_probabilities(products, client):
     threshold = client.post("/datasets/shop/calibrate", json={"pairs": all_pairs()}).json()["threshold"]
-    page = review(client, limit=100)
+    page = review(client, limit=100, strategy="uncertainty")
     assert page["basis"] == "calibration" and page["threshold"] == threshold
     distances = [abs(p["score"] - threshold) for p in page["pairs"]]
     assert distances == sorted(distances)

@@ -45,9 +45,11 @@ def get_review(
     state: State,
     _: auth.Read,
     limit: Annotated[int, Query(ge=1, le=5000)] = 20,
-    strategy: reviewing.Strategy = "uncertainty",
+    strategy: reviewing.Strategy = "teaching",
 ) -> ReviewOut:
-    """Unlabelled candidate pairs nearest the threshold (the middle of the scores while uncalibrated), best first."""
+    """Unlabelled candidate pairs the current model is least sure of first (nearest the threshold; the middle of the
+    scores while uncalibrated), spread over records, one in five exploring away from the threshold (``teaching``);
+    ``strategy`` selects another order."""
     with state.session_factory() as session:
         dataset = get_dataset(session, name)
         settings = state.settings
