@@ -46,6 +46,7 @@ def run_encoding_process(settings: Settings, options: WorkerOptions, pool: Encod
     worker = EncoderWorker(make_session_factory(engine), pool, settings)
     if options.serve_inline is not None:
         _start_inline_server(settings, options, pool)
+    trainer = None if options.drain else _start_training_jobs(engine, settings)
     signal.signal(signal.SIGTERM, lambda *_: worker.stop())
     try:
         if options.drain:
@@ -55,6 +56,9 @@ def run_encoding_process(settings: Settings, options: WorkerOptions, pool: Encod
     except KeyboardInterrupt:
         worker.stop()
     finally:
+        if trainer is not None:
+            trainer.stop()
+            trainer.thread.join(timeout=60)
         engine.dispose()
     return 0
 
@@ -72,3 +76,15 @@ def _start_inline_server(settings: Settings, options: WorkerOptions, pool: Encod
         max_connections=settings.inline_server_max_connections,
     )
     server.start(preload=settings.default_encoder)
+
+
+def _start_training_jobs(engine, settings: Settings):
+    """Training jobs beside the encoding loop: a thread that runs each job in a child process of its own."""
+    import threading
+
+    from learning.runner import JobRunner
+
+    trainer = JobRunner(make_session_factory(engine), settings)
+    trainer.thread = threading.Thread(target=trainer.run, name="training-jobs", daemon=True)
+    trainer.thread.start()
+    return trainer

@@ -184,7 +184,7 @@ def _rendered(record: Record, dataset: Dataset, max_text_chars: int | None) -> C
         record_id=record.id,
         dataset_id=dataset.id,
         source=record.source,
-        encoder=dataset.encoder,
+        encoder=dataset.serving_encoder,
         instruction=made.instruction,
         text=made.text,
         input_hash=made.input_hash,

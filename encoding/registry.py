@@ -18,6 +18,7 @@ from encoding.encoder import Encoder, EncoderInput
 from encoding.identifiers import DEFAULT_DIMS, IdentifierEncoder
 from encoding.manifest import encoder_options
 from encoding.recipe import render_options
+from encoding.versions import is_version_name, serving_folder
 from llmatch.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -174,6 +175,7 @@ class EncoderPool:
 
     def __init__(self, settings: Settings):
         self.specs = configured_specs(settings)
+        self.models_dir = settings.models_dir
         self.device = resolve_device(settings.device)
         self.max_text_chars = settings.max_text_chars
         self._loaded: dict[str, Encoder] = {}
@@ -181,12 +183,30 @@ class EncoderPool:
         self._load_lock = threading.Lock()
 
     def spec(self, name: str) -> EncoderSpec:
-        try:
+        """The configured encoder ``name``, or the encoder version a training job wrote under that name."""
+        spec = self.specs.get(name) or self._version_spec(name)
+        if spec is None:
+            raise UnknownEncoderError(f"unknown encoder {name!r}; configured encoders: {', '.join(sorted(self.specs))}")
+        return spec
+
+    def _version_spec(self, name: str) -> EncoderSpec | None:
+        """A trained version's spec, read from its folder the first time its name is asked for."""
+        folder = serving_folder(self.models_dir, name)
+        if folder is None:
+            return None
+        with self._load_lock:
+            if name not in self.specs:
+                self.specs[name] = spec_from_options(name, folder)
+                self._locks.setdefault(name, threading.Lock())
             return self.specs[name]
-        except KeyError:
-            raise UnknownEncoderError(
-                f"unknown encoder {name!r}; configured encoders: {', '.join(sorted(self.specs))}"
-            ) from None
+
+    def forget(self, name: str) -> None:
+        """Unload an encoder version that no dataset serves any more (configured encoders stay)."""
+        if not is_version_name(name):
+            return
+        with self._load_lock:
+            self._loaded.pop(name, None)
+            self.specs.pop(name, None)
 
     def get(self, name: str) -> Encoder:
         spec = self.spec(name)

@@ -8,6 +8,7 @@ from typing import Any
 from sqlalchemy import (
     JSON,
     BigInteger,
+    Boolean,
     DateTime,
     FetchedValue,
     Float,
@@ -19,6 +20,7 @@ from sqlalchemy import (
     Text,
     UniqueConstraint,
     func,
+    text,
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
@@ -45,6 +47,9 @@ class Dataset(Base):
     serialization: Mapped[str] = mapped_column(String(16), default="tagged")
     attributes: Mapped[list[str] | None] = mapped_column(JSON, nullable=True)
     instruction: Mapped[str | None] = mapped_column(Text, nullable=True)
+    # The trained version of the encoder that serves the dataset (``EncoderVersion.name``); None: ``encoder`` as
+    # it came. Set when a training job's version is adopted; cleared when the configuration changes the text.
+    encoder_version: Mapped[str | None] = mapped_column(String(128), nullable=True)
     seen_attributes: Mapped[list[str]] = mapped_column(JSON, default=list)
     # The dataset's own FAISS index policy (fields of matching.index.IndexPolicy); None: the process's settings.
     index_options: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
@@ -54,6 +59,11 @@ class Dataset(Base):
     calibration: Mapped[Calibration | None] = relationship(
         back_populates="dataset", cascade="all, delete-orphan", passive_deletes=True, uselist=False
     )
+
+    @property
+    def serving_encoder(self) -> str:
+        """The encoder name records and queries are embedded with: the adopted version, else ``encoder``."""
+        return self.encoder_version or self.encoder
 
 
 class Embedding(Base):
@@ -235,6 +245,9 @@ class Label(Base):
     right_source: Mapped[str] = mapped_column(String(64))
     right_id: Mapped[str] = mapped_column(String(256))
     label: Mapped[int] = mapped_column(Integer)
+    # The label's fold for training jobs, fixed the first time a job reads it: True, held out (no version ever
+    # trains on it; selection, calibration and adoption are judged on it); False, trained on; None, not yet read.
+    holdout: Mapped[bool | None] = mapped_column(Boolean, nullable=True)
     created_at: Mapped[datetime] = mapped_column(DateTime, server_default=func.now())
     updated_at: Mapped[datetime] = mapped_column(DateTime, server_default=func.now(), onupdate=func.now())
 
@@ -292,3 +305,69 @@ class EntityLink(Base):
     left_record_id: Mapped[int] = mapped_column(BigInteger)
     right_record_id: Mapped[int] = mapped_column(BigInteger)
     score: Mapped[float] = mapped_column(Float)
+
+
+QUEUED, TRAINING, ENCODING = "queued", "training", "encoding"
+DONE, JOB_FAILED, CANCELLED = "done", "failed", "cancelled"
+UNFINISHED_JOB_STATUSES = (QUEUED, TRAINING, ENCODING)
+JOB_STATUSES = (*UNFINISHED_JOB_STATUSES, DONE, JOB_FAILED, CANCELLED)
+
+
+class TrainingJob(Base):
+    """A request to train a new version of a dataset's encoder from its stored labels, run by an encoder worker
+    under a lease (a worker that dies leaves the lease to run out; the job is then run again or failed)."""
+
+    __tablename__ = "training_jobs"
+    __table_args__ = (
+        Index("ix_training_jobs_dataset_created", "dataset_id", "created_at"),
+        Index("ix_training_jobs_queue", "status", "lease_until"),
+        # One unfinished job per dataset, whoever races to start one.
+        Index(
+            "uq_training_jobs_one_unfinished",
+            "dataset_id",
+            unique=True,
+            sqlite_where=text("status IN ('queued', 'training', 'encoding')"),
+            postgresql_where=text("status IN ('queued', 'training', 'encoding')"),
+        ),
+    )
+
+    id: Mapped[str] = mapped_column(String(32), primary_key=True)
+    dataset_id: Mapped[int] = mapped_column(ForeignKey("datasets.id", ondelete="CASCADE"))
+    status: Mapped[str] = mapped_column(String(16), default=QUEUED)
+    progress: Mapped[float] = mapped_column(Float, default=0.0)
+    labels: Mapped[int] = mapped_column(Integer, default=0)
+    version: Mapped[str | None] = mapped_column(String(128), nullable=True)
+    adopted: Mapped[bool | None] = mapped_column(Boolean, nullable=True)
+    metrics: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
+    error: Mapped[str | None] = mapped_column(Text, nullable=True)
+    options: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+    cancel_requested: Mapped[bool] = mapped_column(Boolean, default=False)
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    claim_token: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    lease_until: Mapped[datetime | None] = mapped_column(DateTime, nullable=True)
+    created_at: Mapped[datetime] = mapped_column(DateTime, server_default=func.now())
+    updated_at: Mapped[datetime] = mapped_column(DateTime, server_default=func.now(), onupdate=func.now())
+    started_at: Mapped[datetime | None] = mapped_column(DateTime, nullable=True)
+    finished_at: Mapped[datetime | None] = mapped_column(DateTime, nullable=True)
+
+
+class EncoderVersion(Base):
+    """A version of a dataset's encoder trained by a job: a folder under the data directory, and this row."""
+
+    __tablename__ = "encoder_versions"
+    __table_args__ = (
+        UniqueConstraint("name", name="uq_encoder_versions_name"),
+        Index("ix_encoder_versions_dataset", "dataset_id"),
+        {"sqlite_autoincrement": True},
+    )
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True)
+    dataset_id: Mapped[int] = mapped_column(ForeignKey("datasets.id", ondelete="CASCADE"))
+    name: Mapped[str] = mapped_column(String(128))
+    base_encoder: Mapped[str] = mapped_column(String(128))
+    encoder_key: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    job_id: Mapped[str] = mapped_column(String(32))
+    # trained (being judged or encoded), serving, retired (replaced by a later one), rejected (not adopted)
+    status: Mapped[str] = mapped_column(String(16), default="trained")
+    metrics: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
+    created_at: Mapped[datetime] = mapped_column(DateTime, server_default=func.now())

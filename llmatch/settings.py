@@ -53,6 +53,18 @@ class Settings(BaseSettings):
         "it always takes one. Bounds a worker's memory when records are large.",
     )
     worker_log_seconds: float = Field(default=10.0, gt=0)
+    # Training jobs (contract "Learning"): run by encoder workers, each in a child process of its own.
+    training_poll_seconds: float = Field(default=1.0, gt=0, description="How often a worker looks for a training job.")
+    training_lease_seconds: float = Field(
+        default=30.0,
+        ge=2,
+        description="A running job's lease, renewed while its worker lives; a dead worker's job "
+        "runs again (or fails) once it runs out.",
+    )
+    training_max_attempts: int = Field(
+        default=2, ge=1, description="Runs a training job gets before it fails (its process or worker died each time)."
+    )
+    training_seed: int = Field(default=42, description="Seed of the training stages a job runs.")
     index_sync_seconds: float = Field(default=0.5, gt=0)
     index_kind: Literal["auto", "flat", "ivf"] = Field(
         default="auto", description="FAISS structure per (dataset, source); auto: exact below index_approximate_above."

@@ -13,7 +13,7 @@ from datetime import timedelta
 from itertools import chain
 
 import numpy as np
-from sqlalchemy import Row, Select, and_, delete, insert, select
+from sqlalchemy import Row, Select, and_, delete, func, insert, select
 from sqlalchemy.orm import Session, sessionmaker
 
 from llmatch.db import transaction
@@ -251,7 +251,8 @@ def follow_encoder_keys(session_factory: sessionmaker[Session], key_of: Callable
     unknown): records whose vector another configuration made go back to the queue, and a calibration fitted under
     another is dropped (the dataset is uncalibrated until calibrated again); each is logged."""
     with session_factory() as session:
-        datasets = session.execute(select(Dataset.id, Dataset.name, Dataset.encoder)).all()
+        serving = func.coalesce(Dataset.encoder_version, Dataset.encoder)  # Dataset.serving_encoder, in SQL
+        datasets = session.execute(select(Dataset.id, Dataset.name, serving)).all()
     for dataset_id, name, encoder in datasets:
         key = key_of(encoder)
         if key is None:

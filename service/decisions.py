@@ -125,11 +125,11 @@ def prepare_inline(session: Session, pool: EncoderPool, dataset: Dataset, record
     """The vector of a record of this dataset with an identical text, or what to encode (inline records are
     never stored)."""
     made = record_input(record.attributes, Recipe.of_dataset(dataset, pool.max_text_chars))  # as the worker cuts
-    key = pool.spec(dataset.encoder).key
+    key = pool.spec(dataset.serving_encoder).key
     cached = _dataset_vector(session, dataset, key, made.input_hash)
     if cached is not None:
         return Query(cached)
-    return ToEncode(dataset.encoder, made.item)
+    return ToEncode(dataset.serving_encoder, made.item)
 
 
 def prepare(session: Session, pool: EncoderPool, dataset: Dataset, item: RecordRef | InlineRecord) -> Query | ToEncode:
@@ -281,6 +281,7 @@ def _names(refs: list[tuple[str, str]]) -> str:
 
 # ------------------------------------------------------------------------------------- batch forms (v1.2)
 
+
 @dataclass(frozen=True)
 class Problem:
     """Why one item of a batch gets no answer: the status and detail the single form would have answered."""
@@ -330,7 +331,9 @@ def prepare_many(
     made = {
         at: record_input(item.attributes, recipe) for at, item in enumerate(items) if isinstance(item, InlineRecord)
     }
-    cached = _dataset_vectors(session, dataset, pool.spec(dataset.encoder).key, {m.input_hash for m in made.values()})
+    cached = _dataset_vectors(
+        session, dataset, pool.spec(dataset.serving_encoder).key, {m.input_hash for m in made.values()}
+    )
     prepared: list[Query | ToEncode | Problem] = []
     for at, item in enumerate(items):
         if isinstance(item, Problem):
@@ -340,7 +343,7 @@ def prepare_many(
             prepared.append(Problem.of(query) if isinstance(query, ApiError) else query)
         else:
             vector = cached.get(made[at].input_hash)
-            prepared.append(Query(vector) if vector is not None else ToEncode(dataset.encoder, made[at].item))
+            prepared.append(Query(vector) if vector is not None else ToEncode(dataset.serving_encoder, made[at].item))
     return prepared
 
 

@@ -170,13 +170,13 @@ def _vectors(
     content cache), encoding and caching only what it lacks; the cache keeps the dataset's newest ``keep``."""
     if not inputs:
         return {}
-    key = pool.spec(dataset.encoder).key
+    key = pool.spec(dataset.serving_encoder).key
     by_hash = {input_hash(item.instruction, item.text): item for item in inputs}
     with session_factory() as session:
         found = load_explanation_vectors(session, dataset.id, key, by_hash)
     missing = [h for h in by_hash if h not in found]
     if missing:
-        encoded = pool.encode(dataset.encoder, [by_hash[h] for h in missing])
+        encoded = pool.encode(dataset.serving_encoder, [by_hash[h] for h in missing])
         fresh = {h: encoded[i] for i, h in enumerate(missing)}
         found.update(fresh)
         if keep > 0:

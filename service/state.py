@@ -13,6 +13,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from encoder_worker.worker import EncoderWorker
 from encoding.registry import EncoderPool, UnknownEncoderError
+from learning.runner import JobRunner
 from llmatch.db import make_engine, make_session_factory
 from llmatch.migrate import ensure_schema
 from llmatch.settings import Settings
@@ -45,6 +46,7 @@ class ServiceState:
     keys: KeyCache
     entities: EntityFollower
     worker: EncoderWorker | None = None  # the embedded default's in-process worker, on the bare pool
+    trainer: JobRunner | None = None  # the embedded worker's training jobs, each run in a child process
     threads: list[threading.Thread] = field(default_factory=list)
 
     @classmethod
@@ -63,11 +65,12 @@ class ServiceState:
         follow_encoder_keys(factory, lambda name: _encoder_key(pool, name))
         synchronizer.load_all()
         worker = EncoderWorker(factory, pool, settings) if run_worker else None
+        trainer = JobRunner(factory, settings) if run_worker else None
         inline = InlineEncodes(inline_encoder_pool(pool, settings), settings.max_inline_encodes)
         keys = KeyCache(factory, settings.auth_cache_seconds)
         entities = EntityFollower(factory, registry, Grouping.from_settings(settings))
         synchronizer.listeners.append(entities.on_index_changes)  # entities follow what enters and leaves indexes
-        return cls(settings, engine, factory, inline, registry, synchronizer, keys, entities, worker)
+        return cls(settings, engine, factory, inline, registry, synchronizer, keys, entities, worker, trainer)
 
     def start(self) -> None:
         """Start the index follower, the index saver, the entity follower and, on the embedded default, the
@@ -80,6 +83,8 @@ class ServiceState:
         self._spawn("entities", lambda: self.entities.run(self.synchronizer.stop_event))
         if self.worker is not None:
             self._spawn("encoder-worker", self.worker.run)
+        if self.trainer is not None:
+            self._spawn("training-jobs", self.trainer.run)
 
     def _save_indexes_periodically(self) -> None:
         """Write changed indexes to their files every ``index_save_seconds``, so a crash costs no full rebuild."""
@@ -100,6 +105,8 @@ class ServiceState:
         self.synchronizer.stop_event.set()
         if self.worker is not None:
             self.worker.stop()
+        if self.trainer is not None:
+            self.trainer.stop()
         for thread in self.threads:
             thread.join(timeout=60)
         try:

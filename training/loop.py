@@ -30,6 +30,7 @@ class LoopSettings:
     max_grad_norm: float = 1.0
     checkpoint_every: int = 50  # steps; a run killed in between resumes from the last checkpoint
     eval_every: int | None = None  # steps between valid evaluations (selection); None: only at the end
+    on_step: Callable[[int, int], None] | None = None  # (steps done, steps in all), after each step
 
 
 @dataclass
@@ -89,6 +90,8 @@ def run(
             state["losses"].append(float(loss.detach()))
             bar.update(1)
             bar.set_postfix(loss=f"{state['losses'][-1]:.4f}")
+            if settings.on_step is not None:
+                settings.on_step(state["step"], settings.steps)
             if validate is not None and _due(state["step"], settings.eval_every, settings.steps):
                 _evaluate(stage, trainee, validate, folder, state)
                 module.train()

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 
 
 @dataclass(frozen=True)
@@ -40,6 +41,8 @@ class StageOptions:
     validate: bool = True  # mntp/simcse: measure valid F1 after training (supervised always does)
     checkpoint_every: int = 50
     gradient_checkpointing: bool = False
+    # Called with (steps done, steps in all) after each optimisation step (a training job reports its progress).
+    on_step: Callable[[int, int], None] | None = field(default=None, compare=False, repr=False)
 
 
 def require_llm2vec(stage: str, encoder_name: str, kind: str) -> None:

@@ -135,7 +135,8 @@ def _encoder_block(spec: EncoderSpec, folder: Path) -> dict[str, Any]:
 
 def _options_record(stage: str, options: StageOptions, kind: str) -> dict[str, Any]:
     """The options that shaped this stage (those of other stages or model kinds left out)."""
-    record = asdict(options)
+    record = asdict(replace(options, on_step=None))
+    record.pop("on_step")
     unused = {
         "mntp": ("simcse_dropout", *SUPERVISED_ONLY),
         "simcse": ("mask_probability", *SUPERVISED_ONLY),
@@ -435,4 +436,5 @@ def _loop_settings(options: StageOptions, steps: int) -> loop.LoopSettings:
         seed=options.seed,
         checkpoint_every=options.checkpoint_every,
         eval_every=options.eval_every,
+        on_step=options.on_step,
     )

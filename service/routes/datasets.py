@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from fastapi import APIRouter, Response, status
 
+from encoding.versions import remove_dataset_versions
 from llmatch.db import transaction
 from llmatch.requeue import requeue_failed
 from service import audit, auth, decisions, entities, labels
@@ -60,6 +61,7 @@ def delete_dataset(name: DatasetPath, state: State, access: auth.Manage) -> Resp
         dataset_id = logic.delete_dataset(session, name)
         audit.record(session, access.actor, "dataset.delete", name)
     state.registry.drop_dataset(dataset_id)
+    remove_dataset_versions(state.settings.models_dir, name)  # the encoder versions its training jobs made
     return Response(status_code=status.HTTP_204_NO_CONTENT)
 
 
@@ -69,7 +71,7 @@ def calibrate(name: DatasetPath, body: CalibrateIn, state: State, access: auth.M
     with transaction(state.session_factory) as session:
         dataset = logic.get_dataset(session, name, lock=True)
         body = labels.calibration_body(session, dataset, body)  # {"from": "labels"}: the stored labels
-        result = decisions.calibrate(session, dataset, state.pool.spec(dataset.encoder).key, body)
+        result = decisions.calibrate(session, dataset, state.pool.spec(dataset.serving_encoder).key, body)
         audit.record(
             session, access.actor, "dataset.calibrate", name, {"threshold": result.threshold, "pairs": result.pairs}
         )

@@ -1,0 +1,80 @@
+"""Whether a trained version serves: its best-threshold F1 on the held-out labels against the current encoder's
+on the same pairs (those whose two records the current encoder has vectors for)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+
+import numpy as np
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from learning.labels import StoredLabel
+from llmatch.models import Embedding, Record
+from matching.calibration import ThresholdChoice, best_f1_threshold
+
+
+@dataclass(frozen=True)
+class Verdict:
+    adopted: bool
+    reason: str
+    pairs: int
+    matches: int
+    candidate: ThresholdChoice
+    current: ThresholdChoice
+
+    def as_metrics(self) -> dict:
+        return {
+            "holdout_pairs": self.pairs,
+            "holdout_matches": self.matches,
+            "candidate": _rounded(asdict(self.candidate)),
+            "current": _rounded(asdict(self.current)),
+            "reason": self.reason,
+        }
+
+
+def current_vectors(session: Session, record_ids: Sequence[int]) -> dict[int, np.ndarray]:
+    """The vectors the dataset serves now for these records (those encoded)."""
+    ids = sorted(set(record_ids))
+    found: dict[int, np.ndarray] = {}
+    for start in range(0, len(ids), 500):
+        rows = session.execute(
+            select(Record.id, Embedding.vector)
+            .join(Embedding, Record.embedding_id == Embedding.id)
+            .where(Record.id.in_(ids[start : start + 500]))
+        )
+        found.update({record_id: np.frombuffer(blob, dtype="<f4") for record_id, blob in rows})
+    return found
+
+
+def pair_scores(labels: Sequence[StoredLabel], vectors: dict[int, np.ndarray]) -> np.ndarray:
+    return np.array([float(vectors[x.left_record] @ vectors[x.right_record]) for x in labels], dtype=np.float64)
+
+
+def judge(labels: Sequence[StoredLabel], current: dict[int, np.ndarray], candidate: dict[int, np.ndarray]) -> Verdict:
+    """Compare on the held-out pairs both encoders have vectors for; the candidate serves unless it does worse."""
+    shared = [x for x in labels if all(r in current and r in candidate for r in (x.left_record, x.right_record))]
+    truth = np.array([x.label for x in shared], dtype=np.int64)
+    if not shared or truth.sum() in (0, len(truth)):
+        empty = ThresholdChoice(0.0, 0.0, 0.0, 0.0)
+        return Verdict(
+            False,
+            "the held-out labels of encoded records lack a class; nothing to judge on",
+            len(shared),
+            int(truth.sum()),
+            empty,
+            empty,
+        )
+    new = best_f1_threshold(pair_scores(shared, candidate), truth)
+    now = best_f1_threshold(pair_scores(shared, current), truth)
+    adopted = new.f1 >= now.f1
+    reason = (
+        f"held-out F1 {new.f1:.3f} against {now.f1:.3f} for the current encoder on the same {len(shared)} pairs"
+        + ("" if adopted else ": the new version does worse and is not adopted")
+    )
+    return Verdict(adopted, reason, len(shared), int(truth.sum()), new, now)
+
+
+def _rounded(values: dict) -> dict:
+    return {key: round(float(value), 4) for key, value in values.items()}

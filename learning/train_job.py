@@ -1,0 +1,228 @@
+"""A training job, run in a process of its own that an encoder worker starts (``learning/runner.py``): folds,
+training (the ``llmatch train`` recipe: supervised, then the identifier weight), the held-out judgement, encoding
+every record with the new version, and the switch. Every write is made under the job's claim token; when the job is
+no longer this process's (cancelled, or its worker died and another took it) or its worker is gone, it stops."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import shutil
+import time
+from dataclasses import replace
+from pathlib import Path
+
+from sqlalchemy import func, select
+from sqlalchemy.orm import Session, sessionmaker
+
+from encoding.registry import load_encoder, resolve_device, spec_from_options
+from encoding.versions import SERVING_STAGE, remove_version, version_name, version_root
+from learning import jobs
+from learning.dataset_data import DatasetConfig, training_data
+from learning.errors import LearningError
+from learning.judge import current_vectors, judge
+from learning.labels import assign_folds, check_enough, not_trained_on, usable_labels
+from learning.reencode import encode_records
+from learning.switch import ConfigurationChanged, switch_version
+from llmatch.db import make_engine, make_session_factory, transaction
+from llmatch.models import DONE, ENCODING, JOB_FAILED, Dataset, EncoderVersion, TrainingJob
+from llmatch.settings import Settings
+
+log = logging.getLogger("llmatch.learning")
+
+# Share of the job's progress each phase ends at.
+TRAINED, JUDGED, ENCODED = 0.7, 0.8, 0.98
+STAGES = ("supervised", SERVING_STAGE)
+SELECTION = (
+    "hold-out fold: 30% of each class of labels, fixed per label the first time a job reads it and never trained on "
+    "by any version; the checkpoint, identifier weight, threshold, probabilities and adoption are all chosen on it"
+)
+
+
+class Stopped(Exception):
+    """The job is no longer this process's to run."""
+
+
+class JobHandle:
+    """This process's hold on the job: progress reports (at most a few a second) that fail once it is lost."""
+
+    def __init__(self, session_factory: sessionmaker[Session], job_id: str, token: str, parent_pid: int):
+        self.session_factory, self.job_id, self.token, self.parent_pid = session_factory, job_id, token, parent_pid
+        self._last = 0.0
+
+    def report(self, force: bool = False, **values) -> None:
+        if os.getppid() != self.parent_pid:
+            raise Stopped("the worker that started this job is gone")
+        if not force and time.monotonic() - self._last < 0.5:
+            return
+        self._last = time.monotonic()
+        if not jobs.report(self.session_factory, self.job_id, self.token, **values):
+            raise Stopped("the job was cancelled or taken by another worker")
+
+    def progress(self, start: float, end: float):
+        """A callback (done, total) -> None reporting progress between ``start`` and ``end``."""
+        return lambda done, total: self.report(progress=round(start + (end - start) * done / max(total, 1), 4))
+
+
+def main(settings: Settings, job_id: str, token: str, parent_pid: int) -> None:
+    """The child process's entry point."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    engine = make_engine(settings.resolved_database_url)
+    factory = make_session_factory(engine)
+    handle = JobHandle(factory, job_id, token, parent_pid)
+    try:
+        run(factory, settings, handle)
+    except Stopped as why:
+        log.info("training job %s stopped: %s", job_id, why)
+    except (LearningError, ConfigurationChanged) as error:
+        _fail(factory, handle, str(error))
+    except Exception as error:  # noqa: BLE001 - the job fails with its reason; the worker goes on
+        log.exception("training job %s failed", job_id)
+        _fail(factory, handle, f"{type(error).__name__}: {error}")
+    finally:
+        engine.dispose()
+
+
+def run(factory: sessionmaker[Session], settings: Settings, handle: JobHandle) -> None:
+    started = time.monotonic()
+    with transaction(factory) as session:
+        job = session.get(TrainingJob, handle.job_id)
+        dataset = session.get(Dataset, job.dataset_id)
+        _forget_earlier_attempts(session, settings, handle.job_id)
+        labels = assign_folds(session, usable_labels(session, dataset.id), seed=int(handle.job_id[:8], 16))
+        check_enough(dataset.name, labels)
+        data = training_data(session, dataset, labels, settings.max_text_chars)
+        config, serving = DatasetConfig.of(dataset), dataset.serving_encoder
+        number = 1 + (session.scalar(select(func.count()).where(EncoderVersion.dataset_id == dataset.id)) or 0)
+        name = version_name(dataset.name, number, handle.job_id)
+        dataset_id, dataset_name = dataset.id, dataset.name
+    handle.report(force=True, labels=len(labels), version=name, progress=0.02)
+    folder = version_root(settings.models_dir, name)
+    shutil.rmtree(folder, ignore_errors=True)  # a run before this one of the same job left it half-written
+    device = resolve_device(settings.device)
+    trained = train_version(config.encoder, data, folder, settings, device, handle)
+    train_seconds = time.monotonic() - started
+    spec = spec_from_options(name, folder / SERVING_STAGE)
+    encoder = load_encoder(spec, device)
+    held = not_trained_on(labels)
+    with factory() as session:
+        now = current_vectors(session, [r for x in held for r in (x.left_record, x.right_record)])
+    inputs = {r: data.inputs[key] for x in held for r, key in _record_keys(dataset_name, x)}
+    ordered = sorted(inputs)
+    new = dict(zip(ordered, encoder.encode([inputs[r] for r in ordered], batch_size=spec.batch_size), strict=True))
+    verdict = judge(held, now, new)
+    metrics = {
+        "selection": SELECTION,
+        "train_pairs": len(data.pairs("train")),
+        "train_matches": sum(p.label for p in data.pairs("train")),
+        **verdict.as_metrics(),
+        "current_encoder": serving,
+        **trained,
+        "train_seconds": round(train_seconds, 1),
+    }
+    with transaction(factory) as session:
+        session.add(
+            EncoderVersion(
+                dataset_id=dataset_id,
+                name=name,
+                base_encoder=config.encoder,
+                encoder_key=spec.key,
+                job_id=handle.job_id,
+                status="trained" if verdict.adopted else "rejected",
+                metrics=metrics,
+            )
+        )
+    if not verdict.adopted:
+        remove_version(settings.models_dir, name)
+        _finish(factory, handle, adopted=False, metrics=metrics)
+        return
+    handle.report(force=True, status=ENCODING, progress=JUDGED, metrics=metrics)
+    encode_started = time.monotonic()
+    encode_records(
+        factory,
+        dataset_id,
+        spec.key,
+        encoder,
+        spec.batch_size,
+        settings.max_text_chars,
+        handle.progress(JUDGED, ENCODED),
+    )
+    handle.report(force=True, progress=ENCODED)  # still held: the switch below is this job's to make
+    with transaction(factory) as session:
+        switched = switch_version(session, dataset_id, name, spec.key, config, settings.max_text_chars)
+        metrics |= {
+            "encode_seconds": round(time.monotonic() - encode_started, 1),
+            "switched_records": switched.records,
+            "requeued_records": switched.requeued,
+            "calibration": switched.calibration,
+            "seconds": round(time.monotonic() - started, 1),
+        }
+        if not jobs.finish(session, handle.job_id, handle.token, DONE, adopted=True, metrics=metrics, progress=1.0):
+            raise Stopped("the job was cancelled or taken by another worker before the switch")
+    if switched.retired:
+        remove_version(settings.models_dir, switched.retired)
+
+
+def train_version(base_name: str, data, folder: Path, settings: Settings, device: str, handle: JobHandle) -> dict:
+    """Run the recipe's stages into ``folder``; returns what the selection chose."""
+    from training.command import resolve_base, stage_options
+    from training.stages import run_stage
+
+    base = resolve_base(base_name, settings)
+    args = recipe_arguments(settings.training_seed)
+    supervised = stage_options("supervised", base.spec, args, device)
+    supervised = replace(supervised, on_step=handle.progress(0.05, TRAINED - 0.05))
+    base = run_stage("supervised", base, data, supervised, folder / "supervised", device)
+    handle.report(force=True, progress=TRAINED - 0.05)
+    chosen = run_stage(
+        SERVING_STAGE, base, data, stage_options(SERVING_STAGE, base.spec, args, device), folder / SERVING_STAGE, device
+    )
+    stages = chosen.history
+    handle.report(force=True, progress=TRAINED)
+    return {
+        "best_step": stages[0].get("best_step"),
+        "steps": stages[0].get("steps"),
+        "identifier_weight": chosen.spec.identifier_weight,
+        "holdout_f1_at_selection": stages[-1].get("valid_f1"),
+    }
+
+
+def recipe_arguments(seed: int) -> argparse.Namespace:
+    """The options ``llmatch train`` takes by default (its recipe), with the job's seed."""
+    from training.command import add_arguments
+
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    args, _ = parser.parse_known_args(["unused"])
+    args.seed = seed
+    return args
+
+
+def _record_keys(dataset: str, label) -> list[tuple[int, str]]:
+    from learning.dataset_data import record_key
+
+    return [
+        (label.left_record, record_key(dataset, label.left)),
+        (label.right_record, record_key(dataset, label.right)),
+    ]
+
+
+def _forget_earlier_attempts(session: Session, settings: Settings, job_id: str) -> None:
+    """A run of this job that died left a version behind (a row, a folder): this run makes its own."""
+    for version in session.scalars(select(EncoderVersion).where(EncoderVersion.job_id == job_id)):
+        if version.status != "serving":
+            remove_version(settings.models_dir, version.name)
+            session.delete(version)
+
+
+def _finish(factory: sessionmaker[Session], handle: JobHandle, **values) -> None:
+    with transaction(factory) as session:
+        if not jobs.finish(session, handle.job_id, handle.token, DONE, progress=1.0, **values):
+            raise Stopped("the job was cancelled or taken by another worker")
+
+
+def _fail(factory: sessionmaker[Session], handle: JobHandle, reason: str) -> None:
+    with transaction(factory) as session:
+        jobs.finish(session, handle.job_id, handle.token, JOB_FAILED, error=reason[:2000])
+    log.warning("training job %s failed: %s", handle.job_id, reason)
