@@ -24,6 +24,7 @@ from tests.live_server import live_server
 DATA = Path(__file__).parent / "data" / "abt_buy_small"
 DATASET = "abt_small"
 REVIEW_ROUTES = {"/datasets/{name}/labels", "/datasets/{name}/review", "/datasets/{name}/entities"}
+TRAIN_ROUTE = "/datasets/{name}/train"
 TO_LABEL = 20
 
 
@@ -56,6 +57,15 @@ def _has_review_api() -> bool:
 
 needs_review_api = pytest.mark.skipif(
     not _has_review_api(), reason="this build has no labels, /review and entities routes yet (contract v1.1)"
+)
+
+
+def _has_learning_api() -> bool:
+    return TRAIN_ROUTE in create_app(Settings(device="cpu")).openapi()["paths"]
+
+
+needs_learning_api = pytest.mark.skipif(
+    not _has_learning_api(), reason="this build has no /datasets/{name}/train routes yet (contract v1.2)"
 )
 
 
@@ -356,3 +366,150 @@ def test_page_asks_for_a_key_when_access_control_is_on(live_settings: Settings, 
         by_id(browser, "recalibrate").click()
         wait_for(lambda: f"{DATASET}:manage" in message(browser), "the missing scope named on the page")
         assert "does not allow this" in message(browser)
+
+
+# ---------------------------------------------------------------------------------------------- training
+
+
+def _open(browser: Any, url: str, dataset: str) -> None:
+    browser.get(f"{url}/ui#{dataset}")
+    wait_for(lambda: browser.find_element("css selector", "body[data-ready='true']"), "the page to start")
+    wait_for(lambda: by_id(browser, "dataset-name").text.startswith(dataset), f"dataset {dataset} selected")
+
+
+def _labels(pairs: list[tuple[str, str, int]]) -> dict:
+    return {
+        "pairs": [
+            {"left_source": "a", "left_id": a, "right_source": "b", "right_id": b, "label": label}
+            for a, b, label in pairs
+        ]
+    }
+
+
+@needs_browser
+@needs_learning_api
+def test_train_from_labels_with_too_few_labels_shows_the_refusal(live: str, browser: Any) -> None:
+    api = httpx.Client(base_url=live, timeout=60)
+    assert api.put("/datasets/few", json={}).status_code == 201
+    rows = [{"id": f"r{i}", "attributes": {"name": f"item {i}"}} for i in range(3)]
+    for source in ("a", "b"):
+        assert api.post("/records", json={"dataset": "few", "source": source, "records": rows}).status_code == 202
+    assert api.put("/datasets/few/labels", json=_labels([("r0", "r0", 1), ("r0", "r1", 0)])).status_code == 200
+    refused = api.post("/datasets/few/train", json={})
+    assert refused.status_code == 409 and refused.json()["detail"]
+
+    _open(browser, live, "few")
+    assert by_id(browser, "encoder-version").text == "as configured"
+    assert by_id(browser, "train-status").text == "" and not by_id(browser, "train-cancel").is_displayed()
+    by_id(browser, "train").click()
+    answer = wait_for(lambda: by_id(browser, "train-answer").is_displayed() and by_id(browser, "train-answer"), "409")
+    assert answer.text == refused.json()["detail"] and answer.get_attribute("data-status") == "409"
+    assert by_id(browser, "training").get_attribute("data-status") is None, "no job: nothing shown"
+    assert not by_id(browser, "train-progress").is_displayed() and not by_id(browser, "train-metrics").is_displayed()
+    assert api.get("/datasets/few/train").status_code == 404
+
+
+@needs_browser
+@needs_learning_api
+def test_a_queued_training_job_shows_progress_and_cancel_ends_it(
+    live_settings: Settings, pool: EncoderPool, browser: Any
+) -> None:
+    """No worker runs here, so the job the button starts stays queued until Cancel ends it."""
+    with live_server(create_app(live_settings, pool=pool, run_worker=False)) as (url, _app):
+        api = httpx.Client(base_url=url, timeout=60)
+        assert api.put("/datasets/enough", json={}).status_code == 201
+        rows = [{"id": f"r{i}", "attributes": {"name": f"item {i}"}} for i in range(10)]
+        for source in ("a", "b"):
+            answer = api.post("/records", json={"dataset": "enough", "source": source, "records": rows})
+            assert answer.status_code == 202
+        pairs = [(f"r{i}", f"r{i}", 1) for i in range(10)] + [(f"r{i}", f"r{(i + 1) % 10}", 0) for i in range(10)]
+        assert api.put("/datasets/enough/labels", json=_labels(pairs)).status_code == 200
+
+        _open(browser, url, "enough")
+        by_id(browser, "train").click()
+        wait_for(lambda: by_id(browser, "train-answer").get_attribute("data-status") == "202", "the job started")
+        job = api.get("/datasets/enough/train").json()
+        assert job["status"] == "queued"
+        assert job["id"] in by_id(browser, "train-answer").text
+        assert by_id(browser, "training").get_attribute("data-status") == "queued"
+        assert "queued, 0%" in by_id(browser, "train-status").text
+        assert by_id(browser, "train-progress").is_displayed() and by_id(browser, "train-cancel").is_displayed()
+        assert not by_id(browser, "train-outcome").is_displayed()
+
+        # A second press while the job is unfinished: the service's 409 says so, and the job stays shown.
+        by_id(browser, "train").click()
+        wait_for(lambda: by_id(browser, "train-answer").get_attribute("data-status") == "409", "the second 409")
+        assert by_id(browser, "train-answer").text == api.post("/datasets/enough/train", json={}).json()["detail"]
+
+        by_id(browser, "train-cancel").click()
+        wait_for(lambda: by_id(browser, "training").get_attribute("data-status") == "cancelled", "the cancelled job")
+        cancelled = api.get("/datasets/enough/train").json()
+        assert cancelled["status"] == "cancelled"
+        outcome = by_id(browser, "train-outcome")
+        assert outcome.is_displayed() and "status: cancelled" in outcome.text and "adopted: null" in outcome.text
+        assert cancelled["error"] is None or f"error: {cancelled['error']}" in outcome.text
+        assert not by_id(browser, "train-cancel").is_displayed() and not by_id(browser, "train-progress").is_displayed()
+
+
+# A job the page reads while it runs and after it ends, answered by the page's own fetch (no training here).
+FAKE_TRAINING = """
+const steps = arguments[0];
+const real = window.fetch.bind(window);
+window.__calls = [];
+window.fetch = (input, init) => {
+  const url = String(input);
+  const method = (init && init.method) || "GET";
+  window.__calls.push(`${method} ${url.replace(location.origin, "")}`);
+  if (url.endsWith("/train") && method === "GET") {
+    const body = steps.length > 1 ? steps.shift() : steps[0];
+    return Promise.resolve(new Response(JSON.stringify(body), {status: 200}));
+  }
+  return real(input, init);
+};
+"""
+
+
+@needs_browser
+@needs_learning_api
+def test_a_finished_job_shows_its_outcome_and_metrics_and_reloads_when_adopted(live: str, browser: Any) -> None:
+    api = httpx.Client(base_url=live, timeout=60)
+    assert api.put("/datasets/done", json={}).status_code == 201
+    _open(browser, live, "done")
+    job = {"id": "j1", "labels": 40, "version": "done-v1", "adopted": None, "metrics": None, "error": None}
+    metrics = {
+        "holdout_pairs": 12,
+        "candidate": {"f1": 0.91666, "threshold": 0.5},
+        "current": {"f1": 0.8},
+        "reason": "better F1",
+    }
+    steps = [
+        {**job, "status": "training", "progress": 0.25},
+        {**job, "status": "encoding", "progress": 0.75},
+        {**job, "status": "done", "progress": 1.0, "adopted": True, "metrics": metrics},
+    ]
+    browser.execute_script(FAKE_TRAINING, steps)
+    by_id(browser, "train").click()  # the real POST: too few labels, 409; then the (fake) job is read
+    wait_for(lambda: by_id(browser, "training").get_attribute("data-status") == "training", "the running job")
+    assert "training, 25%" in by_id(browser, "train-status").text and by_id(browser, "train-cancel").is_displayed()
+    wait_for(lambda: by_id(browser, "training").get_attribute("data-status") == "done", "the job's end", timeout=20)
+    outcome = by_id(browser, "train-outcome")
+    assert outcome.text == "status: done · adopted: true · version: done-v1"
+    shown = {
+        row.get_attribute("data-metric"): row.find_elements("css selector", "td")[1].text
+        for row in browser.find_elements("css selector", "#train-metrics tbody tr")
+    }
+    assert shown == {
+        "holdout_pairs": "12",
+        "candidate.f1": "0.917",
+        "candidate.threshold": "0.500",
+        "current.f1": "0.800",
+        "reason": "better F1",
+    }
+    assert not by_id(browser, "train-cancel").is_displayed() and not by_id(browser, "train-progress").is_displayed()
+
+    def reloaded() -> bool:
+        calls = browser.execute_script("return window.__calls")
+        ended = max(i for i, call in enumerate(calls) if call == "GET /datasets/done/train")
+        return {"GET /datasets", "GET /datasets/done/review?limit=20"} <= set(calls[ended:])
+
+    wait_for(reloaded, "the summary and the review pairs read again after adoption")

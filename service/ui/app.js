@@ -11,6 +11,8 @@
   const REFRESH_MS = 5000;
   const SIM_HIGH = 0.8;
   const SIM_LOW = 0.5;
+  const TRAIN_POLL_MS = 1000;
+  const TRAIN_UNFINISHED = new Set(["queued", "training", "encoding"]);
 
   const $ = (id) => document.getElementById(id);
 
@@ -26,6 +28,9 @@
     busy: false,
     pairToken: 0,
     entitiesOffset: 0,
+    trainJob: null, // the selected dataset's latest training job, as last read
+    trainTimer: null,
+    trainToken: 0, // bumped to stop a polling loop (another dataset, a new job)
   };
 
   // ---- API access ------------------------------------------------------------------------------------------
@@ -176,7 +181,11 @@
 
   function renderSummary(dataset) {
     $("dataset-name").textContent = `${dataset.name}  `;
-    $("dataset-name").append(el("span", { class: "muted", text: `encoder ${dataset.encoder}` }));
+    const version = dataset.encoder_version ? `version: ${dataset.encoder_version}` : "as configured";
+    $("dataset-name").append(
+      el("span", { class: "muted", text: `encoder ${dataset.encoder} · ` }),
+      el("span", { id: "encoder-version", class: "muted", text: version }),
+    );
     const body = $("counts").querySelector("tbody");
     body.replaceChildren();
     const row = (name, c, cls = "") =>
@@ -224,12 +233,16 @@
     state.labelled = 0;
     state.skipped = 0;
     $("calibrate-result").hidden = true;
+    stopTrainingWatch();
+    state.trainJob = null;
+    $("train-answer").hidden = true;
+    renderTraining(null);
     $("dataset").hidden = false;
     renderDatasets();
     const dataset = state.datasets.find((d) => d.name === name);
     if (dataset) renderSummary(dataset);
     renderSessionCount();
-    await Promise.all([loadLabelCount(), loadQueue(), loadEntities(true)]);
+    await Promise.all([loadLabelCount(), loadQueue(), loadEntities(true), watchTraining()]);
   }
 
   async function loadLabelCount() {
@@ -285,7 +298,8 @@
   function renderBasis(basis, threshold) {
     const text = BASIS[basis];
     $("review-basis").textContent = text && threshold !== null && threshold !== undefined
-      ? `Pairs ${text}, ${fixed(threshold)}, first.`
+      ? `Pairs ${text}, ${fixed(threshold)}, first, a few records at a time; ` +
+        "every fifth pair is taken from higher or random scores."
       : "";
   }
 
@@ -539,6 +553,178 @@
     }
   }
 
+  // ---- training --------------------------------------------------------------------------------------------
+
+  async function startTraining() {
+    if (!state.current) return;
+    const name = state.current;
+    const button = $("train");
+    button.disabled = true;
+    clearMessage();
+    const answer = $("train-answer");
+    answer.hidden = true;
+    try {
+      const job = await api("POST", datasetPath("/train"), {});
+      if (name !== state.current) return;
+      answer.className = "result";
+      answer.textContent = `Training job ${job.id} ${job.status} on ${job.labels} stored labels.`;
+      answer.dataset.status = "202";
+      answer.hidden = false;
+      stopTrainingWatch();
+      state.trainJob = job;
+      renderTraining(job);
+      await watchTraining();
+    } catch (error) {
+      if (name !== state.current) return;
+      if (error.status !== 409) {
+        showError(error, "Could not start training");
+        return;
+      }
+      // Too few labels, or a job of the dataset still running: the service says which.
+      answer.className = "result bad";
+      answer.textContent = error.detail;
+      answer.dataset.status = "409";
+      answer.hidden = false;
+      stopTrainingWatch();
+      await watchTraining();
+    } finally {
+      button.disabled = false;
+    }
+  }
+
+  async function cancelTraining() {
+    if (!state.current) return;
+    const name = state.current;
+    $("train-cancel").disabled = true;
+    try {
+      const job = await api("DELETE", datasetPath("/train"));
+      if (name !== state.current) return;
+      stopTrainingWatch();
+      state.trainJob = job;
+      renderTraining(job);
+      await watchTraining();
+    } catch (error) {
+      if (name === state.current) showError(error, "Could not cancel training");
+    } finally {
+      $("train-cancel").disabled = false;
+    }
+  }
+
+  function stopTrainingWatch() {
+    clearTimeout(state.trainTimer);
+    state.trainTimer = null;
+    state.trainToken += 1;
+  }
+
+  // Read the latest job and show it; while it is unfinished, read it again about every second. A 404 is no job.
+  async function watchTraining(token = state.trainToken) {
+    const name = state.current;
+    let job;
+    try {
+      job = await api("GET", datasetPath("/train"));
+    } catch (error) {
+      if (token !== state.trainToken || name !== state.current) return;
+      if (error.status === 404) {
+        state.trainJob = null;
+        renderTraining(null);
+      } else if (error.status === 401 || error.status === 403) {
+        showError(error, "Could not read the training job");
+      } else {
+        $("train-status").textContent = `Could not read the training job: ${error.detail || error.message}`;
+        if (state.trainJob && TRAIN_UNFINISHED.has(state.trainJob.status)) {
+          state.trainTimer = setTimeout(() => watchTraining(token), TRAIN_POLL_MS);
+        }
+      }
+      return;
+    }
+    if (token !== state.trainToken || name !== state.current) return;
+    const before = state.trainJob;
+    state.trainJob = job;
+    renderTraining(job);
+    if (TRAIN_UNFINISHED.has(job.status)) {
+      state.trainTimer = setTimeout(() => watchTraining(token), TRAIN_POLL_MS);
+      return;
+    }
+    const justEnded = before && before.id === job.id && TRAIN_UNFINISHED.has(before.status);
+    if (justEnded && job.status === "done" && job.adopted === true) {
+      // The new version serves now: its counts, version and calibration, and the pairs it is unsure of.
+      await loadDatasets();
+      if (name === state.current) await loadQueue();
+    }
+  }
+
+  function renderTraining(job) {
+    const box = $("training");
+    const status = $("train-status");
+    const bar = $("train-progress");
+    const outcome = $("train-outcome");
+    const metrics = $("train-metrics");
+    const cancel = $("train-cancel");
+    if (!job) {
+      delete box.dataset.status;
+      delete box.dataset.job;
+      status.textContent = "";
+      bar.hidden = true;
+      cancel.hidden = true;
+      outcome.hidden = true;
+      metrics.hidden = true;
+      return;
+    }
+    box.dataset.status = job.status;
+    box.dataset.job = job.id;
+    const unfinished = TRAIN_UNFINISHED.has(job.status);
+    const progress = Math.max(0, Math.min(1, Number(job.progress) || 0));
+    status.textContent = unfinished
+      ? `Training job ${job.id}: ${job.status}, ${Math.round(progress * 100)}%` +
+        (job.cancel_requested ? " (cancelling…)" : "")
+      : `Training job ${job.id}: ${job.status}`;
+    bar.hidden = !unfinished;
+    bar.firstChild.style.width = `${progress * 100}%`;
+    bar.setAttribute("aria-valuenow", String(Math.round(progress * 100)));
+    cancel.hidden = !unfinished;
+    outcome.hidden = unfinished;
+    outcome.replaceChildren();
+    if (!unfinished) {
+      const adopted = job.adopted === true ? "true" : job.adopted === false ? "false" : "null";
+      outcome.dataset.adopted = adopted;
+      outcome.append(
+        el("span", { text: `status: ${job.status} · ` }),
+        el("span", {
+          class: job.adopted === true ? "adopted-yes" : job.adopted === false ? "adopted-no" : "",
+          text: `adopted: ${adopted}`,
+        }),
+        el("span", { text: ` · version: ${job.version ?? "–"}` }),
+      );
+      if (job.error) outcome.append(el("span", { class: "error", text: ` · error: ${job.error}` }));
+    }
+    const rows = !unfinished && job.metrics ? metricRows(job.metrics) : [];
+    const body = metrics.querySelector("tbody");
+    body.replaceChildren(
+      ...rows.map(([name, value]) =>
+        el("tr", { dataset: { metric: name } }, el("td", { text: name }), el("td", { text: value })),
+      ),
+    );
+    metrics.hidden = rows.length === 0;
+  }
+
+  // A job's metrics as [name, text] rows: nested objects flattened with dotted names, numbers to 3 decimals
+  // (whole numbers, such as counts, as they are).
+  function metricRows(value, prefix = "", rows = []) {
+    if (value !== null && typeof value === "object" && !Array.isArray(value)) {
+      for (const [name, inner] of Object.entries(value)) metricRows(inner, prefix ? `${prefix}.${name}` : name, rows);
+    } else {
+      rows.push([prefix, metricText(value)]);
+    }
+    return rows;
+  }
+
+  function metricText(value) {
+    if (value === null || value === undefined) return "–";
+    if (typeof value === "number") return Number.isInteger(value) ? String(value) : value.toFixed(3);
+    if (Array.isArray(value)) return value.map(metricText).join(", ");
+    return String(value);
+  }
+
   // ---- entities --------------------------------------------------------------------------------------------
 
   async function loadEntities(reset) {
@@ -725,6 +911,8 @@
     $("label-no").addEventListener("click", () => act("no"));
     $("label-skip").addEventListener("click", () => act("skip"));
     $("recalibrate").addEventListener("click", recalibrate);
+    $("train").addEventListener("click", startTraining);
+    $("train-cancel").addEventListener("click", cancelTraining);
     $("reload-entities").addEventListener("click", () => loadEntities(true));
     $("more-entities").addEventListener("click", () => loadEntities(false));
     document.addEventListener("keydown", onKey);
