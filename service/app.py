@@ -14,7 +14,7 @@ from llmatch.settings import Settings, get_settings
 from service import metrics, openapi
 from service.auth import AuthGate
 from service.errors import ApiError, ServiceUnavailable, install_error_handlers, log
-from service.routes import datasets, decisions, entities, labels, ops, pairs, records
+from service.routes import datasets, decisions, entities, labels, learning, ops, pairs, records
 from service.routes import ui as ui_routes
 from service.state import ServiceState
 
@@ -55,6 +55,7 @@ def create_app(
     for router in (datasets.router, records.router, decisions.router, ops.router, labels.router, entities.router):
         app.include_router(router)
     app.include_router(pairs.router)
+    app.include_router(learning.router)
     app.include_router(ui_routes.router)
     openapi.install(app, settings)
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)

@@ -84,6 +84,8 @@ def put_dataset(
         setattr(dataset, field, value)
     if changed.keys() & set(TEXT_FIELDS):
         requeue_dataset(session, dataset)
+        # A trained version learned the old text (and another encoder's weights): the configuration serves again.
+        dataset.encoder_version = None
     session.flush()
     return dataset, False
 
@@ -197,6 +199,7 @@ def describe(
         calibration=calibration_out(calibration),
         index=IndexOptionsOut(**effective_policy(dataset, base_policy or IndexPolicy()).as_dict()),
         render_warning=render_warning(pool, dataset),
+        encoder_version=dataset.encoder_version,
         created_at=dataset.created_at,
         updated_at=dataset.updated_at,
     )

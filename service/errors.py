@@ -11,6 +11,8 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from learning.errors import LearningError, TooFewLabels
+
 log = logging.getLogger("llmatch.api")
 
 
@@ -88,6 +90,19 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(ApiError)
     async def _api_error(_request: Request, error: ApiError) -> JSONResponse:
         return JSONResponse({"detail": error.detail, **error.extra}, status_code=error.status_code)
+
+    @app.exception_handler(LearningError)
+    async def _learning_error(_request: Request, error: LearningError) -> JSONResponse:
+        """What a training job cannot do with the dataset as it stands (too few labels, a job unfinished): 409."""
+        extra: dict[str, Any] = {}
+        if isinstance(error, TooFewLabels):
+            extra = {
+                "matches": error.matches,
+                "non_matches": error.non_matches,
+                "needed_matches": error.need_matches,
+                "needed_non_matches": error.need_non_matches,
+            }
+        return JSONResponse({"detail": str(error), **extra}, status_code=409)
 
     @app.exception_handler(RequestValidationError)
     async def _validation_error(_request: Request, error: RequestValidationError) -> JSONResponse:

@@ -87,30 +87,49 @@ def delete_labels(session: Session, dataset: Dataset) -> int:
 
 def calibration_body(session: Session, dataset: Dataset, body: CalibrateIn) -> CalibrateIn:
     """The explicit-pairs form of ``{"from": "labels"}``: every stored label as a pair (409 while the stored
-    labels lack a class: the request is valid, the stored state is not ready)."""
+    labels lack a class: the request is valid, the stored state is not ready). While a trained version serves
+    the dataset, the labels it was trained on sit out: its threshold is fitted on labels it did not learn."""
     if body.from_ is None:
         return body
     labelled = labelled_keys(session, dataset.id)
+    trained_on = trained_keys(session, dataset.id) if dataset.encoder_version else set()
+    labelled = {key: label for key, label in labelled.items() if key not in trained_on}
     encoded = encoded_refs(session, dataset.id, {side for key in labelled for side in (key[:2], key[2:])})
     # A label whose record was deleted (or waits to be encoded again) sits out until the record is back.
     labelled = {key: label for key, label in labelled.items() if key[:2] in encoded and key[2:] in encoded}
     positives = sum(labelled.values())
+    left_out = (
+        f" ({len(trained_on)} labels that encoder version {dataset.encoder_version} was trained on are left out: "
+        "its threshold is fitted on labels it did not learn)"
+        if trained_on
+        else ""
+    )
     if not labelled:
         raise Conflict(
-            f"Dataset {dataset.name!r} has no stored labels of encoded records; label pairs with "
+            f"Dataset {dataset.name!r} has no stored labels of encoded records{left_out}; label pairs with "
             f"PUT /datasets/{dataset.name}/labels (GET /datasets/{dataset.name}/review suggests some) first."
         )
     if positives in (0, len(labelled)):
         missing = "matches (label 1)" if positives == 0 else "non-matches (label 0)"
         raise Conflict(
-            f"Calibration needs both matches and non-matches; the {len(labelled)} stored labels have no {missing}. "
-            "Label more pairs first."
+            f"Calibration needs both matches and non-matches; the {len(labelled)} stored labels it can use have "
+            f"no {missing}{left_out}. Label more pairs first."
         )
     pairs = [
         LabelledPair(left_source=ls, left_id=li, right_source=rs, right_id=ri, label=label)
         for (ls, li, rs, ri), label in labelled.items()
     ]
     return CalibrateIn(pairs=pairs, objective=body.objective)
+
+
+def trained_keys(session: Session, dataset_id: int) -> set[PairKey]:
+    """The labelled pairs a training job trained on (``Label.holdout`` false), in stored order."""
+    rows = session.execute(
+        select(Label.left_source, Label.left_id, Label.right_source, Label.right_id).where(
+            Label.dataset_id == dataset_id, Label.holdout.is_(False)
+        )
+    )
+    return {(ls, li, rs, ri) for ls, li, rs, ri in rows}
 
 
 def encoded_refs(session: Session, dataset_id: int, refs: set[tuple[str, str]]) -> set[tuple[str, str]]:

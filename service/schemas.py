@@ -232,6 +232,11 @@ class DatasetOut(BaseModel):
         default=None,
         description="Set when the dataset renders records otherwise than its trained encoder was trained on them.",
     )
+    encoder_version: str | None = Field(
+        default=None,
+        description="The version of the encoder a training job made that serves the dataset; null: the configured "
+        "encoder as it came.",
+    )
     created_at: UtcDateTime
     updated_at: UtcDateTime
 
@@ -609,3 +614,33 @@ class RequeueIn(Strict):
 
 class RequeueOut(BaseModel):
     requeued: int
+
+
+# ------------------------------------------------------------------------------------------- learning (v1.2)
+
+
+class TrainIn(Strict):
+    """The body of POST /datasets/{name}/train: optional, and empty (``{}``) for now; unknown fields are refused."""
+
+
+class TrainingJobOut(BaseModel):
+    """A training job: what it is doing, and what it made."""
+
+    model_config = ConfigDict(from_attributes=True)
+
+    id: str
+    status: Literal["queued", "training", "encoding", "done", "failed", "cancelled"]
+    progress: float = Field(description="0 to 1, over training and re-encoding")
+    labels: int = Field(description="the stored labels (of records that exist) the job started with")
+    version: str | None = Field(description="the encoder version it trained; null until it has one")
+    adopted: bool | None = Field(
+        description="whether the version serves; false when it did worse than the current one on labels neither "
+        "trained on (metrics say why); null until judged"
+    )
+    metrics: dict[str, Any] | None = Field(description="held-out measurements of the new and the current version")
+    error: str | None = Field(description="why the job failed or was cancelled")
+    created_at: UtcDateTime
+    started_at: UtcDateTime | None = None
+    finished_at: UtcDateTime | None = None
+    attempts: int = Field(description="how many times a worker started it (a worker that died leaves it to another)")
+    cancel_requested: bool = Field(description="cancellation was asked for and the job's worker has not stopped yet")

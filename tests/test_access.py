@@ -147,6 +147,10 @@ ROWS = [
         {"json": {"dataset": "shop", "pairs": [{"left": INLINE, "right": {"source": "b", "id": "b4"}}]}},
     ),
     Row("GET", "/datasets/shop/pairs?k=2", "read", 200, "shop"),
+    # Training jobs: shop has no stored labels (409 once allowed) and so no job (404).
+    Row("POST", "/datasets/shop/train", "manage", 409, "shop", {"json": {}}),
+    Row("GET", "/datasets/shop/train", "read", 404, "shop"),
+    Row("DELETE", "/datasets/shop/train", "manage", 404, "shop"),
 ]
 WHO = ("off", "none", "unknown", "revoked", "expired", "wrong", "read", "write", "manage", "admin")
 
