@@ -22,6 +22,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if args.command != "migrate":  # Alembic's start-up check says what it does at INFO; only migrate needs that
         logging.getLogger("alembic").setLevel(logging.WARNING)
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # a line per request would bury progress bars and prompts
     return int(args.handler(args, settings) or 0)
 
 
@@ -98,12 +99,23 @@ def build_parser() -> argparse.ArgumentParser:
     ingest.add_argument("--key", default=os.environ.get("LLMATCH_API_KEY"), help="API key (env LLMATCH_API_KEY)")
     ingest.set_defaults(handler=run_ingest)
 
-    label = commands.add_parser("label", help="the review queue in the terminal: label pairs y/n/s, recalibrate")
+    label = commands.add_parser(
+        "label",
+        help="the review queue in the terminal: label pairs y/n/s/q, recalibrate",
+        description="Show the pairs of GET /datasets/NAME/review side by side and store each answer as a label at "
+        "once (y: match, n: non-match, s: skip, q: quit); after each page, offer to recalibrate.",
+    )
     label.add_argument("dataset")
     label.add_argument("--url", default="http://127.0.0.1:8000", help="the API's base URL")
     label.add_argument("--key", default=os.environ.get("LLMATCH_API_KEY"), help="API key (env LLMATCH_API_KEY)")
-    label.add_argument("--batch", type=int, default=10, help="pairs per round before offering to recalibrate")
+    label.add_argument(
+        "--limit", type=_positive, default=20, help="pairs per page of /review, before offering to recalibrate"
+    )
+    label.add_argument("--batch", type=_positive, dest="limit", help=argparse.SUPPRESS)  # the former name of --limit
     label.add_argument("--no-explain", action="store_true", help="do not show each attribute's similarity")
+    label.add_argument(
+        "--yes-stdin", action="store_true", help="read the answers from standard input although it is not a terminal"
+    )
     label.set_defaults(handler=run_label)
 
     pairs = commands.add_parser("pairs", help="write every candidate pair of a dataset to a CSV file")
@@ -164,7 +176,8 @@ def build_parser() -> argparse.ArgumentParser:
         "train",
         help="train an encoder: LLM2Vec's MNTP and SimCSE, and supervised contrastive fine-tuning on labelled pairs",
         description="Train on DeepMatcher folders; each stage writes OUT/<stage> with a manifest.json that an "
-        "encoder configuration can name.",
+        "encoder configuration can name. Or, with --dataset NAME, start a training job on a running service's "
+        "stored labels of that dataset and wait for it (exit 0: done, 1: failed or cancelled, 2: refused).",
     )
     add_train_arguments(train)
     train.set_defaults(handler=run_train)
@@ -317,16 +330,35 @@ def run_train(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def run_label(args: argparse.Namespace, _settings: Settings) -> int:
-    from llmatch.terminal import ApiCallError, api_client, label_queue
+    from llmatch.terminal import ApiCallError, LabelSummary, api_client, label_session
 
+    if not args.yes_stdin and not sys.stdin.isatty():
+        print(
+            "llmatch label: standard input is not a terminal; run it in one to answer each pair, or pass "
+            "--yes-stdin to read the answers (y, n, s or q, one a line) from standard input.",
+            file=sys.stderr,
+        )
+        return 2
+    summary = LabelSummary()
     try:
         with api_client(args.url, args.key) as client:
-            stored = label_queue(client, args.dataset, batch=args.batch, explain=not args.no_explain)
+            label_session(client, args.dataset, batch=args.limit, explain=not args.no_explain, summary=summary)
     except ApiCallError as error:
         print(f"llmatch: {error}", file=sys.stderr)
         return 1
-    print(f"{stored} labels stored")
+    except KeyboardInterrupt:
+        print("\nstopped; the labels given so far are stored.", file=sys.stderr)
+    print(summary)
+    if summary.labelled:
+        print(f"train a new version of the encoder on them with `llmatch train --dataset {args.dataset}`")
     return 0
+
+
+def _positive(text: str) -> int:
+    value = int(text)
+    if not 1 <= value <= 5000:
+        raise argparse.ArgumentTypeError(f"takes a number from 1 to 5000, not {text}")
+    return value
 
 
 def run_pairs(args: argparse.Namespace, _settings: Settings) -> int:

@@ -1,10 +1,12 @@
-"""A small HTTP client for the API, used by ``llmatch ingest``, ``llmatch pairs`` and the evaluation."""
+"""A small HTTP client for the API, used by ``llmatch ingest``, ``llmatch pairs``, ``llmatch train --dataset`` and the
+evaluation."""
 
 from __future__ import annotations
 
 import csv
 import json
-from collections.abc import Iterable, Iterator
+import time
+from collections.abc import Callable, Iterable, Iterator
 from itertools import islice
 from pathlib import Path
 from typing import Any
@@ -148,3 +150,96 @@ def _pairs_page(
             left, right = item["left"], item["right"]
             rows.append([left["source"], left["id"], right["source"], right["id"], item["score"], match, probability])
     raise _CutShort("the response ended before its cursor line")
+
+
+# ------------------------------------------------------------------------------------ training jobs (v1.2)
+
+JOB_ENDED = ("done", "failed", "cancelled")
+
+
+class TrainingError(RuntimeError):
+    """A training job could not be started, followed or cancelled: ``method`` the request (POST starts, GET
+    follows, DELETE cancels), ``status`` the HTTP status that refused it (None: no answer), ``detail`` why."""
+
+    def __init__(self, message: str, method: str, status: int | None = None, detail: str | None = None):
+        super().__init__(message)
+        self.method, self.status, self.detail = method, status, detail or message
+
+    @property
+    def refused(self) -> bool:
+        """The service answered 4xx: the request, not the service, must change."""
+        return self.status is not None and 400 <= self.status < 500
+
+
+def start_training(client: httpx.Client, dataset: str, headers: dict[str, str] | None = None) -> dict[str, Any]:
+    """POST /datasets/NAME/train: the queued job."""
+    return _job_call(client, "POST", dataset, 202, headers, json={})
+
+
+def training_job(client: httpx.Client, dataset: str, headers: dict[str, str] | None = None) -> dict[str, Any]:
+    """GET /datasets/NAME/train: the dataset's latest job."""
+    return _job_call(client, "GET", dataset, 200, headers)
+
+
+def cancel_training(client: httpx.Client, dataset: str, headers: dict[str, str] | None = None) -> dict[str, Any]:
+    """DELETE /datasets/NAME/train: the cancelled job (or the running one, asked to stop)."""
+    return _job_call(client, "DELETE", dataset, 200, headers)
+
+
+def follow_training(
+    url: str,
+    dataset: str,
+    api_key: str | None = None,
+    poll_seconds: float = 1.0,
+    progress: bool = False,
+    client: httpx.Client | None = None,
+    started: Callable[[dict[str, Any]], None] | None = None,
+    transient_retries: int = 5,
+) -> dict[str, Any]:
+    """Start a training job of ``dataset`` and wait for it to end, with a progress bar (its status as the
+    description); returns the ended job. A refused start raises ``TrainingError`` with its status; Ctrl-C
+    (``KeyboardInterrupt``) stops the waiting, never the job. ``started`` is called with the queued job."""
+    owned = client is None
+    headers = {"Authorization": f"Bearer {api_key}"} if api_key else None
+    client = client or httpx.Client(base_url=url, timeout=httpx.Timeout(60, connect=10))
+    bar = tqdm(total=1.0, desc="queued", bar_format="{desc}: {percentage:3.0f}%|{bar}| {elapsed}", disable=not progress)
+    try:
+        job = start_training(client, dataset, headers)
+        if started is not None:
+            started(job)
+        failures = 0
+        while True:
+            bar.set_description_str(job["status"], refresh=False)
+            bar.n = min(max(float(job["progress"] or 0.0), 0.0), 1.0)
+            bar.refresh()
+            if job["status"] in JOB_ENDED:
+                return job
+            time.sleep(poll_seconds)
+            try:
+                job = training_job(client, dataset, headers)
+                failures = 0
+            except TrainingError as error:
+                failures += 1  # the service restarting: ask again a few times before giving up
+                if error.refused or failures > transient_retries:
+                    raise
+    finally:
+        bar.close()
+        if owned:
+            client.close()
+
+
+def _job_call(
+    client: httpx.Client, method: str, dataset: str, expected: int, headers: dict[str, str] | None, **kwargs: Any
+) -> dict[str, Any]:
+    path = f"/datasets/{dataset}/train"
+    try:
+        response = client.request(method, path, headers=headers, **kwargs)
+    except httpx.HTTPError as error:
+        raise TrainingError(
+            f"cannot reach the API at {client.base_url} ({error}); is `llmatch serve` running?", method
+        ) from error
+    if response.status_code != expected:
+        detail = _detail(response)
+        message = f"{method} {path} answered {response.status_code}: {detail}"
+        raise TrainingError(message, method, response.status_code, detail)
+    return response.json()

@@ -6,6 +6,7 @@ import csv
 import shutil
 import textwrap
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -14,6 +15,7 @@ import httpx
 Ask = Callable[[str], str]
 Say = Callable[[str], None]
 ANSWERS = {"y": 1, "yes": 1, "n": 0, "no": 0, "s": None, "skip": None}
+MAX_VALUE_LINES = 3  # lines an attribute's value takes at most in ``show_pair``
 
 
 class ApiCallError(RuntimeError):
@@ -42,19 +44,50 @@ def call(client: httpx.Client, method: str, path: str, expected: int = 200, **kw
     return response.json() if response.content else None
 
 
+@dataclass
+class LabelSummary:
+    """What a labelling session stored."""
+
+    matches: int = 0
+    non_matches: int = 0
+    skipped: int = 0
+
+    @property
+    def labelled(self) -> int:
+        return self.matches + self.non_matches
+
+    def __str__(self) -> str:
+        counts = f"{self.matches} matches, {self.non_matches} non-matches, {self.skipped} skipped"
+        return f"{self.labelled} labelled: {counts}"
+
+
 def label_queue(
     client: httpx.Client, dataset: str, ask: Ask = input, say: Say = print, batch: int = 10, explain: bool = True
 ) -> int:
-    """Show the pairs of /review one by one, store each y/n answer as a label (s skips, q quits), and after each
-    round offer to recalibrate on the stored labels. Returns how many labels were stored."""
-    stored = 0
+    """``label_session``; returns how many labels were stored."""
+    return label_session(client, dataset, ask, say, batch, explain).labelled
+
+
+def label_session(
+    client: httpx.Client,
+    dataset: str,
+    ask: Ask = input,
+    say: Say = print,
+    batch: int = 10,
+    explain: bool = True,
+    summary: LabelSummary | None = None,
+) -> LabelSummary:
+    """Show the pairs of /review one by one (a page of ``batch`` at a time), store each y/n answer as a label at
+    once (s skips, q quits), and after each page offer to recalibrate on the stored labels; ends when /review has
+    no pair left or on q (or the end of the input). Counts into ``summary`` as it goes (kept on Ctrl-C)."""
+    summary = summary if summary is not None else LabelSummary()
     skipped: set[tuple[str, str, str, str]] = set()
     while True:
-        page = call(client, "GET", f"/datasets/{dataset}/review", params={"limit": min(batch + len(skipped), 500)})
+        page = call(client, "GET", f"/datasets/{dataset}/review", params={"limit": min(batch + len(skipped), 5000)})
         pairs = [p for p in page["pairs"] if _key(p) not in skipped][:batch]
         if not pairs:
             say("No unlabelled candidate pairs left to review.")
-            return stored
+            return summary
         labelled_now, quit_now = 0, False
         for number, pair in enumerate(pairs, start=1):
             say(show_pair(pair, _explanation(client, dataset, pair) if explain else None, number, len(pairs)))
@@ -64,16 +97,20 @@ def label_queue(
                 break
             if answer is None:
                 skipped.add(_key(pair))
+                summary.skipped += 1
                 continue
             body = {"pairs": [{**_sides(pair), "label": answer}]}
             total = call(client, "PUT", f"/datasets/{dataset}/labels", json=body)["total"]
-            stored += 1
+            if answer:
+                summary.matches += 1
+            else:
+                summary.non_matches += 1
             labelled_now += 1
             say(f"stored ({total} labels in {dataset})")
         if labelled_now and _yes(ask, "Recalibrate on the stored labels? [Y/n] "):
             say(recalibrate(client, dataset))
         if quit_now:
-            return stored
+            return summary
 
 
 def recalibrate(client: httpx.Client, dataset: str) -> str:
@@ -101,8 +138,8 @@ def show_pair(pair: dict, explanation: dict | None, number: int, count: int) -> 
         _row("", f"{left['source']}/{left['id']}", f"{right['source']}/{right['id']}", column),
     ]
     for name in names:
-        a = textwrap.wrap(_text(left["attributes"].get(name)), column) or [""]
-        b = textwrap.wrap(_text(right["attributes"].get(name)), column) or [""]
+        a = _cut(_text(left["attributes"].get(name)), column)
+        b = _cut(_text(right["attributes"].get(name)), column)
         sim = similarity.get(name)
         for i in range(max(len(a), len(b))):
             label = name[:12] if i == 0 else ""
@@ -186,6 +223,17 @@ def _sides(pair: dict) -> dict[str, str]:
 
 def _text(value: Any) -> str:
     return "" if value is None else str(value)
+
+
+def _cut(text: str, width: int, lines: int = MAX_VALUE_LINES) -> list[str]:
+    """A value wrapped to ``width`` columns, at most ``lines`` of them (the last ends with '…' when cut)."""
+    flat = " ".join(text.split())
+    room = width * lines * 2
+    wrapped = textwrap.wrap(flat[:room], width) or [""]
+    if len(wrapped) > lines or len(flat) > room:
+        wrapped = wrapped[:lines]
+        wrapped[-1] = wrapped[-1][: width - 1] + "…"
+    return wrapped
 
 
 def _row(label: str, left: str, right: str, width: int) -> str:

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import re
+import sys
 from pathlib import Path
 
 from encoding.llm2vec import UnsupportedModelError
@@ -38,7 +40,26 @@ CPU_LLM_MAX_LENGTH = 128  # tokens: keeps an LLM's step time on a 2-core CPU in 
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("dataset_dirs", type=Path, nargs="+", metavar="DATASET_DIR", help="DeepMatcher folders")
+    parser.add_argument(
+        "dataset_dirs",
+        type=Path,
+        nargs="*",
+        metavar="DATASET_DIR",
+        help="DeepMatcher folders to train on here (or --dataset: a job on a running service)",
+    )
+    service = parser.add_argument_group(
+        "a training job on a running service", "train on a dataset's stored labels where its encoder runs, and wait"
+    )
+    service.add_argument(
+        "--dataset", default=None, metavar="NAME", help="POST /datasets/NAME/train, then follow the job to its end"
+    )
+    service.add_argument("--url", default="http://127.0.0.1:8000", help="the API's base URL")
+    service.add_argument("--key", default=os.environ.get("LLMATCH_API_KEY"), help="API key (env LLMATCH_API_KEY)")
+    service.add_argument(
+        "--cancel", action="store_true", help="cancel the dataset's unfinished job (DELETE /datasets/NAME/train)"
+    )
+    service.add_argument("--poll-seconds", type=float, default=1.0, help=argparse.SUPPRESS)
+    parser = parser.add_argument_group("training on DeepMatcher folders")
     parser.add_argument(
         "--base", default=None, help="encoder name, trained folder or model folder (default: the default encoder)"
     )
@@ -94,6 +115,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace, settings: Settings) -> int:
+    refusal = check_mode(args)
+    if refusal:
+        print(f"llmatch train: {refusal}", file=sys.stderr)
+        return 2
+    if args.dataset is not None:
+        return cancel_job(args) if args.cancel else run_job(args)
     from training.stages import BaseEncoder, run_stage  # torch: imported only when training
 
     try:
@@ -124,6 +151,116 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
     print(f"trained encoder: {out / stages[-1]}")
     print("name it in LLMATCH_ENCODERS, or pass the folder to `llmatch evaluate --encoder`")
     return 0
+
+
+def run_job(args: argparse.Namespace) -> int:
+    """``--dataset NAME``: start a training job on the service and wait for its end with a progress bar. 0 when
+    it ends done (its version adopted or not), 1 when it fails or is cancelled, 2 when the start is refused."""
+    from llmatch.client import TrainingError, follow_training
+
+    def started(job: dict) -> None:
+        print(f"training job {job['id']} of {args.dataset}: queued with {job['labels']} labels", flush=True)
+
+    try:
+        job = follow_training(
+            args.url, args.dataset, args.key, poll_seconds=args.poll_seconds, progress=True, started=started
+        )
+    except TrainingError as error:
+        if error.method == "POST" and error.refused:
+            print(f"llmatch train: {error.detail}", file=sys.stderr)
+            return 2
+        print(f"llmatch train: {error}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print(
+            f"\nstopped waiting; the job goes on. Follow it with GET {args.url}/datasets/{args.dataset}/train, "
+            f"cancel it with `llmatch train --dataset {args.dataset} --cancel`.",
+            file=sys.stderr,
+        )
+        return 130
+    print(describe_job(job))
+    return 0 if job["status"] == "done" else 1
+
+
+def cancel_job(args: argparse.Namespace) -> int:
+    """``--dataset NAME --cancel``: cancel the dataset's unfinished job; 2 when there is none."""
+    from llmatch.client import TrainingError, cancel_training
+    from llmatch.terminal import api_client
+
+    try:
+        with api_client(args.url, args.key) as client:
+            job = cancel_training(client, args.dataset)
+    except TrainingError as error:
+        print(f"llmatch train: {error.detail}", file=sys.stderr)
+        return 2 if error.refused else 1
+    if job["status"] == "cancelled":
+        print(f"training job {job['id']} of {args.dataset}: cancelled")
+    else:
+        print(f"training job {job['id']} of {args.dataset}: asked to stop ({job['status']}); its worker ends it soon")
+    return 0
+
+
+def describe_job(job: dict) -> str:
+    """A job's end state for people: status, version, adoption, held-out metrics one per line, error."""
+    adopted = {True: "yes", False: "no (the current version keeps serving)", None: "-"}[job.get("adopted")]
+    lines = [
+        f"status: {job['status']}",
+        f"version: {job.get('version') or '-'}",
+        f"adopted: {adopted}",
+    ]
+    metrics = flat_metrics(job.get("metrics") or {})
+    if metrics:
+        lines.append("held-out metrics:")
+        width = max(len(name) for name, _ in metrics)
+        lines += [f"  {name.ljust(width)}  {value}" for name, value in metrics]
+    if job.get("error"):
+        lines.append(f"error: {job['error']}")
+    return "\n".join(lines)
+
+
+def flat_metrics(metrics: dict, prefix: str = "") -> list[tuple[str, str]]:
+    """Nested metrics as (dotted name, shown value) pairs, in their order."""
+    shown: list[tuple[str, str]] = []
+    for name, value in metrics.items():
+        if isinstance(value, dict):
+            shown += flat_metrics(value, f"{prefix}{name}.")
+        elif isinstance(value, float):
+            shown.append((f"{prefix}{name}", f"{value:.4f}"))
+        else:
+            shown.append((f"{prefix}{name}", "-" if value is None else str(value)))
+    return shown
+
+
+def check_mode(args: argparse.Namespace) -> str | None:
+    """Why the arguments name neither or both ways of training (folders here, or a job on a service); None if
+    they name one."""
+    if args.dataset is None:
+        if args.cancel:
+            return "--cancel needs --dataset NAME (the dataset whose training job to cancel)"
+        if not args.dataset_dirs:
+            return (
+                "give DATASET_DIR folders to train on here, or --dataset NAME to train on a running service's "
+                "stored labels"
+            )
+        return None
+    if args.dataset_dirs:
+        return "give either DATASET_DIR folders (training here) or --dataset NAME (a job on a service), not both"
+    local = [option for option, default in local_defaults().items() if getattr(args, option) != default]
+    if local:
+        names = ", ".join("--" + option.replace("_", "-") for option in local)
+        return f"{names} only apply to training on DATASET_DIR folders; a job on a service chooses its own settings"
+    return None
+
+
+def local_defaults() -> dict[str, object]:
+    """The options of training on folders, with their defaults."""
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    defaults = vars(parser.parse_args(["x"]))
+    return {k: v for k, v in defaults.items() if k not in REMOTE_OPTIONS}
+
+
+REMOTE_OPTIONS = ("dataset_dirs", "dataset", "url", "key", "cancel", "poll_seconds")
 
 
 def parse_stages(text: str) -> list[str]:
