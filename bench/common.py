@@ -170,8 +170,10 @@ class Server:
         worker_batch_size: int | None = None,
         log_copy: Path | None = None,
         ready_timeout: float = 300.0,
+        extra_env: dict[str, str] | None = None,
     ):
         self.database_url = database_url
+        self.extra_env = extra_env or {}
         self.worker_batch_size = worker_batch_size
         self.log_copy = log_copy
         self.ready_timeout = ready_timeout
@@ -198,7 +200,7 @@ class Server:
             env["LLMATCH_DATABASE_URL"] = self.database_url
         if self.worker_batch_size:
             env["LLMATCH_WORKER_BATCH_SIZE"] = str(self.worker_batch_size)
-        return env
+        return env | self.extra_env
 
     def __enter__(self) -> Server:
         self._tmp = tempfile.TemporaryDirectory(prefix="llmatch-bench-")

@@ -18,7 +18,7 @@ from encoding.encoder import Encoder, EncoderInput
 from encoding.identifiers import DEFAULT_DIMS, IdentifierEncoder
 from encoding.manifest import encoder_options
 from encoding.recipe import render_options
-from encoding.versions import is_version_name, serving_folder
+from encoding.versions import same_dataset, serving_folder
 from llmatch.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -196,17 +196,12 @@ class EncoderPool:
             return None
         with self._load_lock:
             if name not in self.specs:
+                for older in [other for other in self.specs if same_dataset(other, name)]:
+                    self._loaded.pop(older, None)  # a dataset serves one version: the one it replaced goes
+                    del self.specs[older]
                 self.specs[name] = spec_from_options(name, folder)
                 self._locks.setdefault(name, threading.Lock())
             return self.specs[name]
-
-    def forget(self, name: str) -> None:
-        """Unload an encoder version that no dataset serves any more (configured encoders stay)."""
-        if not is_version_name(name):
-            return
-        with self._load_lock:
-            self._loaded.pop(name, None)
-            self.specs.pop(name, None)
 
     def get(self, name: str) -> Encoder:
         spec = self.spec(name)

@@ -26,6 +26,12 @@ def is_version_name(name: str) -> bool:
     return NAME.fullmatch(name) is not None
 
 
+def same_dataset(one: str, other: str) -> bool:
+    """Whether two version names belong to the same dataset (False when either is no version name)."""
+    a, b = NAME.fullmatch(one), NAME.fullmatch(other)
+    return a is not None and b is not None and a["dataset"] == b["dataset"]
+
+
 def version_root(models_dir: Path, name: str) -> Path:
     """The folder a version's stages are written to."""
     return models_dir / VERSIONS_FOLDER / name

@@ -90,7 +90,8 @@ def run(factory: sessionmaker[Session], settings: Settings, handle: JobHandle) -
         job = session.get(TrainingJob, handle.job_id)
         dataset = session.get(Dataset, job.dataset_id)
         _forget_earlier_attempts(session, settings, handle.job_id)
-        labels = assign_folds(session, usable_labels(session, dataset.id), seed=int(handle.job_id[:8], 16))
+        stored = usable_labels(session, dataset.id)
+        labels = assign_folds(session, stored, seed=settings.training_seed * 1_000_003 + len(stored))
         check_enough(dataset.name, labels)
         data = training_data(session, dataset, labels, settings.max_text_chars)
         config, serving = DatasetConfig.of(dataset), dataset.serving_encoder
