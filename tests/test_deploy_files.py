@@ -366,7 +366,16 @@ def test_dockerignore_keeps_build_inputs_and_drops_local_state():
         for line in DOCKERIGNORE.read_text().splitlines()
         if line.strip() and not line.lstrip().startswith("#")
     ]
-    needed_paths = ("pyproject.toml", "README.md", "llmatch", "service", "encoding", "matching", "learning", "encoder_worker")
+    needed_paths = (
+        "pyproject.toml",
+        "README.md",
+        "llmatch",
+        "service",
+        "encoding",
+        "matching",
+        "learning",
+        "encoder_worker",
+    )
     for needed in (*needed_paths, "migrations"):
         assert not _ignored(needed, patterns), f"{needed} is excluded from the build context"
     for local in (".venv", ".git", ".data", "__pycache__", "bench/out", "llmatch.egg-info"):

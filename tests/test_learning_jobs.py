@@ -13,10 +13,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import records_body
 from fastapi.testclient import TestClient
 from sqlalchemy import func, select, update
 
-from conftest import records_body
 from encoding.registry import EncoderPool
 from encoding.versions import version_root
 from evaluation import deepmatcher
@@ -41,6 +41,9 @@ from llmatch.models import (
 from llmatch.settings import Settings
 
 SMALL = Path(__file__).parent / "data" / "abt_buy_small"
+# The job's process does the same on both databases; the switch is checked on both, the rest on SQLite only
+# (each of those tests trains a real model in a child process).
+SQLITE_ONLY = pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
 FINISHED = (DONE, JOB_FAILED, CANCELLED)
 
 
@@ -173,6 +176,7 @@ def test_a_job_trains_judges_on_held_out_labels_reencodes_and_switches(client, l
     assert candidates.status_code == 200, candidates.text
 
 
+@SQLITE_ONLY
 def test_cancelling_a_running_job_stops_its_process_and_the_current_encoder_keeps_serving(client, labelled, settings):
     state = client.app.state.service
     job_id = start(client, labelled)
@@ -191,6 +195,7 @@ def test_cancelling_a_running_job_stops_its_process_and_the_current_encoder_keep
         assert session.scalar(select(Dataset.encoder_version).where(Dataset.id == dataset_id)) is None
 
 
+@SQLITE_ONLY
 def test_a_training_process_killed_mid_job_fails_the_job_with_its_reason_once_attempts_are_spent(
     client, labelled, settings
 ):
@@ -206,6 +211,7 @@ def test_a_training_process_killed_mid_job_fails_the_job_with_its_reason_once_at
     assert "died (exit code -9)" in job.error
 
 
+@SQLITE_ONLY
 def test_a_killed_training_process_is_run_again_while_attempts_remain(client, labelled, settings):
     state = client.app.state.service
     job_id = start(client, labelled)
@@ -222,7 +228,7 @@ def test_a_killed_training_process_is_run_again_while_attempts_remain(client, la
 
 
 @pytest.mark.parametrize("attempts, outcome", [(0, TRAINING), (2, JOB_FAILED)])
-def test_a_job_whose_worker_died_is_taken_again_or_failed(settings, sqlite_url, attempts, outcome):
+def test_a_job_whose_worker_died_is_taken_again_or_failed(sqlite_url, attempts, outcome):
     """A worker that dies leaves its job's lease to run out; the next claim runs it again or fails it."""
     from llmatch.db import make_engine, make_session_factory
 
@@ -255,6 +261,7 @@ def test_a_job_whose_worker_died_is_taken_again_or_failed(settings, sqlite_url, 
         assert claimed is None and job.status == JOB_FAILED and "stopped before it finished, 3 times" in job.error
 
 
+@SQLITE_ONLY
 def test_too_few_labels_and_a_second_job_are_refused(client, labelled):
     from learning.errors import JobUnfinished, TooFewLabels
 
