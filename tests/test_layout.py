@@ -16,7 +16,18 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 SKIPPED_DIRS = {"__pycache__", "build", "dist", "node_modules", "out", "eval-out"}
-PROJECT = ("llmatch", "service", "encoding", "encoder_worker", "training", "evaluation", "bench", "migrations")
+PROJECT = (
+    "llmatch",
+    "service",
+    "encoding",
+    "matching",
+    "learning",
+    "encoder_worker",
+    "training",
+    "evaluation",
+    "bench",
+    "migrations",
+)
 # The in-process worker (`llmatch serve` without --no-worker): the only files of the API that import the worker.
 SERVICE_WORKER_WIRING = {"service/state.py"}
 MOVED_TO_ENCODING = ("encoders", "render", "smollm2", "mpnet", "wire")
@@ -106,6 +117,18 @@ def test_project_imports_name_modules_that_exist():
     def rule(rel: str, module: str) -> bool:
         return within(module, *PROJECT) and not module_exists(module)
 
+    assert violations(rule) == []
+
+
+def test_learning_sits_under_the_worker_and_the_api():
+    """Training jobs are run by workers and started by the API: learning/ imports neither of them."""
+
+    def rule(rel: str, module: str) -> bool:
+        return rel.startswith("learning/") and within(
+            module, "service", "encoder_worker", "evaluation", "bench", "fastapi", "starlette", "pydantic"
+        )
+
+    assert any(package(path) == "learning" for path in FILES)
     assert violations(rule) == []
 
 
