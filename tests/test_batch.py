@@ -121,7 +121,7 @@ def test_batch_match_equals_single_answers_and_reports_bad_pairs(client, product
         assert result.keys() == single.keys()
         assert result["score"] == pytest.approx(single["score"])
         assert (result["match"], result["threshold"]) == (single["match"], single["threshold"])
-        assert result["probability"] == pytest.approx(single["probability"])
+        assert result["probability"] == pytest.approx(single["probability"], rel=1e-6, abs=1e-6)  # scores: batch noise
     assert results[0]["match"] is True and results[6]["match"] is True
 
 
