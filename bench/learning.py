@@ -22,6 +22,7 @@ reported beside those of the same probe on the idle service before the first job
 from __future__ import annotations
 
 import argparse
+import json
 import random
 import threading
 import time
@@ -94,6 +95,9 @@ class Probe:
 
 def main() -> None:
     args = parse_args()
+    if args.merge:
+        merge(args)
+        return
     report: dict[str, Any] = {"config": {k: str(v) for k, v in vars(args).items()}, "machine": common.machine()}
     runs: list[dict[str, Any]] = []
     probes: list[dict[str, Any]] = []
@@ -105,7 +109,7 @@ def main() -> None:
             probes.append({"dataset": name, "seed": seed, "idle": probe.summary("idle"), "job": probe.summary("job")})
             common.write_report(args.out, {**report, "runs": runs, "probes": probes})
     report |= {"runs": runs, "probes": probes}
-    table = markdown(runs, args) + "\n\n" + probe_table(probes)
+    table = markdown(runs, args) + "\n\n" + timing_table(runs, args) + "\n\n" + probe_table(probes)
     figure(runs, args)
     report["figure"] = str(args.figure)
     common.publish(args.out, report, table)
@@ -121,7 +125,29 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--job-timeout", type=float, default=1800.0, help="seconds to wait for one training job")
     parser.add_argument("--out", type=Path, default=common.default_out(NAME))
     parser.add_argument("--figure", type=Path, default=common.REPO_ROOT / "docs" / "figures" / "learning_curve.png")
+    parser.add_argument(
+        "--merge",
+        type=Path,
+        nargs="+",
+        default=None,
+        help="run nothing: read these reports (of runs made separately), print their tables, draw one figure",
+    )
     return parser.parse_args()
+
+
+def merge(args: argparse.Namespace) -> None:
+    """The tables and the figure of reports written by separate runs (e.g. one benchmark each)."""
+    runs: list[dict[str, Any]] = []
+    probes: list[dict[str, Any]] = []
+    for path in args.merge:
+        report = json.loads(path.read_text())
+        runs += report["runs"]
+        probes += report["probes"]
+    args.datasets = list(dict.fromkeys(r["dataset"] for r in runs))
+    args.budgets = sorted({r["budget"] for r in runs})
+    print(markdown(runs, args) + "\n\n" + timing_table(runs, args) + "\n\n" + probe_table(probes))
+    figure(runs, args)
+    print(f"\nwrote {args.figure}")
 
 
 def run_seed(benchmark: deepmatcher.Benchmark, seed: int, args: argparse.Namespace) -> tuple[list[dict], Probe]:
@@ -317,6 +343,29 @@ def markdown(runs: list[dict[str, Any]], args: argparse.Namespace) -> str:
 
 def _by_seed(runs: list[dict[str, Any]], name: str, strategy: str, budget: int) -> dict[int, dict[str, Any]]:
     return {r["seed"]: r for r in runs if r["dataset"] == name and r["strategy"] == strategy and r["budget"] == budget}
+
+
+def timing_table(runs: list[dict[str, Any]], args: argparse.Namespace) -> str:
+    """Minutes per training job (start to done, re-encoding and switch included) and how many were adopted."""
+    headers = ["benchmark", "labels", "jobs", "refused (too few labels)", "adopted", "minutes: mean", "max"]
+    rows = []
+    for name in args.datasets:
+        for budget in sorted(args.budgets):
+            found = [r for r in runs if r["dataset"] == name and r["budget"] == budget]
+            ran = [r for r in found if r["job_seconds"]]
+            minutes = np.array([r["job_seconds"] / 60 for r in ran])
+            rows.append(
+                [
+                    name,
+                    budget,
+                    len(found),
+                    sum(1 for r in found if r["job_status"] == "refused"),
+                    sum(1 for r in found if r["adopted"]),
+                    f"{minutes.mean():.1f}" if len(minutes) else "",
+                    f"{minutes.max():.1f}" if len(minutes) else "",
+                ]
+            )
+    return common.markdown_table(headers, rows)
 
 
 def probe_table(probes: list[dict[str, Any]]) -> str:
