@@ -125,6 +125,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--job-timeout", type=float, default=1800.0, help="seconds to wait for one training job")
     parser.add_argument("--out", type=Path, default=common.default_out(NAME))
     parser.add_argument("--figure", type=Path, default=common.REPO_ROOT / "docs" / "figures" / "learning_curve.png")
+    parser.add_argument("--logs", type=Path, default=None, help="keep each server's log in this folder")
     parser.add_argument(
         "--merge",
         type=Path,
@@ -155,7 +156,9 @@ def run_seed(benchmark: deepmatcher.Benchmark, seed: int, args: argparse.Namespa
     oracle = Oracle.of(benchmark)
     rows: list[dict[str, Any]] = []
     env = {"LLMATCH_TRAINING_SEED": str(seed)}
-    with common.Server(extra_env=env) as server, server.client() as client, server.client() as probe_client:
+    log = args.logs / f"{benchmark.name}-{seed}.log" if args.logs else None
+    server = common.Server(extra_env=env, log_copy=log)
+    with server, server.client() as client, server.client() as probe_client:
         datasets = {strategy: f"{benchmark.name[:40]}-{strategy}-{seed}" for strategy in args.strategies}
         for dataset in datasets.values():  # all ingested first: the untrained vectors are encoded once, shared
             ingest(client, dataset, benchmark)

@@ -18,5 +18,10 @@ class UnknownSource(MatchingError):
         self.known = list(known)
 
 
+class IndexBehind(MatchingError):
+    """This process's index of a dataset holds vectors of another encoder version than its queries (a switch to a
+    new version is not applied here yet): searching it would compare vectors of different models."""
+
+
 class IndexesNotLoaded(MatchingError):
     """The process's indexes are not loaded yet, so they cannot answer a search that must be complete."""

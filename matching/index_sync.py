@@ -53,6 +53,7 @@ class IndexSynchronizer:
             consistent_snapshot(session)  # the cursor's position and the records read below: one moment
             self.cursor = cursor_for(session)
             self.cursor.start(session)
+            serving = _serving_encoders(session)
             self._follow_datasets(session, drop_deleted=False)  # each dataset's policy before its indexes load
             for key, (record_ids, embedding_ids) in _encoded_pairs(session).items():
                 expected = fingerprint(record_ids, embedding_ids)
@@ -66,6 +67,7 @@ class IndexSynchronizer:
                 else:
                     registry.put(key, index, saved=index.version == 0)  # restructured on load: save it anew
                     self.loaded_from_file.append(key)
+            self.registry.serving_encoders = serving
         self.registry.loaded = True
         self.last_success = time.monotonic()
         log.info(
@@ -87,9 +89,13 @@ class IndexSynchronizer:
             if self.cursor.lost_entries(session):
                 session.close()
                 return self._reload()
+            # Read before the changes: a switch committed in between is in the changes but not here, so the
+            # registry never names a version whose vectors it has not applied (it may lag: requests catch up).
+            serving = _serving_encoders(session)
             fresh = self.cursor.read(session)
             vectors = _vectors_by_embedding(session, {c.embedding_id for c in fresh if c.embedding_id})
             self._apply(fresh, vectors)
+            self.registry.serving_encoders = serving
             self._follow_datasets(session)
         self.cursor.advance()
         return len(fresh)
@@ -161,6 +167,12 @@ class IndexSynchronizer:
         if drop_deleted:
             for dataset_id in {key[0] for key in registry.keys()} - existing:
                 registry.drop_dataset(dataset_id)
+
+
+def _serving_encoders(session: Session) -> dict[int, str]:
+    """Dataset id -> the encoder its records are embedded with (``Dataset.serving_encoder``)."""
+    serving = func.coalesce(Dataset.encoder_version, Dataset.encoder)
+    return {dataset_id: name for dataset_id, name in session.execute(select(Dataset.id, serving))}
 
 
 # Rows read per round trip when loading ids and vectors at start-up.

@@ -17,7 +17,7 @@ from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from llmatch.models import ENCODED, Record
-from matching.errors import UnknownSource
+from matching.errors import IndexBehind, UnknownSource
 from matching.registry import IndexRegistry
 
 
@@ -90,6 +90,11 @@ def neighbours(
         # One search per target source for every query row that searches it; one more hit where a row may find
         # itself (a stored record of that source), dropped below.
         itself = any(record_ids[row] is not None and sources[row] == searched for row in rows)
+        if queries.shape[1] != index.dim:
+            raise IndexBehind(
+                f"the index of dataset {dataset_id}, source {searched!r} holds {index.dim}-dimensional "
+                f"vectors, the queries are {queries.shape[1]}-dimensional"
+            )
         scores, ids = index.search(queries[rows], k + (1 if itself else 0))
         embedding_ids = index.embedding_ids_of(ids.ravel()).reshape(ids.shape)
         for at, row in enumerate(rows):

@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 
 from matching import index_files
+from matching.errors import IndexBehind
 from matching.index import VectorIndex
 from matching.index_policy import IndexPolicy
 
@@ -29,11 +30,22 @@ class IndexRegistry:
         self.use_gpu = use_gpu
         self.policy = policy or IndexPolicy()
         self.dataset_policies: dict[int, IndexPolicy] = {}  # per dataset id, where one overrides ``policy``
+        # Per dataset id: the encoder (``Dataset.serving_encoder``) its indexes hold vectors of, as of the last
+        # applied change. A request that reads another one from the database is ahead of this process's indexes
+        # (a new encoder version was switched to and not yet applied here): it catches up before searching.
+        self.serving_encoders: dict[int, str] = {}
         self._indexes: dict[IndexKey, VectorIndex] = {}
         self._saved: dict[IndexKey, tuple[int, float]] = {}  # version written and when (monotonic)
         self._lock = threading.RLock()
         self._save_lock = threading.Lock()
         self.loaded = False
+
+    def check_current(self, dataset_id: int, serving_encoder: str) -> None:
+        """Raise ``IndexBehind`` when this process's indexes of the dataset hold vectors of another encoder than
+        ``serving_encoder`` (what the database names now): a switch to a new version is not applied here yet."""
+        held = self.serving_encoders.get(dataset_id)
+        if held is not None and held != serving_encoder:
+            raise IndexBehind(f"the indexes of dataset {dataset_id} hold vectors of {held!r}, not {serving_encoder!r}")
 
     def path(self, key: IndexKey) -> Path:
         dataset_id, source = key

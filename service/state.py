@@ -6,7 +6,9 @@ from __future__ import annotations
 
 import logging
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import TypeVar
 
 from sqlalchemy import Engine, text
 from sqlalchemy.orm import Session, sessionmaker
@@ -18,17 +20,20 @@ from llmatch.db import make_engine, make_session_factory
 from llmatch.migrate import ensure_schema
 from llmatch.settings import Settings
 from matching.entity_follower import EntityFollower
+from matching.errors import IndexBehind
 from matching.grouping import Grouping
 from matching.index_gpu import gpu_available
 from matching.index_policy import IndexPolicy
 from matching.index_sync import IndexSynchronizer, follow_encoder_keys
 from matching.registry import IndexRegistry
 from service import metrics
+from service.errors import ServiceUnavailable
 from service.inline_encoder import inline_encoder_pool
 from service.keys import KeyCache
 from service.limits import InlineEncodes
 
 log = logging.getLogger("llmatch.api")
+T = TypeVar("T")
 
 
 class SchemaNotReadyError(RuntimeError):
@@ -116,6 +121,22 @@ class ServiceState:
         if metrics.QUEUE.session_factory is self.session_factory:
             metrics.QUEUE.session_factory = metrics.AUDIT.session_factory = None
         self.engine.dispose()
+
+    def searching(self, attempt: Callable[[], T]) -> T:
+        """Run ``attempt`` (a search that reads its dataset afresh); when this process's indexes lag behind a switch
+        to a new encoder version (``IndexBehind``), apply the change log now and run it once more, so no answer
+        compares vectors of two versions; 503 if they still lag."""
+        try:
+            return attempt()
+        except IndexBehind:
+            self.synchronizer.poll()
+        try:
+            return attempt()
+        except IndexBehind as error:
+            raise ServiceUnavailable(
+                "The dataset is switching to a new encoder version and this process has not caught up yet; "
+                "retry in a moment.",
+            ) from error
 
     def database_ok(self) -> bool:
         try:

@@ -88,11 +88,15 @@ def get_candidates(
     target_source: Annotated[str | None, Query(pattern=SOURCE_NAME)] = None,
 ) -> CandidatesOut:
     """Blocking: the k nearest records of the target sources to a stored record."""
-    with state.session_factory() as session:
-        found, calibration = logic.dataset_and_calibration(session, dataset)
-        query = logic.stored_query(session, found, source, id)
-        hits = logic.candidates(session, state.registry, found, calibration, query, k, target_source)
-    return CandidatesOut(candidates=hits)
+
+    def search() -> list:
+        with state.session_factory() as session:
+            found, calibration = logic.dataset_and_calibration(session, dataset)
+            state.registry.check_current(found.id, found.serving_encoder)
+            query = logic.stored_query(session, found, source, id)
+            return logic.candidates(session, state.registry, found, calibration, query, k, target_source)
+
+    return CandidatesOut(candidates=state.searching(search))
 
 
 @router.post("/candidates", response_model=CandidatesOut | CandidatesBatchOut)
@@ -107,10 +111,14 @@ def post_candidates(body: CandidatesRequest, state: State, _: auth.Read) -> Cand
         found = get_dataset(session, body.dataset)
         prepared = logic.prepare_inline(session, state.pool, found, body.record)
     query = logic.encoded(state.pool, prepared)  # no session open while encoding
-    with state.session_factory() as session:
-        calibration = logic.active_calibration(session, found)
-        hits = logic.candidates(session, state.registry, found, calibration, query, body.k, body.target_source)
-    return CandidatesOut(candidates=hits)
+
+    def search() -> list:
+        with state.session_factory() as session:
+            calibration = logic.active_calibration(session, found)
+            state.registry.check_current(found.id, found.serving_encoder)  # the version the query was encoded by
+            return logic.candidates(session, state.registry, found, calibration, query, body.k, body.target_source)
+
+    return CandidatesOut(candidates=state.searching(search))
 
 
 def _candidates_batch(body: CandidatesRequest, state: State) -> CandidatesBatchOut:
@@ -119,12 +127,16 @@ def _candidates_batch(body: CandidatesRequest, state: State) -> CandidatesBatchO
         found = get_dataset(session, body.dataset)
         prepared = logic.prepare_many(session, state.pool, found, items)
     queries = logic.encoded_many(state.pool, prepared)  # one encoder call, no session open
-    with state.session_factory() as session:
-        calibration = logic.active_calibration(session, found)
-        results = logic.candidates_many(
-            session, state.registry, found, calibration, queries, body.k, body.target_source
-        )
-    return CandidatesBatchOut(results=results)
+
+    def search() -> list:
+        with state.session_factory() as session:
+            calibration = logic.active_calibration(session, found)
+            state.registry.check_current(found.id, found.serving_encoder)  # the version the queries were encoded by
+            return logic.candidates_many(
+                session, state.registry, found, calibration, queries, body.k, body.target_source
+            )
+
+    return CandidatesBatchOut(results=state.searching(search))
 
 
 def _match_batch(body: MatchRequest, state: State) -> MatchBatchOut:

@@ -50,9 +50,20 @@ def get_review(
     """Unlabelled candidate pairs the current model is least sure of first (nearest the threshold; the middle of the
     scores while uncalibrated), spread over records, one in five exploring away from the threshold (``teaching``);
     ``strategy`` selects another order."""
-    with state.session_factory() as session:
-        dataset = get_dataset(session, name)
-        settings = state.settings
-        return reviewing.review(
-            session, state.registry, dataset, limit, settings.review_candidates, strategy, settings.review_max_records
-        )
+    settings = state.settings
+
+    def search() -> ReviewOut:
+        with state.session_factory() as session:
+            dataset = get_dataset(session, name)
+            state.registry.check_current(dataset.id, dataset.serving_encoder)
+            return reviewing.review(
+                session,
+                state.registry,
+                dataset,
+                limit,
+                settings.review_candidates,
+                strategy,
+                settings.review_max_records,
+            )
+
+    return state.searching(search)

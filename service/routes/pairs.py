@@ -48,9 +48,15 @@ def export_pairs(
     """Every candidate pair across the dataset's sources (a record's k best, as GET /candidates answers them),
     each unordered pair once, with score, decision and probability; at most LLMATCH_PAIRS_PAGE_RECORDS records
     are queried per response, then the cursor line says where to go on."""
-    with state.session_factory() as session:
-        found, calibration = logic.dataset_and_calibration(session, name)
-        session.expunge_all()
+
+    def current() -> tuple:
+        with state.session_factory() as session:
+            found, calibration = logic.dataset_and_calibration(session, name)
+            state.registry.check_current(found.id, found.serving_encoder)
+            session.expunge_all()
+            return found, calibration
+
+    found, calibration = state.searching(current)
     lines = logic.export_lines(
         state.session_factory,
         state.registry,
