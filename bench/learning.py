@@ -404,15 +404,11 @@ def figure(runs: list[dict[str, Any]], args: argparse.Namespace) -> None:
                     points.append((budget, *interval(values)))
             if points:
                 x, mean, half = zip(*points, strict=True)
-                axis.errorbar(
-                    x,
-                    mean,
-                    yerr=half,
-                    marker="o",
-                    capsize=3,
-                    label=f"/review ({strategy})" if strategy == "review" else "random train.csv pairs",
-                )
+                label = "labels asked by /review" if strategy == "review" else "random train.csv pairs"
+                axis.errorbar(x, mean, yerr=half, marker="o", capsize=3, label=label)
         axis.set_xscale("log")
+        axis.set_xticks(sorted(args.budgets), [str(b) for b in sorted(args.budgets)])
+        axis.minorticks_off()
         axis.set_xlabel("labels")
         axis.set_ylabel("test F1")
         axis.set_title(name)
