@@ -174,6 +174,10 @@ def test_a_job_trains_judges_on_held_out_labels_reencodes_and_switches(client, l
     assert inline.json()["score"] == pytest.approx(expected, abs=1e-4), "inline records are encoded by the version"
     candidates = client.get(f"/candidates?dataset=abt&source=a&id={probe.left_id}&k=3")
     assert candidates.status_code == 200, candidates.text
+    for limit in (5, 20, 60):  # the review page asks with the new version's vectors and threshold
+        review = client.get(f"/datasets/abt/review?limit={limit}")
+        assert review.status_code == 200, review.text
+        assert review.json()["threshold"] == pytest.approx(calibration.threshold)
 
 
 @SQLITE_ONLY
