@@ -11,7 +11,7 @@ from sqlalchemy import select, update
 
 from learning.labels import MIN_MATCHES, MIN_NON_MATCHES
 from llmatch.db import transaction
-from llmatch.models import Dataset, Label, TrainingJob
+from llmatch.models import Dataset, EncoderVersion, Label, TrainingJob
 from llmatch.settings import Settings
 from service import keys
 from service.labels import calibration_body
@@ -78,8 +78,23 @@ def set_job(client: TestClient, job_id: str, **values) -> None:
 
 
 def set_encoder_version(client: TestClient, version: str | None) -> None:
+    """Make ``version`` the dataset's serving version (its row too), as an adopted job's switch would."""
     with transaction(client.app.state.service.session_factory) as session:
         session.execute(update(Dataset).where(Dataset.name == "shop").values(encoder_version=version))
+        dataset_id = session.scalar(select(Dataset.id).where(Dataset.name == "shop"))
+        if version is not None and session.scalar(select(EncoderVersion).where(EncoderVersion.name == version)) is None:
+            session.add(
+                EncoderVersion(
+                    dataset_id=dataset_id, name=version, base_encoder="minilm", job_id="0" * 32, status="serving"
+                )
+            )
+        elif version is not None:
+            session.execute(update(EncoderVersion).where(EncoderVersion.name == version).values(status="serving"))
+
+
+def version_status(client: TestClient, version: str) -> str:
+    with client.app.state.service.session_factory() as session:
+        return session.scalar(select(EncoderVersion.status).where(EncoderVersion.name == version))
 
 
 def test_too_few_labels_is_409_naming_what_is_needed(client, shop):
@@ -192,6 +207,7 @@ def test_encoder_version_is_shown_and_cleared_when_the_text_changes(client, shop
     # A rendering change re-queues the records: the trained version no longer fits them.
     changed = client.put("/datasets/shop", json={"serialization": "plain"})
     assert changed.status_code == 200 and changed.json()["encoder_version"] is None
+    assert version_status(client, "shop.v1-abcdef") == "retired", "the version's row says it serves no more"
     assert changed.json()["totals"]["pending"] == 2 * RECORDS
     set_encoder_version(client, "shop.v1-abcdef")
     assert client.put("/datasets/shop", json={"instruction": "Match products"}).json()["encoder_version"] is None
@@ -217,9 +233,7 @@ NEGATIVES = [("a1", "b2"), ("a2", "b3"), ("a3", "b4"), ("a4", "b5"), ("a1", "b5"
 def set_folds(client: TestClient, folds: dict[tuple[str, str], bool | None]) -> None:
     with transaction(client.app.state.service.session_factory) as session:
         for (left, right), holdout in folds.items():
-            session.execute(
-                update(Label).where(Label.left_id == left, Label.right_id == right).values(holdout=holdout)
-            )
+            session.execute(update(Label).where(Label.left_id == left, Label.right_id == right).values(holdout=holdout))
 
 
 def calibration_pairs(client: TestClient) -> set[tuple[str, str]]:
