@@ -9,6 +9,7 @@ from sqlalchemy import (
     JSON,
     BigInteger,
     Boolean,
+    ColumnElement,
     DateTime,
     FetchedValue,
     Float,
@@ -22,6 +23,7 @@ from sqlalchemy import (
     func,
     text,
 )
+from sqlalchemy.ext.hybrid import hybrid_property
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
 # SQLite only auto-increments INTEGER PRIMARY KEY columns; PostgreSQL gets BIGINT.
@@ -60,10 +62,16 @@ class Dataset(Base):
         back_populates="dataset", cascade="all, delete-orphan", passive_deletes=True, uselist=False
     )
 
-    @property
+    @hybrid_property
     def serving_encoder(self) -> str:
-        """The encoder name records and queries are embedded with: the adopted version, else ``encoder``."""
+        """The encoder name records and queries are embedded with: the adopted version, else ``encoder`` (in
+        Python on a row, and as a SQL expression on the class)."""
         return self.encoder_version or self.encoder
+
+    @serving_encoder.inplace.expression
+    @classmethod
+    def _serving_encoder_expression(cls) -> ColumnElement[str]:
+        return func.coalesce(cls.encoder_version, cls.encoder)
 
 
 class Embedding(Base):

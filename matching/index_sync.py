@@ -13,7 +13,7 @@ from datetime import timedelta
 from itertools import chain
 
 import numpy as np
-from sqlalchemy import Row, Select, and_, delete, func, insert, select
+from sqlalchemy import Row, Select, and_, delete, insert, select
 from sqlalchemy.orm import Session, sessionmaker
 
 from llmatch.db import transaction
@@ -171,8 +171,7 @@ class IndexSynchronizer:
 
 def _serving_encoders(session: Session) -> dict[int, str]:
     """Dataset id -> the encoder its records are embedded with (``Dataset.serving_encoder``)."""
-    serving = func.coalesce(Dataset.encoder_version, Dataset.encoder)
-    return {dataset_id: name for dataset_id, name in session.execute(select(Dataset.id, serving))}
+    return {dataset_id: name for dataset_id, name in session.execute(select(Dataset.id, Dataset.serving_encoder))}
 
 
 # Rows read per round trip when loading ids and vectors at start-up.
@@ -263,8 +262,7 @@ def follow_encoder_keys(session_factory: sessionmaker[Session], key_of: Callable
     unknown): records whose vector another configuration made go back to the queue, and a calibration fitted under
     another is dropped (the dataset is uncalibrated until calibrated again); each is logged."""
     with session_factory() as session:
-        serving = func.coalesce(Dataset.encoder_version, Dataset.encoder)  # Dataset.serving_encoder, in SQL
-        datasets = session.execute(select(Dataset.id, Dataset.name, serving)).all()
+        datasets = session.execute(select(Dataset.id, Dataset.name, Dataset.serving_encoder)).all()
     for dataset_id, name, encoder in datasets:
         key = key_of(encoder)
         if key is None:
