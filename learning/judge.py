@@ -7,12 +7,11 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 
 import numpy as np
-from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from learning.labels import StoredLabel
-from llmatch.models import Embedding, Record
 from matching.calibration import ThresholdChoice, best_f1_threshold
+from matching.pairs import load_encoded
 
 
 @dataclass(frozen=True)
@@ -34,18 +33,10 @@ class Verdict:
         }
 
 
-def current_vectors(session: Session, record_ids: Sequence[int]) -> dict[int, np.ndarray]:
-    """The vectors the dataset serves now for these records (those encoded)."""
-    ids = sorted(set(record_ids))
-    found: dict[int, np.ndarray] = {}
-    for start in range(0, len(ids), 500):
-        rows = session.execute(
-            select(Record.id, Embedding.vector)
-            .join(Embedding, Record.embedding_id == Embedding.id)
-            .where(Record.id.in_(ids[start : start + 500]))
-        )
-        found.update({record_id: np.frombuffer(blob, dtype="<f4") for record_id, blob in rows})
-    return found
+def served_vectors(session: Session, dataset_id: int, labels: Sequence[StoredLabel]) -> dict[int, np.ndarray]:
+    """Record id -> the vector the dataset serves now, for the encoded records these labels name."""
+    records = load_encoded(session, dataset_id, {r for x in labels for r in (x.left_record, x.right_record)})
+    return dict(zip(records.ids.tolist(), records.vectors, strict=True))
 
 
 def pair_scores(labels: Sequence[StoredLabel], vectors: dict[int, np.ndarray]) -> np.ndarray:

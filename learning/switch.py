@@ -13,10 +13,11 @@ from sqlalchemy.orm import Session
 
 from encoding.recipe import Recipe, record_input
 from learning.dataset_data import DatasetConfig
-from learning.labels import StoredLabel, not_trained_on, usable_labels
+from learning.judge import pair_scores, served_vectors
+from learning.labels import not_trained_on, usable_labels
 from llmatch.models import ENCODED, PENDING, Calibration, Dataset, EncoderVersion, IndexChange, Record
 from llmatch.requeue import delete_orphans, requeue
-from llmatch.vectors import find_embeddings, load_vectors
+from llmatch.vectors import find_embeddings
 from matching import calibration as calib
 
 log = logging.getLogger("llmatch.learning")
@@ -87,7 +88,7 @@ def switch_version(
         .values(status="retired")
     )
     session.execute(update(EncoderVersion).where(EncoderVersion.name == version).values(status="serving"))
-    calibration = refit_calibration(session, dataset, encoder_key, recipe)
+    calibration = refit_calibration(session, dataset, encoder_key)
     delete_orphans(session, sorted({row.embedding_id for row in moved if row.embedding_id is not None}))
     log.info(
         "dataset %r now served by %s: %d records switched, %d re-queued", dataset.name, version, len(moved), len(again)
@@ -95,23 +96,18 @@ def switch_version(
     return Switched(len(moved), len(again), retired, calibration)
 
 
-def refit_calibration(session: Session, dataset: Dataset, encoder_key: str, recipe: Recipe) -> dict | None:
-    """Fit the threshold and probabilities on the labels the serving version did not train on, with its vectors;
-    without both classes among them the dataset is left uncalibrated."""
+def refit_calibration(session: Session, dataset: Dataset, encoder_key: str) -> dict | None:
+    """Fit the threshold and probabilities on the labels the serving version did not train on, with the vectors
+    the records hold now (call after they took the version's); without both classes the dataset is uncalibrated."""
     labels = not_trained_on(usable_labels(session, dataset.id))
-    inputs = _label_hashes(session, labels, recipe)
-    vectors = load_vectors(session, encoder_key, set(inputs.values()))
-    kept: list[StoredLabel] = [
-        x for x in labels if inputs.get(x.left_record) in vectors and inputs.get(x.right_record) in vectors
-    ]
+    vectors = served_vectors(session, dataset.id, labels)
+    kept = [x for x in labels if x.left_record in vectors and x.right_record in vectors]
     truth = np.array([x.label for x in kept], dtype=np.int64)
     session.execute(delete(Calibration).where(Calibration.dataset_id == dataset.id))
     session.expire(dataset, ["calibration"])
     if not kept or truth.sum() in (0, len(truth)):
         return None
-    scores = np.array(
-        [float(vectors[inputs[x.left_record]] @ vectors[inputs[x.right_record]]) for x in kept], dtype=np.float64
-    )
+    scores = pair_scores(kept, vectors)
     choice = calib.best_f1_threshold(scores, truth)
     row = Calibration(
         dataset_id=dataset.id,
@@ -128,13 +124,3 @@ def refit_calibration(session: Session, dataset: Dataset, encoder_key: str, reci
     session.add(row)
     session.flush()
     return {"threshold": round(choice.threshold, 4), "f1": round(choice.f1, 4), "pairs": len(kept)}
-
-
-def _label_hashes(session: Session, labels: list[StoredLabel], recipe: Recipe) -> dict[int, str]:
-    """Record id -> input hash by the recipe, for the records these labels name."""
-    ids = sorted({x.left_record for x in labels} | {x.right_record for x in labels})
-    hashes: dict[int, str] = {}
-    for start in range(0, len(ids), 500):
-        rows = session.execute(select(Record.id, Record.attributes).where(Record.id.in_(ids[start : start + 500])))
-        hashes.update({record_id: record_input(attrs, recipe).input_hash for record_id, attrs in rows})
-    return hashes

@@ -21,7 +21,7 @@ from encoding.versions import SERVING_STAGE, remove_version, version_name, versi
 from learning import jobs
 from learning.dataset_data import DatasetConfig, training_data
 from learning.errors import LearningError
-from learning.judge import current_vectors, judge
+from learning.judge import judge, served_vectors
 from learning.labels import assign_folds, check_enough, not_trained_on, usable_labels
 from learning.reencode import encode_records
 from learning.switch import ConfigurationChanged, switch_version
@@ -108,7 +108,7 @@ def run(factory: sessionmaker[Session], settings: Settings, handle: JobHandle) -
     encoder = load_encoder(spec, device)
     held = not_trained_on(labels)
     with factory() as session:
-        now = current_vectors(session, [r for x in held for r in (x.left_record, x.right_record)])
+        now = served_vectors(session, dataset_id, held)
     inputs = {r: data.inputs[key] for x in held for r, key in _record_keys(dataset_name, x)}
     ordered = sorted(inputs)
     new = dict(zip(ordered, encoder.encode([inputs[r] for r in ordered], batch_size=spec.batch_size), strict=True))
