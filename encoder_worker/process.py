@@ -38,6 +38,7 @@ def run_encoding_process(settings: Settings, options: WorkerOptions, pool: Encod
     """The worker loop in this process, on ``pool`` (a new one when None), until SIGTERM or a drained queue."""
     from encoder_worker.metrics import serve_metrics
     from encoder_worker.worker import EncoderWorker
+    from learning.runner import JobRunner
 
     if options.metrics_port:
         serve_metrics(options.metrics_port, options.metrics_host)
@@ -46,7 +47,8 @@ def run_encoding_process(settings: Settings, options: WorkerOptions, pool: Encod
     worker = EncoderWorker(make_session_factory(engine), pool, settings)
     if options.serve_inline is not None:
         _start_inline_server(settings, options, pool)
-    trainer = None if options.drain else _start_training_jobs(engine, settings)
+    trainer = None if options.drain else JobRunner(make_session_factory(engine), settings)
+    trainer_thread = trainer.start() if trainer is not None else None
     signal.signal(signal.SIGTERM, lambda *_: worker.stop())
     try:
         if options.drain:
@@ -56,9 +58,9 @@ def run_encoding_process(settings: Settings, options: WorkerOptions, pool: Encod
     except KeyboardInterrupt:
         worker.stop()
     finally:
-        if trainer is not None:
+        if trainer is not None and trainer_thread is not None:  # training jobs run beside the encoding loop
             trainer.stop()
-            trainer.thread.join(timeout=60)
+            trainer_thread.join(timeout=60)
         engine.dispose()
     return 0
 
@@ -76,15 +78,3 @@ def _start_inline_server(settings: Settings, options: WorkerOptions, pool: Encod
         max_connections=settings.inline_server_max_connections,
     )
     server.start(preload=settings.default_encoder)
-
-
-def _start_training_jobs(engine, settings: Settings):
-    """Training jobs beside the encoding loop: a thread that runs each job in a child process of its own."""
-    import threading
-
-    from learning.runner import JobRunner
-
-    trainer = JobRunner(make_session_factory(engine), settings)
-    trainer.thread = threading.Thread(target=trainer.run, name="training-jobs", daemon=True)
-    trainer.thread.start()
-    return trainer

@@ -18,7 +18,6 @@ from learning.labels import check_enough, usable_labels
 from llmatch.db import transaction
 from llmatch.models import (
     CANCELLED,
-    DONE,
     JOB_FAILED,
     QUEUED,
     TRAINING,
@@ -61,10 +60,12 @@ def start_job(session: Session, dataset: Dataset, options: dict[str, Any] | None
     return job
 
 
-def unfinished_job(session: Session, dataset_id: int) -> TrainingJob | None:
-    return session.scalar(
-        select(TrainingJob).where(TrainingJob.dataset_id == dataset_id, TrainingJob.status.in_(UNFINISHED_JOB_STATUSES))
+def unfinished_job(session: Session, dataset_id: int, *, lock: bool = False) -> TrainingJob | None:
+    """The dataset's unfinished job (there is at most one); ``lock`` takes its row for update."""
+    query = select(TrainingJob).where(
+        TrainingJob.dataset_id == dataset_id, TrainingJob.status.in_(UNFINISHED_JOB_STATUSES)
     )
+    return session.scalar(query.with_for_update() if lock else query)
 
 
 def latest_job(session: Session, dataset_id: int) -> TrainingJob | None:
@@ -80,11 +81,7 @@ def latest_job(session: Session, dataset_id: int) -> TrainingJob | None:
 def cancel_job(session: Session, dataset_id: int) -> TrainingJob | None:
     """Cancel the dataset's unfinished job: a queued one at once; a running one is asked to stop (its worker stops
     the training process and marks it cancelled). None when there is no unfinished job."""
-    job = session.scalar(
-        select(TrainingJob)
-        .where(TrainingJob.dataset_id == dataset_id, TrainingJob.status.in_(UNFINISHED_JOB_STATUSES))
-        .with_for_update()
-    )
+    job = unfinished_job(session, dataset_id, lock=True)
     if job is None:
         return None
     if job.status == QUEUED and job.claim_token is None:
@@ -208,6 +205,3 @@ def _held(job_id: str, token: str):
 def _end(job: TrainingJob, status: str, error: str | None) -> None:
     job.status, job.error, job.finished_at = status, error, utcnow()
     job.claim_token, job.lease_until = None, None
-
-
-FINISHED = (DONE, JOB_FAILED, CANCELLED)

@@ -38,6 +38,12 @@ class JobRunner:
             except Exception:  # noqa: BLE001 - a database hiccup must not end the worker's job loop
                 log.exception("training job runner failed; retrying")
 
+    def start(self) -> threading.Thread:
+        """Run jobs in a thread of this process (the standalone worker's); the caller joins it after ``stop``."""
+        thread = threading.Thread(target=self.run, name="training-jobs", daemon=True)
+        thread.start()
+        return thread
+
     def stop(self) -> None:
         self.stop_event.set()
 

@@ -19,10 +19,10 @@ from sqlalchemy.orm import Session, sessionmaker
 from encoding.registry import load_encoder, resolve_device, spec_from_options
 from encoding.versions import SERVING_STAGE, remove_version, version_name, version_root
 from learning import jobs
-from learning.dataset_data import DatasetConfig, training_data
+from learning.dataset_data import DatasetConfig, record_key, training_data
 from learning.errors import LearningError
 from learning.judge import judge, served_vectors
-from learning.labels import assign_folds, check_enough, not_trained_on, usable_labels
+from learning.labels import StoredLabel, assign_folds, check_enough, not_trained_on, usable_labels
 from learning.reencode import encode_records
 from learning.switch import ConfigurationChanged, switch_version
 from llmatch.db import make_engine, make_session_factory, transaction
@@ -200,9 +200,7 @@ def recipe_arguments(seed: int) -> argparse.Namespace:
     return args
 
 
-def _record_keys(dataset: str, label) -> list[tuple[int, str]]:
-    from learning.dataset_data import record_key
-
+def _record_keys(dataset: str, label: StoredLabel) -> list[tuple[int, str]]:
     return [
         (label.left_record, record_key(dataset, label.left)),
         (label.right_record, record_key(dataset, label.right)),
