@@ -82,11 +82,7 @@ def switch_version(
         )
     retired = dataset.encoder_version
     dataset.encoder_version = version
-    session.execute(
-        update(EncoderVersion)
-        .where(EncoderVersion.dataset_id == dataset_id, EncoderVersion.status == "serving")
-        .values(status="retired")
-    )
+    retire_serving_version(session, dataset_id)
     session.execute(update(EncoderVersion).where(EncoderVersion.name == version).values(status="serving"))
     calibration = refit_calibration(session, dataset, encoder_key)
     delete_orphans(session, sorted({row.embedding_id for row in moved if row.embedding_id is not None}))
@@ -94,6 +90,15 @@ def switch_version(
         "dataset %r now served by %s: %d records switched, %d re-queued", dataset.name, version, len(moved), len(again)
     )
     return Switched(len(moved), len(again), retired, calibration)
+
+
+def retire_serving_version(session: Session, dataset_id: int) -> None:
+    """Mark the version that serves the dataset (if any) as serving no more: replaced, or its text changed."""
+    session.execute(
+        update(EncoderVersion)
+        .where(EncoderVersion.dataset_id == dataset_id, EncoderVersion.status == "serving")
+        .values(status="retired")
+    )
 
 
 def refit_calibration(session: Session, dataset: Dataset, encoder_key: str) -> dict | None:

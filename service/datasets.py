@@ -5,11 +5,12 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from sqlalchemy import delete, func, insert, null, select, update
+from sqlalchemy import delete, func, insert, null, select
 from sqlalchemy.orm import Session
 
 from encoding.registry import EncoderPool, EncoderUnavailableError, UnknownEncoderError
-from llmatch.models import RECORD_STATUSES, Calibration, Dataset, EncoderVersion, IndexChange, Record
+from learning.switch import retire_serving_version
+from llmatch.models import RECORD_STATUSES, Calibration, Dataset, IndexChange, Record
 from llmatch.requeue import requeue
 from llmatch.vectors import delete_explanation_vectors, delete_orphaned_embeddings
 from matching.index_policy import IndexPolicy
@@ -86,11 +87,7 @@ def put_dataset(
         requeue_dataset(session, dataset)
         # A trained version learned the old text (and another encoder's weights): the configuration serves again.
         dataset.encoder_version = None
-        session.execute(
-            update(EncoderVersion)
-            .where(EncoderVersion.dataset_id == dataset.id, EncoderVersion.status == "serving")
-            .values(status="retired")
-        )
+        retire_serving_version(session, dataset.id)
     session.flush()
     return dataset, False
 
