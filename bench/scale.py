@@ -40,7 +40,11 @@ from matching.index_policy import IndexPolicy  # noqa: E402
 REAL_CACHE = common.OUT_DIR / "real_minilm.npy"
 # Recall depends on the data: two synthetic distributions, one with tight topical clusters (as product catalogues
 # have), one diffuse (neighbours barely closer than strangers), and MiniLM vectors of real records (--real).
-SPACES = {"clustered": Space(latent=32, clusters=1000, spread=0.5, noise=0.15), "diffuse": Space()}
+SPACES = {
+    "clustered": Space(latent=32, clusters=1000, spread=0.5, noise=0.15),
+    "diffuse": Space(),
+    "skewed": Space.skewed(),  # power-law cluster sizes, varied spreads, near-duplicates (bench/vectors.py)
+}
 
 
 def exact_top(base: np.ndarray, queries: np.ndarray, k: int) -> np.ndarray:
@@ -230,9 +234,11 @@ def run_dim4096(args: argparse.Namespace) -> int:
 
 
 class Serve:
-    """``llmatch serve --no-worker`` on a given data directory, started cold and stopped with SIGTERM."""
+    """``llmatch serve --no-worker [--workers N]`` on a given data directory, started cold and stopped with SIGTERM."""
 
-    def __init__(self, data_dir: Path, database_url: str | None, log: Path, extra_env: dict[str, str]):
+    def __init__(
+        self, data_dir: Path, database_url: str | None, log: Path, extra_env: dict[str, str], workers: int = 1
+    ):
         self.port = common.free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         env = os.environ.copy()
@@ -240,8 +246,9 @@ class Serve:
         env.pop("LLMATCH_DATABASE_URL", None)
         if database_url:
             env["LLMATCH_DATABASE_URL"] = database_url
-        self.env, self.log = env, log
+        self.env, self.log, self.workers = env, log, workers
         command = [common.llmatch_command(), "serve", "--no-worker", "--host", "127.0.0.1", "--port", str(self.port)]
+        command += ["--workers", str(workers)]
         began = time.monotonic()
         self.process = subprocess.Popen(command, env=env, stdout=log.open("ab"), stderr=subprocess.STDOUT)
         self.ready_s = common.wait_until_ready(self.url, self.process, 1800, lambda: f"see {self.log}", began)
@@ -252,6 +259,18 @@ class Serve:
                 return int(line.split()[1]) * 1024
         raise RuntimeError("no VmRSS")
 
+    def memory(self) -> dict[str, int]:
+        """Resident (RSS) and proportional (PSS: each shared page divided among its processes) memory, summed over
+        the server's processes: with ``--workers N`` the sum of PSS is what they take together."""
+        pids = [self.process.pid, *_children(self.process.pid)]
+        totals = {"processes": len(pids), "rss_bytes": 0, "pss_bytes": 0}
+        for pid in pids:
+            for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
+                name, _, value = line.partition(":")
+                if name in ("Rss", "Pss"):
+                    totals[f"{name.lower()}_bytes"] += int(value.split()[0]) * 1024
+        return totals
+
     def stop(self) -> None:
         self.process.send_signal(signal.SIGTERM)
         try:
@@ -259,6 +278,11 @@ class Serve:
         except subprocess.TimeoutExpired:
             self.process.kill()
             self.process.wait()
+
+
+def _children(pid: int) -> list[int]:
+    tasks = Path(f"/proc/{pid}/task")
+    return [int(c) for task in tasks.iterdir() for c in (task / "children").read_text().split()]
 
 
 def index_log(log: Path) -> dict[str, float]:
@@ -343,17 +367,41 @@ def run_service(args: argparse.Namespace) -> int:
         report["rss_loaded_bytes"] = warm.rss_bytes()
         warm.stop()
         report["index_files_bytes"] = sum(f.stat().st_size for f in (data_dir / "indexes").iterdir())
+        report["processes"] = [measure_processes(Serve(data_dir, url, log, extra, n), args) for n in args.workers]
     common.publish(args.out, report, service_table(report))
     return 0
+
+
+def request_paths(args: argparse.Namespace, count: int, rng: np.random.Generator) -> tuple[list[str], list[str]]:
+    """``count`` /candidates and /match requests over random query records (and random stored ones for /match)."""
+    asked = rng.integers(args.queries, size=count)
+    candidates = [f"/candidates?dataset=scale&source=a&id=a-{i}&k=10" for i in asked]
+    match = [f"/match?dataset=scale&left_source=a&left_id=a-{i}&right_source=b&right_id=b-{j}"
+             for i, j in zip(asked, rng.integers(args.records, size=count), strict=True)]  # fmt: skip
+    return candidates, match
+
+
+def measure_processes(server: Serve, args: argparse.Namespace) -> dict[str, Any]:
+    """``serve --workers N`` started from the index files: memory of all its processes, one client's latency
+    and 16 clients' tails (``--process-requests`` requests each)."""
+    try:
+        candidates, match = request_paths(args, args.process_requests, np.random.default_rng(5))
+        result: dict[str, Any] = {"workers": server.workers, "ready_s": server.ready_s}
+        result["candidates_1"] = http_latency(server.url, candidates[: args.requests], 1)
+        result["candidates_16"] = http_latency(server.url, candidates, 16)
+        result["match_1"] = http_latency(server.url, match[: args.requests], 1)
+        result["match_16"] = http_latency(server.url, match, 16)
+        result.update(server.memory())
+    finally:
+        server.stop()
+    print("processes", {k: v for k, v in result.items() if not isinstance(v, dict)}, flush=True)
+    return result
 
 
 def measure_requests(server: Serve, args: argparse.Namespace, space: Space) -> dict[str, Any]:
     n, q = args.records, args.queries
     rng = np.random.default_rng(4)
-    asked = rng.integers(q, size=args.requests)
-    candidates = [f"/candidates?dataset=scale&source=a&id=a-{i}&k=10" for i in asked]
-    match = [f"/match?dataset=scale&left_source=a&left_id=a-{i}&right_source=b&right_id=b-{j}"
-             for i, j in zip(asked, rng.integers(n, size=args.requests), strict=True)]  # fmt: skip
+    candidates, match = request_paths(args, args.requests, rng)
     results: dict[str, Any] = {}
     results["healthz_1"] = http_latency(server.url, ["/healthz"] * args.requests, 1)
     results["candidates_1"] = http_latency(server.url, candidates, 1)
@@ -410,7 +458,27 @@ def service_table(r: dict[str, Any]) -> str:
         ["errors (non-200 answers)", sum(r[k]["errors"] for k in ("candidates_1", "candidates_16", "match_1",
                                                                    "match_16"))],
     ]  # fmt: skip
-    return common.markdown_table(["measure", "value"], rows)
+    table = common.markdown_table(["measure", "value"], rows)
+    return table + ("\n\n" + processes_table(r["processes"]) if r.get("processes") else "")
+
+
+def processes_table(measured: Sequence[dict[str, Any]]) -> str:
+    """One row per ``serve --workers N``: memory of all processes together and the tails under 16 clients."""
+
+    def tail(m: dict[str, float]) -> str:
+        return f"{m['p50_ms']:.1f} / {m['p99_ms']:.1f}; {m['requests_per_s']:.0f}"
+
+    rows = [
+        [p["workers"], p["processes"], p["pss_bytes"] / 2**20, p["rss_bytes"] / 2**20,
+         f"{p['candidates_1']['p50_ms']:.2f} / {p['candidates_1']['p99_ms']:.2f}", tail(p["candidates_16"]),
+         f"{p['match_1']['p50_ms']:.2f} / {p['match_1']['p99_ms']:.2f}", tail(p["match_16"]),
+         sum(p[k]["errors"] for k in ("candidates_1", "candidates_16", "match_1", "match_16"))]
+        for p in measured
+    ]  # fmt: skip
+    headers = ["API processes", "processes in all", "PSS summed (MiB)", "RSS summed (MiB)",
+               "/candidates 1 client p50 / p99 ms", "/candidates 16 clients p50 / p99 ms; req/s",
+               "/match 1 client p50 / p99 ms", "/match 16 clients p50 / p99 ms; req/s", "errors"]  # fmt: skip
+    return common.markdown_table(headers, rows)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -442,6 +510,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     service.add_argument("--nprobe", type=int, default=IndexPolicy().nprobe)
     service.add_argument("--space", choices=sorted(SPACES), default="clustered", help="synthetic distribution")
     service.add_argument("--database-url", default=None, help="PostgreSQL URL (a fresh database is made); None: SQLite")
+    service.add_argument(
+        "--workers",
+        type=int,
+        nargs="*",
+        default=[],
+        help="also serve with `--workers N` for each N (from index files): memory of all processes, tails",
+    )
+    service.add_argument("--process-requests", type=int, default=2000, help="requests per 16-client phase there")
     service.add_argument("--out", type=Path, default=None)
     args = parser.parse_args(argv)
     if args.command == "service" and args.out is None:

@@ -35,6 +35,14 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--port", type=int, default=8000)
     serve.add_argument("--no-worker", action="store_true", help="do not encode in this process")
     serve.add_argument(
+        "--workers",
+        type=_process_count,
+        default=1,
+        metavar="N",
+        help="API processes on the port, forked after the indexes are loaded once so they share their memory "
+        "(the first also runs the encoder worker unless --no-worker); default 1",
+    )
+    serve.add_argument(
         "--insecure-no-auth",
         action="store_true",
         help="serve on a non-loopback address although no API key exists (anyone reaching it can change anything)",
@@ -214,6 +222,10 @@ def run_serve(args: argparse.Namespace, settings: Settings) -> int:
         return 2
     if args.insecure_no_auth:
         settings = settings.model_copy(update={"insecure_no_auth": True})
+    if args.workers > 1:
+        from service.processes import ServeOptions, serve_processes
+
+        return serve_processes(settings, ServeOptions(args.host, args.port, args.workers, not args.no_worker))
     app = create_app(settings, run_worker=not args.no_worker)
     uvicorn.run(app, host=args.host, port=args.port, log_level=settings.log_level.lower())
     return 0
@@ -358,6 +370,13 @@ def _positive(text: str) -> int:
     value = int(text)
     if not 1 <= value <= 5000:
         raise argparse.ArgumentTypeError(f"takes a number from 1 to 5000, not {text}")
+    return value
+
+
+def _process_count(text: str) -> int:
+    value = int(text) if text.isdigit() else 0
+    if not 1 <= value <= 64:
+        raise argparse.ArgumentTypeError(f"takes a number of processes from 1 to 64, not {text}")
     return value
 
 

@@ -11,6 +11,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from encoding.registry import EncoderPool, EncoderUnavailableError
 from llmatch.settings import Settings, get_settings
+from matching.index_sync import IndexSynchronizer
 from service import metrics, openapi
 from service.auth import AuthGate
 from service.errors import ApiError, ServiceUnavailable, install_error_handlers, log
@@ -20,14 +21,22 @@ from service.state import ServiceState
 
 
 def create_app(
-    settings: Settings | None = None, *, pool: EncoderPool | None = None, run_worker: bool = True
+    settings: Settings | None = None,
+    *,
+    pool: EncoderPool | None = None,
+    run_worker: bool = True,
+    loaded: IndexSynchronizer | None = None,
+    save_indexes: bool = True,
 ) -> FastAPI:
-    """Build the app; the database, indexes and (optionally) an in-process worker start with it."""
+    """Build the app; the database, indexes (or ``loaded``, see ``ServiceState.open``) and optionally an
+    in-process worker start with it."""
     settings = settings or get_settings()
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        app.state.service = state = ServiceState.open(settings, pool=pool, run_worker=run_worker)
+        app.state.service = state = ServiceState.open(
+            settings, pool=pool, run_worker=run_worker, loaded=loaded, save_indexes=save_indexes
+        )
         state.start()
         try:
             yield

@@ -4,6 +4,7 @@ keep them current (the index follower and, on the embedded default, the in-proce
 from __future__ import annotations
 
 import asyncio
+import os
 import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -52,7 +53,12 @@ async def readiness(state: ServiceState, probe: DatabaseProbe) -> tuple[bool, di
         problems.append("the index follower thread is not running (restart the process)")
     elif lag is not None and lag > settings.index_max_lag_seconds:
         problems.append(f"the index follower has not applied the change log for {lag:.0f} s (see the server log)")
-    body: dict[str, Any] = {"checks": checks, "index_follower": follower, "encoder_worker": None}
+    body: dict[str, Any] = {
+        "checks": checks,
+        "index_follower": follower,
+        "encoder_worker": None,
+        "process": os.getpid(),
+    }
     if state.worker is not None:
         body["encoder_worker"] = {"alive": _thread_alive(state, WORKER_THREAD)}
         if not body["encoder_worker"]["alive"]:

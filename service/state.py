@@ -52,30 +52,39 @@ class ServiceState:
     entities: EntityFollower
     worker: EncoderWorker | None = None  # the embedded default's in-process worker, on the bare pool
     trainer: JobRunner | None = None  # the embedded worker's training jobs, each run in a child process
+    save_indexes: bool = True  # writes the index files (periodically and at close)
     threads: list[threading.Thread] = field(default_factory=list)
 
     @classmethod
-    def open(cls, settings: Settings, pool: EncoderPool | None = None, run_worker: bool = True) -> ServiceState:
-        """Connect, check the schema is migrated, and load (or rebuild) every index."""
-        engine = make_engine(settings.resolved_database_url, settings.db_pool_size)
-        problem = ensure_schema(engine)
-        if problem:
-            engine.dispose()
-            raise SchemaNotReadyError(problem)
+    def open(
+        cls,
+        settings: Settings,
+        pool: EncoderPool | None = None,
+        run_worker: bool = True,
+        loaded: IndexSynchronizer | None = None,
+        save_indexes: bool = True,
+    ) -> ServiceState:
+        """Connect, check the schema is migrated, and load (or rebuild) every index, unless ``loaded`` holds them
+        already (``llmatch serve --workers N``: loaded once by the parent process, inherited by each API process).
+        ``save_indexes``: whether this process writes the index files (one of the processes is enough)."""
+        engine = connect(settings)
         factory = make_session_factory(engine)
         pool = pool or EncoderPool(settings)
-        use_gpu = settings.faiss_gpu == "auto" and gpu_available()
-        registry = IndexRegistry(settings.index_dir, use_gpu=use_gpu, policy=IndexPolicy.from_settings(settings))
-        synchronizer = IndexSynchronizer(factory, registry)
-        follow_encoder_keys(factory, lambda name: _encoder_key(pool, name))
-        synchronizer.load_all()
+        if loaded is None:
+            synchronizer = load_indexes(settings, factory, pool)
+        else:
+            synchronizer = loaded
+            synchronizer.session_factory = factory  # the parent's connections were closed: this process's own
+        registry = synchronizer.registry
         worker = EncoderWorker(factory, pool, settings) if run_worker else None
         trainer = JobRunner(factory, settings) if run_worker else None
         inline = InlineEncodes(inline_encoder_pool(pool, settings), settings.max_inline_encodes)
         keys = KeyCache(factory, settings.auth_cache_seconds)
         entities = EntityFollower(factory, registry, Grouping.from_settings(settings))
         synchronizer.listeners.append(entities.on_index_changes)  # entities follow what enters and leaves indexes
-        return cls(settings, engine, factory, inline, registry, synchronizer, keys, entities, worker, trainer)
+        return cls(
+            settings, engine, factory, inline, registry, synchronizer, keys, entities, worker, trainer, save_indexes
+        )
 
     def start(self) -> None:
         """Start the index follower, the index saver, the entity follower and, on the embedded default, the
@@ -83,7 +92,7 @@ class ServiceState:
         metrics.QUEUE.session_factory = metrics.AUDIT.session_factory = self.session_factory
         interval = self.settings.index_sync_seconds
         self._spawn("index-sync", lambda: self.synchronizer.run(interval))
-        if self.settings.index_save_seconds > 0:
+        if self.save_indexes and self.settings.index_save_seconds > 0:
             self._spawn("index-save", self._save_indexes_periodically)
         self._spawn("entities", lambda: self.entities.run(self.synchronizer.stop_event))
         if self.worker is not None:
@@ -114,10 +123,11 @@ class ServiceState:
             self.trainer.stop()
         for thread in self.threads:
             thread.join(timeout=60)
-        try:
-            self.registry.save_all()
-        except OSError:
-            log.exception("could not save index files; they will be rebuilt at the next start")
+        if self.save_indexes:
+            try:
+                self.registry.save_all()
+            except OSError:
+                log.exception("could not save index files; they will be rebuilt at the next start")
         if metrics.QUEUE.session_factory is self.session_factory:
             metrics.QUEUE.session_factory = metrics.AUDIT.session_factory = None
         self.engine.dispose()
@@ -145,6 +155,26 @@ class ServiceState:
             return True
         except Exception:  # noqa: BLE001 - readiness reports any failure as not ready
             return False
+
+
+def connect(settings: Settings) -> Engine:
+    """An engine on the configured database, whose schema is migrated (else ``SchemaNotReadyError``)."""
+    engine = make_engine(settings.resolved_database_url, settings.db_pool_size)
+    problem = ensure_schema(engine)
+    if problem:
+        engine.dispose()
+        raise SchemaNotReadyError(problem)
+    return engine
+
+
+def load_indexes(settings: Settings, factory: sessionmaker[Session], pool: EncoderPool) -> IndexSynchronizer:
+    """Hold every dataset to the encoder configuration its name maps to now, then load (or rebuild) every index."""
+    use_gpu = settings.faiss_gpu == "auto" and gpu_available()
+    registry = IndexRegistry(settings.index_dir, use_gpu=use_gpu, policy=IndexPolicy.from_settings(settings))
+    synchronizer = IndexSynchronizer(factory, registry)
+    follow_encoder_keys(factory, lambda name: _encoder_key(pool, name))
+    synchronizer.load_all()
+    return synchronizer
 
 
 def _encoder_key(pool: EncoderPool, name: str) -> str | None:

@@ -10,7 +10,7 @@ from typing import Any
 from fastapi import APIRouter, Request, Response
 from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
-from pydantic import BaseModel
+from pydantic import BaseModel, Field
 
 from service import auth
 from service.health import DatabaseProbe, readiness
@@ -36,6 +36,7 @@ class Readiness(BaseModel):
     checks: dict[str, bool]
     index_follower: FollowerState
     encoder_worker: WorkerState | None
+    process: int = Field(description="The API process that answered (`llmatch serve --workers N` runs several).")
     detail: str | None = None
 
 
