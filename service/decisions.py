@@ -9,7 +9,7 @@ from typing import Any
 
 import numpy as np
 from pydantic import TypeAdapter, ValidationError
-from sqlalchemy import select, tuple_
+from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from encoding.encoder import EncoderInput
@@ -23,6 +23,7 @@ from matching.neighbours import Neighbour, dataset_sources, neighbours, target_s
 from matching.registry import IndexRegistry
 from service.datasets import unknown_dataset
 from service.errors import ApiError, Conflict, NotFound, printable, without_paths
+from service.record_refs import record_conditions
 from service.records import unknown_record
 from service.schemas import (
     BatchPairIn,
@@ -84,17 +85,13 @@ def stored_queries(session: Session, dataset: Dataset, refs: Sequence[tuple[str,
 def _stored_rows(session: Session, dataset: Dataset, refs: Iterable[tuple[str, str]]) -> dict[tuple[str, str], Any]:
     """Each known record of these (source, id) with its status, error and vector (None while not encoded), in
     queries of ``CHUNK`` records."""
-    wanted = sorted(set(refs))
     rows: dict[tuple[str, str], Any] = {}
-    for start in range(0, len(wanted), CHUNK):
+    for condition in record_conditions(refs, CHUNK):
         found = session.execute(
             select(Record.id, Record.source, Record.external_id, Record.status, Record.error)
             .add_columns(Embedding.vector, Embedding.dim)
             .outerjoin(Embedding, Record.embedding_id == Embedding.id)
-            .where(
-                Record.dataset_id == dataset.id,
-                tuple_(Record.source, Record.external_id).in_(wanted[start : start + CHUNK]),
-            )
+            .where(Record.dataset_id == dataset.id, condition)
         )
         rows.update({(row.source, row.external_id): row for row in found})
     return rows
@@ -250,12 +247,11 @@ def _encoded_vectors(
     """Vectors of the referenced records; 404 naming unknown ones, 409 naming those not encoded."""
     found: dict[tuple[str, str], Any] = {}
     ordered = sorted(refs)
-    for start in range(0, len(ordered), 500):
-        chunk = ordered[start : start + 500]
+    for condition in record_conditions(ordered):
         rows = session.execute(
             select(Record.source, Record.external_id, Record.status, Embedding.vector, Embedding.dim)
             .outerjoin(Embedding, Record.embedding_id == Embedding.id)
-            .where(Record.dataset_id == dataset.id, tuple_(Record.source, Record.external_id).in_(chunk))
+            .where(Record.dataset_id == dataset.id, condition)
         )
         found.update({(source, rid): (status, blob, dim) for source, rid, status, blob, dim in rows})
     unknown = [ref for ref in ordered if ref not in found]

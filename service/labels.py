@@ -4,11 +4,12 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from sqlalchemy import delete, func, select, tuple_
+from sqlalchemy import delete, func, select
 from sqlalchemy.orm import Session
 
 from llmatch.models import ENCODED, Dataset, Label, Record
 from service.errors import Conflict
+from service.record_refs import label_conditions, record_conditions
 from service.schemas import CalibrateIn, LabelledPair, LabelOut, LabelsOut, LabelsStored
 
 PairKey = tuple[str, str, str, str]  # (left source, left id, right source, right id), the lesser side left
@@ -25,18 +26,7 @@ def put_labels(session: Session, dataset: Dataset, pairs: Sequence[LabelledPair]
     latest: dict[PairKey, int] = {}
     for pair in pairs:
         latest[pair_key(pair.left_source, pair.left_id, pair.right_source, pair.right_id)] = pair.label
-    keys = list(latest)
-    existing: dict[PairKey, Label] = {}
-    for start in range(0, len(keys), 500):
-        rows = session.scalars(
-            select(Label).where(
-                Label.dataset_id == dataset.id,
-                tuple_(Label.left_source, Label.left_id, Label.right_source, Label.right_id).in_(
-                    keys[start : start + 500]
-                ),
-            )
-        )
-        existing.update({(r.left_source, r.left_id, r.right_source, r.right_id): r for r in rows})
+    existing = stored_labels(session, dataset, set(latest))
     for key, label in latest.items():
         row = existing.get(key)
         if row is None:
@@ -49,6 +39,16 @@ def put_labels(session: Session, dataset: Dataset, pairs: Sequence[LabelledPair]
 
 
 _FIELDS = ("left_source", "left_id", "right_source", "right_id")
+
+
+def stored_labels(session: Session, dataset: Dataset, keys: set[PairKey]) -> dict[PairKey, Label]:
+    """The stored labels of these pairs (keys as ``pair_key`` orders them)."""
+    existing: dict[PairKey, Label] = {}
+    for condition in label_conditions(keys):
+        rows = session.scalars(select(Label).where(Label.dataset_id == dataset.id, condition))
+        found = {(r.left_source, r.left_id, r.right_source, r.right_id): r for r in rows}
+        existing.update({key: row for key, row in found.items() if key in keys})
+    return existing
 
 
 def count_labels(session: Session, dataset: Dataset) -> int:
@@ -134,14 +134,11 @@ def trained_keys(session: Session, dataset_id: int) -> set[PairKey]:
 
 def encoded_refs(session: Session, dataset_id: int, refs: set[tuple[str, str]]) -> set[tuple[str, str]]:
     """Those of these (source, id) references that name an encoded record of the dataset."""
-    ordered = sorted(refs)
     found: set[tuple[str, str]] = set()
-    for start in range(0, len(ordered), 500):
+    for condition in record_conditions(refs):
         rows = session.execute(
             select(Record.source, Record.external_id).where(
-                Record.dataset_id == dataset_id,
-                Record.status == ENCODED,
-                tuple_(Record.source, Record.external_id).in_(ordered[start : start + 500]),
+                Record.dataset_id == dataset_id, Record.status == ENCODED, condition
             )
         )
         found.update((source, rid) for source, rid in rows)

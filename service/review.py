@@ -11,7 +11,7 @@ a label first), searched in the process's loaded indexes; only their vectors and
 
 from __future__ import annotations
 
-from sqlalchemy import select, tuple_
+from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from llmatch.models import Dataset, Record
@@ -21,6 +21,7 @@ from matching.registry import IndexRegistry
 from matching.review import Strategy, choose, review_threshold
 from service.decisions import active_calibration
 from service.labels import labelled_keys, pair_key
+from service.record_refs import record_conditions
 from service.schemas import ReviewOut, ReviewPair, ReviewRecord
 
 Names = dict[int, tuple[str, str]]
@@ -60,13 +61,8 @@ def _labelled_records(
     """The encoded records that stored labels name, with their vectors."""
     refs = sorted({(ls, li) for ls, li, _, _ in labelled} | {(rs, ri) for _, _, rs, ri in labelled})
     record_ids: list[int] = []
-    for start in range(0, len(refs), 500):
-        record_ids += session.scalars(
-            select(Record.id).where(
-                Record.dataset_id == dataset_id,
-                tuple_(Record.source, Record.external_id).in_(refs[start : start + 500]),
-            )
-        )
+    for condition in record_conditions(refs):
+        record_ids += session.scalars(select(Record.id).where(Record.dataset_id == dataset_id, condition))
     return load_encoded(session, dataset_id, record_ids)
 
 
