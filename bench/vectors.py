@@ -18,7 +18,13 @@ from llmatch.models import ENCODED, Dataset, Embedding, Record
 @dataclass(frozen=True)
 class Space:
     """A synthetic embedding distribution: unit vectors around cluster centres in a low-dimensional subspace,
-    plus isotropic noise (sentence embeddings have a low intrinsic dimension and topical clusters)."""
+    plus isotropic noise (sentence embeddings have a low intrinsic dimension and topical clusters).
+
+    The last four fields make it less regular than k-means lists: cluster ``i`` is drawn with weight
+    ``(i + 1) ** -size_power`` (0: all alike), its spread is ``spread`` times a factor log-uniform in
+    ``[1 / spread_range, spread_range]`` (1: all alike), and a ``duplicates`` share of rows are near-copies of
+    another row of the same chunk (``duplicate_noise`` added per coordinate), as matching records are. Their
+    defaults leave the distribution, and the vectors a seed gives, as they were."""
 
     dim: int = 384
     latent: int = 64
@@ -26,24 +32,62 @@ class Space:
     spread: float = 0.6
     noise: float = 0.25
     seed: int = 0
+    size_power: float = 0.0
+    spread_range: float = 1.0
+    duplicates: float = 0.0
+    duplicate_noise: float = 0.1
 
     def sample(self, n: int, seed: int, chunk: int = 100_000) -> Iterator[np.ndarray]:
         """``n`` unit vectors (float32), ``chunk`` rows at a time; the same ``seed`` gives the same vectors."""
         space = np.random.default_rng(self.seed)
         basis = np.linalg.qr(space.normal(size=(self.dim, self.latent)))[0].astype(np.float32)
         centres = space.normal(size=(self.clusters, self.latent)).astype(np.float32)
+        spreads = self._spreads(space)
         rng = np.random.default_rng(seed)
         for start in range(0, n, chunk):
             m = min(chunk, n - start)
-            z = centres[rng.integers(self.clusters, size=m)] + self.spread * rng.standard_normal(
-                (m, self.latent), dtype=np.float32
-            )
+            members = self._members(rng, m)
+            z = centres[members] + spreads[members, None] * rng.standard_normal((m, self.latent), dtype=np.float32)
             x = z @ basis.T + self.noise * rng.standard_normal((m, self.dim), dtype=np.float32)
+            if self.duplicates:
+                x = self._with_duplicates(rng, x)
             x /= np.linalg.norm(x, axis=1, keepdims=True)
             yield x
 
     def array(self, n: int, seed: int) -> np.ndarray:
         return np.concatenate(list(self.sample(n, seed))) if n else np.zeros((0, self.dim), np.float32)
+
+    @classmethod
+    def skewed(cls) -> Space:
+        """Less regular than the k-means lists an inverted file trains: 30,000 clusters (far more than the
+        ~sqrt(n) lists) whose sizes follow a power law, spreads varying 2x either way, one row in five a
+        near-copy of another."""
+        return cls(latent=48, clusters=30_000, spread=0.4, noise=0.15, size_power=1.0, spread_range=2.0,
+                   duplicates=0.2, duplicate_noise=0.1)  # fmt: skip
+
+    def weights(self) -> np.ndarray:
+        """Each cluster's share of the rows."""
+        weights = np.arange(1, self.clusters + 1, dtype=np.float64) ** -self.size_power
+        return weights / weights.sum()
+
+    def _spreads(self, space: np.random.Generator) -> np.ndarray:
+        if self.spread_range == 1.0:
+            return np.full(self.clusters, self.spread, dtype=np.float32)
+        bound = np.log(self.spread_range)
+        return (self.spread * np.exp(space.uniform(-bound, bound, size=self.clusters))).astype(np.float32)
+
+    def _members(self, rng: np.random.Generator, m: int) -> np.ndarray:
+        if self.size_power == 0.0:
+            return rng.integers(self.clusters, size=m)
+        return rng.choice(self.clusters, size=m, p=self.weights())
+
+    def _with_duplicates(self, rng: np.random.Generator, x: np.ndarray) -> np.ndarray:
+        """``x`` with a ``duplicates`` share of its rows replaced by near-copies of other rows."""
+        m = len(x)
+        copies = np.flatnonzero(rng.random(m) < self.duplicates)
+        sources = rng.integers(m, size=len(copies))
+        x[copies] = x[sources] + self.duplicate_noise * rng.standard_normal((len(copies), self.dim), dtype=np.float32)
+        return x
 
 
 SYNTHETIC_ENCODER = "synthetic"  # vectors made by no configured encoder: the service's encoder-key check skips them
