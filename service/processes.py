@@ -49,7 +49,9 @@ def listening_socket(host: str, port: int) -> socket.socket:
 
 def preload_indexes(settings: Settings) -> IndexSynchronizer:
     """Every index loaded once in this process, in a thread of its own: the forking thread then never ran FAISS's
-    OpenMP threads, whose pool a forked child could not use. The database connections are closed afterwards."""
+    OpenMP threads, whose pool a forked child could not use. Nothing here touches CUDA either (a forked child
+    cannot use a CUDA that its parent initialised): the encoder pool only names configurations (``cpu``), and the
+    indexes stay on the CPU. The database connections are closed afterwards."""
     from encoding.registry import EncoderPool
     from llmatch.db import make_session_factory
     from service.state import connect, load_indexes
@@ -57,7 +59,8 @@ def preload_indexes(settings: Settings) -> IndexSynchronizer:
     def load() -> IndexSynchronizer:
         engine = connect(settings)
         try:
-            return load_indexes(settings, make_session_factory(engine), EncoderPool(settings))
+            names_only = EncoderPool(settings.model_copy(update={"device": "cpu"}))
+            return load_indexes(settings, make_session_factory(engine), names_only)
         finally:
             engine.dispose()
 
@@ -156,6 +159,7 @@ def _describe(status: int) -> str:
 
 def serve_processes(settings: Settings, options: ServeOptions) -> int:
     """Bind, load every index once, fork ``options.workers`` API processes and supervise them."""
+    settings = settings.model_copy(update={"faiss_gpu": "off"})  # shared memory is CPU memory
     sock = listening_socket(options.host, options.port)
     started = time.perf_counter()
     loaded = preload_indexes(settings)
