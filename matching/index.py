@@ -32,6 +32,9 @@ from matching.index_policy import (
 
 log = logging.getLogger("llmatch.index")
 
+# Vectors per add call when filling an index: each call assigns its chunk to lists in one batched search.
+ADD_CHUNK = 65_536
+
 
 @contextmanager
 def single_threaded() -> Iterator[None]:
@@ -71,10 +74,12 @@ class VectorIndex:
         vectors: np.ndarray,
         use_gpu: bool = False,
         policy: IndexPolicy | None = None,
+        timings: dict[str, float] | None = None,
     ) -> VectorIndex:
-        """An index holding exactly these vectors, its structure chosen by their number."""
+        """An index holding exactly these vectors, its structure chosen by their number; ``timings`` (when given)
+        receives the seconds spent training (``train_s``) and adding (``add_s``)."""
         index = cls(vectors.shape[1], use_gpu, policy)
-        index._fill(*_last_per_record(record_ids, embedding_ids, vectors))
+        index._fill(*_last_per_record(record_ids, embedding_ids, vectors), timings=timings)
         return index
 
     @property
@@ -170,20 +175,25 @@ class VectorIndex:
     def _changed(self) -> None:
         self.version += 1
 
-    def _fill(self, record_ids: np.ndarray, embedding_ids: np.ndarray, vectors: np.ndarray) -> None:
+    def _fill(
+        self,
+        record_ids: np.ndarray,
+        embedding_ids: np.ndarray,
+        vectors: np.ndarray,
+        timings: dict[str, float] | None = None,
+    ) -> None:
         """Replace the whole content: a new FAISS structure chosen by size, trained on a sample when approximate."""
         if record_ids.size > 1 and not bool(np.all(record_ids[1:] > record_ids[:-1])):
             order = np.argsort(record_ids, kind="stable")
             record_ids, embedding_ids, vectors = record_ids[order], embedding_ids[order], vectors[order]
         structure = self.policy.structure(len(record_ids))
-        train = None
-        if structure == "ivf":
-            sample = min(len(record_ids), nlist_for(len(record_ids)) * 64)
-            train = vectors[np.sort(np.random.default_rng(0).choice(len(record_ids), sample, replace=False))]
+        started = time.perf_counter()
+        train = training_sample(vectors) if structure == "ivf" else None
         index = new_faiss_index(self.dim, structure, self.policy, train, len(record_ids))
-        for start in range(0, len(record_ids), 65_536):
-            part = slice(start, start + 65_536)
-            index.add_with_ids(np.ascontiguousarray(vectors[part], dtype=np.float32), record_ids[part])
+        trained = time.perf_counter()
+        add_in_bulk(index, record_ids, vectors)
+        if timings is not None:
+            timings.update(train_s=trained - started, add_s=time.perf_counter() - trained)
         with self._lock:
             self.cpu, self.structure = index, structure
             self.trained_size = len(record_ids) if structure == "ivf" else 0
@@ -272,6 +282,20 @@ class VectorIndex:
         if storage_of(index.cpu) != index.policy.storage or index._needs_restructure():
             index._restructure()
         return index
+
+
+def training_sample(vectors: np.ndarray) -> np.ndarray:
+    """The rows an inverted file for all of ``vectors`` is trained on: 64 per list, drawn at random."""
+    n = len(vectors)
+    sample = min(n, nlist_for(n) * 64)
+    return vectors[np.sort(np.random.default_rng(0).choice(n, sample, replace=False))]
+
+
+def add_in_bulk(index: faiss.Index, record_ids: np.ndarray, vectors: np.ndarray) -> None:
+    """Add ``vectors`` labelled ``record_ids`` in chunks; FAISS spreads each chunk over its OpenMP threads."""
+    for start in range(0, len(record_ids), ADD_CHUNK):
+        part = slice(start, start + ADD_CHUNK)
+        index.add_with_ids(np.ascontiguousarray(vectors[part], dtype=np.float32), record_ids[part])
 
 
 def _last_per_record(

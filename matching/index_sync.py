@@ -217,7 +217,15 @@ def _int_pairs(rows: Sequence[Sequence[int]]) -> np.ndarray:
 
 
 def _rebuild(session: Session, key: IndexKey, registry: IndexRegistry, expected: int = 0) -> VectorIndex:
-    """A new index from the stored vectors of one (dataset, source), read in pages into one array."""
+    """A new index from the stored vectors of one (dataset, source)."""
+    record_ids, embedding_ids, vectors = stored_vectors(session, key, expected)
+    policy = registry.policy_for(key)
+    return VectorIndex.build(record_ids, embedding_ids, vectors, registry.use_gpu, policy)
+
+
+def stored_vectors(session: Session, key: IndexKey, expected: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(record ids, embedding ids, vectors) of one (dataset, source)'s encoded records, read in pages into one
+    array; vectors of another dimension than the first one read are left out."""
     dataset_id, source = key
     query = (
         select(Record.id, Embedding.id, Embedding.dim, Embedding.vector)
@@ -242,8 +250,7 @@ def _rebuild(session: Session, key: IndexKey, registry: IndexRegistry, expected:
         )
         count += len(page)
     assert vectors is not None and ids is not None, "rebuild called for an index without encoded records"
-    policy = registry.policy_for(key)
-    return VectorIndex.build(ids[:count, 0], ids[:count, 1], vectors[:count], registry.use_gpu, policy)
+    return ids[:count, 0], ids[:count, 1], vectors[:count]
 
 
 def _vectors_by_embedding(session: Session, embedding_ids: set[int]) -> dict[int, np.ndarray]:
