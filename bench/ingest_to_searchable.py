@@ -32,6 +32,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--table", type=Path, default=common.DEFAULT_TABLE, help="CSV table, first column the id")
     parser.add_argument("--batch", type=int, default=1000, help="records per POST /records")
     common.add_server_arguments(parser)
+    parser.add_argument(
+        "--worker-commit-size", type=int, default=None, help="records per encoder call of the worker (server default)"
+    )
     parser.add_argument("--probes", type=int, default=5, help="records checked for searchability")
     parser.add_argument("--timeout", type=float, default=7200.0, help="seconds to wait for searchability")
     parser.add_argument("--poll", type=float, default=0.25, help="seconds between status polls")
@@ -105,6 +108,7 @@ def build_report(args: argparse.Namespace, texts: list[str], raw: dict, run: dic
             "batch": args.batch,
             "backend": "postgresql" if args.database_url else "sqlite",
             "worker_batch_size": args.worker_batch_size or "default",
+            "worker_commit_size": args.worker_commit_size or "default",
             "encoder": args.encoder,
             "server_encoder_warmed": run["server_encoder_warmed"],
             "probes": args.probes,
@@ -143,6 +147,7 @@ def markdown(report: dict[str, Any]) -> str:
         f"## Ingest to searchable, {config['encoder']}: {config['records']:,} records "
         f"({config['unique_texts']:,} distinct texts), "
         f"{config['backend']}, batch {config['batch']}, worker batch {config['worker_batch_size']}, "
+        f"worker commit {config['worker_commit_size']}, "
         f"{report['machine']['cpu_cores']} CPU cores"
     )
     return title + "\n\n" + common.markdown_table(("measure", "value", "note"), rows)
@@ -155,7 +160,8 @@ def main(argv: list[str] | None = None) -> int:
     raw = raw_encoder(texts, args.batch, args.encoder)
     log_copy = args.out.with_suffix(".server.log")
     with common.fresh_database(args.database_url) as database_url:
-        with common.Server(database_url, args.worker_batch_size, log_copy=log_copy) as server:
+        commit = {"LLMATCH_WORKER_COMMIT_SIZE": str(args.worker_commit_size)} if args.worker_commit_size else {}
+        with common.Server(database_url, args.worker_batch_size, log_copy=log_copy, extra_env=commit) as server:
             run = measure_ingest(server, table, args)
     report = build_report(args, texts, raw, run)
     common.publish(args.out, report, markdown(report))

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
 
-from sqlalchemy import ColumnElement, LargeBinary, Row, Text, and_, case, cast, func, or_, select, update
+from sqlalchemy import ColumnElement, LargeBinary, Row, Text, and_, case, cast, func, insert, or_, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from encoding.recipe import Recipe, record_input
@@ -241,31 +241,39 @@ def mark_encoded(session: Session, token: str, records: Sequence[ClaimedRecord])
     )
 
 
-def complete(session: Session, token: str, record: ClaimedRecord, embedding_id: int) -> bool:
-    """Mark a claimed record encoded; False when the claim was lost (record changed, deleted or re-queued)."""
-    result = session.execute(
-        update(Record)
-        .where(Record.id == record.record_id, Record.claim_token == token)
-        .values(
-            status=ENCODED,
-            embedding_id=embedding_id,
-            claim_token=None,
-            lease_until=None,
-            inflight_batch=None,
-            batch_limit=None,
-            encoded_at=db_now(session),
-            error=None,
+def complete(session: Session, token: str, done: Sequence[tuple[ClaimedRecord, int]]) -> set[int]:
+    """Mark claimed records encoded with their embedding ids and log them for the indexes (one statement for
+    each, whatever the number of records); returns the ids of those the claim still held (the others were
+    changed, deleted or re-queued meanwhile)."""
+    if not done:
+        return set()
+    embedding_of = {record.record_id: embedding_id for record, embedding_id in done}
+    held = set(
+        session.scalars(
+            update(Record)
+            .where(Record.id.in_(embedding_of), Record.claim_token == token)
+            .values(
+                status=ENCODED,
+                embedding_id=case(embedding_of, value=Record.id),
+                claim_token=None,
+                lease_until=None,
+                inflight_batch=None,
+                batch_limit=None,
+                encoded_at=db_now(session),
+                error=None,
+            )
+            .returning(Record.id)
+            .execution_options(synchronize_session=False)
         )
-        .execution_options(synchronize_session=False)
     )
-    if result.rowcount != 1:
-        return False
-    session.add(
-        IndexChange(
-            dataset_id=record.dataset_id, source=record.source, record_id=record.record_id, embedding_id=embedding_id
-        )
-    )
-    return True
+    changes = [
+        {"dataset_id": r.dataset_id, "source": r.source, "record_id": r.record_id, "embedding_id": embedding_id}
+        for r, embedding_id in done
+        if r.record_id in held
+    ]
+    if changes:
+        session.execute(insert(IndexChange), changes)
+    return held
 
 
 def release(

@@ -276,7 +276,8 @@ class EncoderWorker:
                 with transaction(self.session_factory) as session:
                     ids = store_embeddings(session, encoder_key, vectors)
                     ids.update(find_embeddings(session, encoder_key, {r.input_hash for r in records} - set(ids)))
-                    return [complete(session, token, r, ids[r.input_hash]) for r in records]
+                    held = complete(session, token, [(r, ids[r.input_hash]) for r in records])
+                    return [r.record_id in held for r in records]
             except IntegrityError:
                 if attempt == 1:
                     raise
@@ -292,19 +293,12 @@ class EncoderWorker:
         result: BatchResult,
     ) -> tuple[dict[str, np.ndarray], dict[str, str]]:
         """Encode the distinct inputs the content cache lacks: (vectors, errors) by input hash."""
-        with self.session_factory() as session:
-            cached = find_embeddings(session, encoder_key, {r.input_hash for r in records})
-        todo: dict[str, EncoderInput] = {}
-        for record in records:
-            if record.input_hash not in cached:
-                todo.setdefault(record.input_hash, EncoderInput(record.instruction, record.text))
-        hits = sum(1 for r in records if r.input_hash in cached)
+        todo = self._prepare(token, encoder_key, records)
+        hits = sum(1 for r in records if r.input_hash not in todo)
         result.cache_hits += hits
         metrics.CACHE_HITS.labels(encoder_name).inc(hits)
         if not todo:
             return {}, {}
-        with transaction(self.session_factory) as session:
-            mark_inflight(session, token, [r for r in records if r.input_hash in todo], len(todo))
         started = time.perf_counter()
         try:
             vectors = dict(zip(todo, self.pool.encode(encoder_name, list(todo.values())), strict=True))
@@ -317,6 +311,19 @@ class EncoderWorker:
         metrics.BATCH_SECONDS.labels(encoder_name).observe(time.perf_counter() - started)
         metrics.ENCODER_INPUTS.labels(encoder_name).inc(len(todo))
         return vectors, errors
+
+    def _prepare(self, token: str, encoder_key: str, records: Sequence[ClaimedRecord]) -> dict[str, EncoderInput]:
+        """The distinct inputs the content cache lacks, by input hash, with their records noted in flight: one
+        transaction, committed before the encoder starts."""
+        with transaction(self.session_factory) as session:
+            cached = find_embeddings(session, encoder_key, {r.input_hash for r in records})
+            todo: dict[str, EncoderInput] = {}
+            for record in records:
+                if record.input_hash not in cached:
+                    todo.setdefault(record.input_hash, EncoderInput(record.instruction, record.text))
+            if todo:
+                mark_inflight(session, token, [r for r in records if r.input_hash in todo], len(todo))
+        return todo
 
     def _probe(self, encoder_name: str, error: Exception) -> None:
         """Raise ``EncoderOutage`` when the encoder cannot encode a trivial text either."""
