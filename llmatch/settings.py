@@ -72,7 +72,16 @@ class Settings(BaseSettings):
     index_approximate_above: int = Field(
         default=50_000, ge=1, description="Vectors from which an auto index is an inverted file (IVF), not exact."
     )
-    index_nprobe: int = Field(default=32, ge=1, description="Inverted lists an IVF search visits (recall vs time).")
+    index_nprobe: int = Field(
+        default=32, ge=1, description="Inverted lists an IVF search visits at least (recall vs time)."
+    )
+    index_target_recall: float = Field(
+        default=0.99,
+        ge=0,
+        le=1,
+        description="An IVF's nprobe is raised at build time until recall@10 on 100 of its own vectors reaches this; "
+        "0: exactly index_nprobe.",
+    )
     index_storage: Literal["float32", "float16"] = Field(
         default="float32", description="float16 halves index memory (scalar-quantised vectors) at a small recall cost."
     )

@@ -28,6 +28,7 @@ from matching.index_policy import (
     new_faiss_index,
     nlist_for,
     storage_of,
+    tune_nprobe,
 )
 
 log = logging.getLogger("llmatch.index")
@@ -58,6 +59,7 @@ class VectorIndex:
         self.policy = policy or IndexPolicy()
         self.structure = "flat"
         self.trained_size = 0  # vectors an inverted file was built for
+        self.tuned_nprobe = 0  # the nprobe an inverted file's build found for the policy's target recall
         self.cpu = new_faiss_index(dim, "flat", self.policy)
         self._record_ids = np.empty(0, dtype=np.int64)  # sorted
         self._embedding_ids = np.empty(0, dtype=np.int64)  # the embedding each record's vector came from
@@ -129,7 +131,7 @@ class VectorIndex:
                 return False
             self.policy = policy
             if self.structure == "ivf":
-                self.cpu.nprobe = policy.nprobe
+                self.cpu.nprobe = self._nprobe()
                 self._gpu.stale = True  # the GPU copy carries the old nprobe
             if policy.structure(self.size) != self.structure or storage_of(self.cpu) != policy.storage:
                 self._restructure()
@@ -192,14 +194,39 @@ class VectorIndex:
         index = new_faiss_index(self.dim, structure, self.policy, train, len(record_ids))
         trained = time.perf_counter()
         add_in_bulk(index, record_ids, vectors)
+        added = time.perf_counter()
+        tuned = self._tune(index, record_ids, vectors) if structure == "ivf" else 0
         if timings is not None:
-            timings.update(train_s=trained - started, add_s=time.perf_counter() - trained)
+            timings.update(train_s=trained - started, add_s=added - trained, tune_s=time.perf_counter() - added)
         with self._lock:
             self.cpu, self.structure = index, structure
             self.trained_size = len(record_ids) if structure == "ivf" else 0
+            self.tuned_nprobe = tuned
             self._record_ids, self._embedding_ids = record_ids, embedding_ids
             self._gpu.stale = True  # a new structure: copied anew
             self._changed()
+
+    def _tune(self, index: faiss.IndexIVF, record_ids: np.ndarray, vectors: np.ndarray) -> int:
+        """Set ``index.nprobe`` for the policy's target recall (``tune_nprobe``), logged; returns it."""
+        nprobe, recall = tune_nprobe(index, record_ids, vectors, self.policy)
+        if self.policy.target_recall > 0:
+            reached = recall >= self.policy.target_recall
+            (log.info if reached else log.warning)(
+                "index of %d vectors in %d lists: nprobe %d finds %.3f of the exact 10 nearest neighbours of sampled "
+                "vectors (target %.3f%s)",
+                len(record_ids),
+                index.nlist,
+                nprobe,
+                recall,
+                self.policy.target_recall,
+                "" if reached else "; not reached within half of the lists: an exact index may serve better",
+            )
+        return nprobe
+
+    def _nprobe(self) -> int:
+        """The lists a search visits: the policy's, or more where the build's tuning found more were needed."""
+        tuned = self.tuned_nprobe if self.policy.target_recall > 0 else 0
+        return max(self.policy.nprobe, tuned)
 
     def _needs_restructure(self) -> bool:
         wanted = self.policy.structure(self.size)
@@ -258,6 +285,7 @@ class VectorIndex:
                 "dim": self.dim,
                 "structure": self.structure,
                 "trained_size": self.trained_size,
+                "tuned_nprobe": self.tuned_nprobe,
                 "size": self.size,
                 "fingerprint": self.fingerprint(),
             }
@@ -275,9 +303,10 @@ class VectorIndex:
         index = cls(int(manifest["dim"]), use_gpu, policy)
         index.cpu, index.structure = cpu, manifest["structure"]
         index.trained_size = int(manifest["trained_size"])
+        index.tuned_nprobe = int(manifest.get("tuned_nprobe", 0))  # files written before tuning: none
         index._record_ids, index._embedding_ids = ids[0].astype(np.int64), ids[1].astype(np.int64)
         if index.structure == "ivf":
-            index.cpu.nprobe = index.policy.nprobe
+            index.cpu.nprobe = index._nprobe()
         # Files saved under another policy (e.g. before a dataset's options changed): rebuilt to this one.
         if storage_of(index.cpu) != index.policy.storage or index._needs_restructure():
             index._restructure()

@@ -1,6 +1,7 @@
 """How an index chooses its FAISS structure: exact (``IndexFlatIP``) while small, from
 ``IndexPolicy.approximate_above`` vectors an inverted file (``IndexIVFFlat`` with about sqrt(n) lists, ``nprobe``
-of them searched); float32 or float16 storage. docs/performance.md measures the choice and its recall."""
+of them searched, raised at build time until a sample of the index's own vectors finds ``target_recall`` of its
+exact neighbours); float32 or float16 storage. docs/performance.md measures the choice and its recall."""
 
 from __future__ import annotations
 
@@ -22,8 +23,9 @@ class IndexPolicy:
 
     kind: str = "auto"
     approximate_above: int = 50_000
-    nprobe: int = 32
+    nprobe: int = 32  # the fewest inverted lists a search visits
     storage: str = "float32"  # or float16: half the memory, scalar-quantised vectors
+    target_recall: float = 0.0  # > 0: nprobe raised at build time until recall@10 on a sample reaches it
 
     @classmethod
     def from_settings(cls, settings: Any) -> IndexPolicy:
@@ -32,12 +34,17 @@ class IndexPolicy:
             approximate_above=settings.index_approximate_above,
             nprobe=settings.index_nprobe,
             storage=settings.index_storage,
+            target_recall=settings.index_target_recall,
         )
 
     def with_options(self, options: dict[str, Any] | None) -> IndexPolicy:
-        """This policy with a dataset's own options (``Dataset.index_options``) over it; unknown keys are ignored."""
+        """This policy with a dataset's own options (``Dataset.index_options``) over it; unknown keys are ignored.
+        A dataset that names its ``nprobe`` gets exactly that many lists searched (no tuning)."""
         names = {field.name for field in fields(self)}
-        return replace(self, **{k: v for k, v in (options or {}).items() if k in names and v is not None})
+        chosen = {k: v for k, v in (options or {}).items() if k in names and v is not None}
+        if "nprobe" in chosen:
+            chosen.setdefault("target_recall", 0.0)
+        return replace(self, **chosen)
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -84,3 +91,44 @@ def new_faiss_index(
     index.train(np.ascontiguousarray(train, dtype=np.float32))
     index.nprobe = policy.nprobe
     return index
+
+
+# nprobe values tried in turn when tuning toward a target recall; a search never visits more than half of the lists
+# (beyond that, an exact index is the better structure).
+NPROBE_LADDER = (8, 12, 16, 24, 32, 48, 64, 96, 128, 160, 192, 256, 384, 512, 768, 1024, 1536, 2048, 4096, 8192)
+TUNING_QUERIES = 100
+TUNING_K = 10
+
+
+def tune_nprobe(
+    index: faiss.IndexIVF, record_ids: np.ndarray, vectors: np.ndarray, policy: IndexPolicy
+) -> tuple[int, float]:
+    """(nprobe, recall@10): the fewest lists, from ``policy.nprobe`` up, whose search finds ``policy.target_recall``
+    of the exact 10 nearest neighbours of 100 of the index's own vectors (each query's own vector left out); the
+    most allowed, with its recall, when none does. ``vectors`` are those ``index`` holds, labelled ``record_ids``."""
+    nlist = int(index.nlist)
+    start = min(policy.nprobe, nlist)
+    if policy.target_recall <= 0 or len(vectors) <= TUNING_K + 1:
+        return start, float("nan")
+    rows = np.sort(np.random.default_rng(1).choice(len(vectors), min(TUNING_QUERIES, len(vectors)), replace=False))
+    queries = np.ascontiguousarray(vectors[rows], dtype=np.float32)
+    _, exact = faiss.knn(queries, vectors, TUNING_K + 1, metric=faiss.METRIC_INNER_PRODUCT)
+    truth = _without_self(record_ids[exact], record_ids[rows])
+    tried = [start, *(p for p in NPROBE_LADDER if start < p <= max(start, nlist // 2))]
+    recall = 0.0
+    for nprobe in tried:
+        index.nprobe = nprobe
+        _, found = index.search(queries, TUNING_K + 1)
+        recall = _overlap(_without_self(found, record_ids[rows]), truth)
+        if recall >= policy.target_recall:
+            break
+    return int(index.nprobe), recall
+
+
+def _without_self(ids: np.ndarray, own: np.ndarray) -> list[set[int]]:
+    """Each row's first ``TUNING_K`` ids other than its own."""
+    return [set([int(i) for i in row if i != me and i >= 0][:TUNING_K]) for row, me in zip(ids, own, strict=True)]
+
+
+def _overlap(found: list[set[int]], truth: list[set[int]]) -> float:
+    return float(np.mean([len(f & t) / max(len(t), 1) for f, t in zip(found, truth, strict=True)]))
