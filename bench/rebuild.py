@@ -75,7 +75,7 @@ def timed(action: Callable[[], Any]) -> tuple[Any, float]:
 def measure(args: argparse.Namespace, space: str) -> dict[str, Any]:
     """Every stage of one rebuild of ``args.records`` vectors of ``space``, and the built index's recall@10."""
     n = args.records
-    policy = IndexPolicy(nprobe=args.nprobe)
+    policy = IndexPolicy(nprobe=args.nprobe, target_recall=args.target_recall)
     with store(args.database_url, space, n) as (engine, data_dir, store_s):
         print(f"{space}: stored {n:,} vectors in {store_s:.1f} s (load {load()})", flush=True)
         with Session(engine) as session:
@@ -89,6 +89,7 @@ def measure(args: argparse.Namespace, space: str) -> dict[str, Any]:
             lambda: VectorIndex.build(record_ids, embedding_ids, vectors, policy=policy, timings=timings)
         )
         result.update(timings, structure=index.structure, nlist=getattr(index.cpu, "nlist", 0))
+        result.update(nprobe=getattr(index.cpu, "nprobe", 0), target_recall=policy.target_recall)
         result.update(gflops(result, vectors.shape[1]))
         registry = IndexRegistry(data_dir / "indexes", policy=policy)
         registry.put(key, index)
@@ -139,6 +140,7 @@ def table(rows: list[dict[str, Any]]) -> str:
                 f"{r['structure']}, {r['nlist']} lists; {r['train_gflops']:.0f} GFLOP/s",
             ),
             ("add", r["add_s"], f"{faiss.omp_get_max_threads()} OpenMP threads; {r['add_gflops']:.0f} GFLOP/s"),
+            ("tune nprobe", r.get("tune_s", 0.0), f"nprobe {r['nprobe']} for target recall {r['target_recall']}"),
             ("write files", r["write_s"], f"load {r['load_before']} -> {r['load_after']}"),
             ("total", r["total_s"], f"recall@10 {r['recall_at_10']:.4f}, p50 {r['search_p50_ms']:.2f} ms"),
         ]
@@ -152,6 +154,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--spaces", nargs="*", choices=sorted(SPACES), default=["clustered", "diffuse"])
     parser.add_argument("--queries", type=int, default=300, help="queries for recall@10")
     parser.add_argument("--nprobe", type=int, default=IndexPolicy().nprobe)
+    parser.add_argument(
+        "--target-recall", type=float, default=0.99, help="LLMATCH_INDEX_TARGET_RECALL: nprobe tuned at build (0: off)"
+    )
     parser.add_argument("--database-url", default=None, help="PostgreSQL URL (a fresh database is made); None: SQLite")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args(argv)
