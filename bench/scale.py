@@ -38,6 +38,7 @@ from matching.index import VectorIndex, single_threaded  # noqa: E402
 from matching.index_policy import IndexPolicy  # noqa: E402
 
 REAL_CACHE = common.OUT_DIR / "real_minilm.npy"
+INGEST_TABLE = common.DATASETS_DIR / "dirty_walmart_amazon" / "tableB.csv"
 # Recall depends on the data: two synthetic distributions, one with tight topical clusters (as product catalogues
 # have), one diffuse (neighbours barely closer than strangers), and MiniLM vectors of real records (--real).
 SPACES = {
@@ -383,19 +384,71 @@ def request_paths(args: argparse.Namespace, count: int, rng: np.random.Generator
 
 def measure_processes(server: Serve, args: argparse.Namespace) -> dict[str, Any]:
     """``serve --workers N`` started from the index files: memory of all its processes, one client's latency
-    and 16 clients' tails (``--process-requests`` requests each)."""
+    and 16 clients' tails (``--process-requests`` requests each); with ``--ingest-beside``, while real records are
+    encoded and indexed beside them."""
+    ingestion = IngestBeside(server, args.ingest_beside) if args.ingest_beside else None
     try:
         candidates, match = request_paths(args, args.process_requests, np.random.default_rng(5))
         result: dict[str, Any] = {"workers": server.workers, "ready_s": server.ready_s}
+        if ingestion is not None:
+            ingestion.start()
         result["candidates_1"] = http_latency(server.url, candidates[: args.requests], 1)
         result["candidates_16"] = http_latency(server.url, candidates, 16)
         result["match_1"] = http_latency(server.url, match[: args.requests], 1)
         result["match_16"] = http_latency(server.url, match, 16)
+        if ingestion is not None:
+            result["ingestion"] = ingestion.finish()
         result.update(server.memory())
     finally:
+        if ingestion is not None:
+            ingestion.stop()
         server.stop()
-    print("processes", {k: v for k, v in result.items() if not isinstance(v, dict)}, flush=True)
+    print("processes", {k: v for k, v in result.items() if not isinstance(v, dict)}, result.get("ingestion"))
     return result
+
+
+class IngestBeside:
+    """Ingestion beside the timed requests: real records of ``INGEST_TABLE`` posted to another dataset (MiniLM) and
+    encoded by a standalone ``llmatch worker`` on the same store, so the API processes index them meanwhile."""
+
+    def __init__(self, server: Serve, records: int):
+        self.server, self.records = server, common.read_table(INGEST_TABLE, records).records
+        command = [common.llmatch_command(), "worker"]
+        self.worker = subprocess.Popen(command, env=server.env, stdout=server.log.open("ab"), stderr=subprocess.STDOUT)
+        self.began, self.at_start = 0.0, 0
+
+    def start(self) -> None:
+        """Post every record (fast: the worker encodes them while the requests are timed), then wait until the
+        worker has stored its first vectors, so that encoding runs from the first timed request on."""
+        with httpx.Client(base_url=self.server.url, timeout=120) as client:
+            common.check(client.put("/datasets/ingest", json={}), 201)
+            for start in range(0, len(self.records), 1000):
+                body = {"dataset": "ingest", "source": "b", "records": self.records[start : start + 1000]}
+                common.check(client.post("/records", json=body), 202)
+            deadline = time.monotonic() + 300
+            while (at_start := self._encoded()) == 0:
+                if time.monotonic() > deadline or self.worker.poll() is not None:
+                    raise RuntimeError(f"the worker encoded nothing; see {self.server.log}")
+                time.sleep(0.5)
+        self.began, self.at_start = time.perf_counter(), at_start
+
+    def finish(self) -> dict[str, float]:
+        """Records the worker encoded while the requests were timed, and its rate."""
+        seconds = time.perf_counter() - self.began
+        encoded = self._encoded() - self.at_start
+        return {"posted": len(self.records), "encoded": encoded, "seconds": seconds, "encoded_per_s": encoded / seconds}
+
+    def _encoded(self) -> int:
+        answer = common.check(httpx.get(f"{self.server.url}/datasets/ingest", timeout=60))
+        return int(answer.json()["totals"]["encoded"])
+
+    def stop(self) -> None:
+        self.worker.send_signal(signal.SIGTERM)
+        try:
+            self.worker.wait(timeout=120)
+        except subprocess.TimeoutExpired:
+            self.worker.kill()
+            self.worker.wait()
 
 
 def measure_requests(server: Serve, args: argparse.Namespace, space: Space) -> dict[str, Any]:
@@ -462,6 +515,13 @@ def service_table(r: dict[str, Any]) -> str:
     return table + ("\n\n" + processes_table(r["processes"]) if r.get("processes") else "")
 
 
+def _ingested(measured: dict[str, Any]) -> str:
+    ingestion = measured.get("ingestion")
+    if not ingestion:
+        return "-"
+    return f"{ingestion['encoded']:,} of {ingestion['posted']:,} ({ingestion['encoded_per_s']:.0f})"
+
+
 def processes_table(measured: Sequence[dict[str, Any]]) -> str:
     """One row per ``serve --workers N``: memory of all processes together and the tails under 16 clients."""
 
@@ -472,12 +532,13 @@ def processes_table(measured: Sequence[dict[str, Any]]) -> str:
         [p["workers"], p["processes"], p["pss_bytes"] / 2**20, p["rss_bytes"] / 2**20,
          f"{p['candidates_1']['p50_ms']:.2f} / {p['candidates_1']['p99_ms']:.2f}", tail(p["candidates_16"]),
          f"{p['match_1']['p50_ms']:.2f} / {p['match_1']['p99_ms']:.2f}", tail(p["match_16"]),
-         sum(p[k]["errors"] for k in ("candidates_1", "candidates_16", "match_1", "match_16"))]
+         sum(p[k]["errors"] for k in ("candidates_1", "candidates_16", "match_1", "match_16")), _ingested(p)]
         for p in measured
     ]  # fmt: skip
     headers = ["API processes", "processes in all", "PSS summed (MiB)", "RSS summed (MiB)",
                "/candidates 1 client p50 / p99 ms", "/candidates 16 clients p50 / p99 ms; req/s",
-               "/match 1 client p50 / p99 ms", "/match 16 clients p50 / p99 ms; req/s", "errors"]  # fmt: skip
+               "/match 1 client p50 / p99 ms", "/match 16 clients p50 / p99 ms; req/s", "errors",
+               "encoded beside (records/s)"]  # fmt: skip
     return common.markdown_table(headers, rows)
 
 
@@ -518,6 +579,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="also serve with `--workers N` for each N (from index files): memory of all processes, tails",
     )
     service.add_argument("--process-requests", type=int, default=2000, help="requests per 16-client phase there")
+    service.add_argument(
+        "--ingest-beside",
+        type=int,
+        default=0,
+        metavar="RECORDS",
+        help="there, post this many real records to another dataset first, encoded by a `llmatch worker` meanwhile",
+    )
     service.add_argument("--out", type=Path, default=None)
     args = parser.parse_args(argv)
     if args.command == "service" and args.out is None:
