@@ -34,6 +34,7 @@ if __package__ in (None, ""):
 
 from bench import common  # noqa: E402
 from bench.vectors import Space, real_vectors, store_vectors  # noqa: E402
+from llmatch.settings import Settings  # noqa: E402
 from matching.index import VectorIndex, single_threaded  # noqa: E402
 from matching.index_policy import IndexPolicy  # noqa: E402
 
@@ -328,7 +329,11 @@ def http_latency(url: str, paths: Sequence[str], clients: int) -> dict[str, floa
 def run_service(args: argparse.Namespace) -> int:
     n, q = args.records, args.queries
     space = SPACES[args.space]
-    extra = {"LLMATCH_INDEX_SAVE_SECONDS": "0", "LLMATCH_INDEX_NPROBE": str(args.nprobe)}
+    extra = {
+        "LLMATCH_INDEX_SAVE_SECONDS": "0",
+        "LLMATCH_INDEX_NPROBE": str(args.nprobe),
+        "LLMATCH_INDEX_STORAGE": args.storage,
+    }
     report: dict[str, Any] = {"config": config(args), "machine": common.machine()}
     with tempfile.TemporaryDirectory(prefix="llmatch-scale-") as tmp, common.fresh_database(args.database_url) as url:
         data_dir = Path(tmp)
@@ -477,9 +482,12 @@ def measure_requests(server: Serve, args: argparse.Namespace, space: Space) -> d
     results["recall_at_10"] = recall_at(np.array(found), truth)
 
     # in-process baseline: the same structure the service chose, searched directly
-    index = VectorIndex.build(np.arange(n), np.arange(n), base, policy=IndexPolicy(nprobe=args.nprobe))
+    # the service's defaults for the rest: its target recall tunes nprobe as the server's build did
+    target = Settings.model_fields["index_target_recall"].default
+    policy = IndexPolicy(nprobe=args.nprobe, storage=args.storage, target_recall=target)
+    index = VectorIndex.build(np.arange(n), np.arange(n), base, policy=policy)
     latency, _ = time_queries(lambda x: index.search(x, 10)[1], queries[sample])
-    results["faiss_in_process"] = {**latency, "structure": index.structure}
+    results["faiss_in_process"] = {**latency, "structure": index.structure, "nprobe": getattr(index.cpu, "nprobe", 0)}
     return results
 
 
@@ -497,8 +505,9 @@ def service_table(r: dict[str, Any]) -> str:
          f"{r['rss_empty_bytes'] / 2**20:,.0f} -> {r['rss_bytes'] / 2**20:,.0f}"],
         ["resident memory per vector (bytes)", round(r["rss_per_vector_bytes"])],
         ["index files on disk (MiB)", r["index_files_bytes"] / 2**20],
-        ["in-process index search, k=10 (structure; p50 / p99 ms)",
-         f"{r['faiss_in_process']['structure']}; {r['faiss_in_process']['p50_ms']:.2f} / "
+        ["in-process index search, k=10 (structure, nprobe; p50 / p99 ms)",
+         f"{r['faiss_in_process']['structure']}, {r['faiss_in_process'].get('nprobe', '-')}; "
+         f"{r['faiss_in_process']['p50_ms']:.2f} / "
          f"{r['faiss_in_process']['p99_ms']:.2f}"],
         ["GET /healthz, 1 client: p50 (ms)", r["healthz_1"]["p50_ms"]],
         ["GET /candidates?k=10, 1 client: p50 / p99 (ms)", f"{c1['p50_ms']:.2f} / {c1['p99_ms']:.2f}"],
@@ -570,6 +579,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     service.add_argument("--recall-queries", type=int, default=300)
     service.add_argument("--nprobe", type=int, default=IndexPolicy().nprobe)
     service.add_argument("--space", choices=sorted(SPACES), default="clustered", help="synthetic distribution")
+    service.add_argument("--storage", choices=("float32", "float16"), default="float32", help="LLMATCH_INDEX_STORAGE")
     service.add_argument("--database-url", default=None, help="PostgreSQL URL (a fresh database is made); None: SQLite")
     service.add_argument(
         "--workers",
