@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import os
 import re
-import signal
 import subprocess
 import sys
 import tempfile
@@ -274,12 +273,7 @@ class Serve:
         return totals
 
     def stop(self) -> None:
-        self.process.send_signal(signal.SIGTERM)
-        try:
-            self.process.wait(timeout=600)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            self.process.wait()
+        common.stop_process(self.process, 600)
 
 
 def _children(pid: int) -> list[int]:
@@ -448,12 +442,7 @@ class IngestBeside:
         return int(answer.json()["totals"]["encoded"])
 
     def stop(self) -> None:
-        self.worker.send_signal(signal.SIGTERM)
-        try:
-            self.worker.wait(timeout=120)
-        except subprocess.TimeoutExpired:
-            self.worker.kill()
-            self.worker.wait()
+        common.stop_process(self.worker, 120)
 
 
 def measure_requests(server: Serve, args: argparse.Namespace, space: Space) -> dict[str, Any]:
