@@ -420,10 +420,8 @@ class IngestBeside:
         """Post every record (fast: the worker encodes them while the requests are timed), then wait until the
         worker has stored its first vectors, so that encoding runs from the first timed request on."""
         with httpx.Client(base_url=self.server.url, timeout=120) as client:
-            common.check(client.put("/datasets/ingest", json={}), 201)
-            for start in range(0, len(self.records), 1000):
-                body = {"dataset": "ingest", "source": "b", "records": self.records[start : start + 1000]}
-                common.check(client.post("/records", json=body), 202)
+            common.create_dataset(client, "ingest")
+            common.post_records(client, "b", self.records, 1000, dataset="ingest")
             deadline = time.monotonic() + 300
             while (at_start := self._encoded()) == 0:
                 if time.monotonic() > deadline or self.worker.poll() is not None:

@@ -245,15 +245,8 @@ def _encoded_vectors(
     session: Session, dataset: Dataset, refs: set[tuple[str, str]]
 ) -> dict[tuple[str, str], np.ndarray]:
     """Vectors of the referenced records; 404 naming unknown ones, 409 naming those not encoded."""
-    found: dict[tuple[str, str], Any] = {}
     ordered = sorted(refs)
-    for condition in record_conditions(ordered):
-        rows = session.execute(
-            select(Record.source, Record.external_id, Record.status, Embedding.vector, Embedding.dim)
-            .outerjoin(Embedding, Record.embedding_id == Embedding.id)
-            .where(Record.dataset_id == dataset.id, condition)
-        )
-        found.update({(source, rid): (status, blob, dim) for source, rid, status, blob, dim in rows})
+    found = _stored_rows(session, dataset, ordered)
     unknown = [ref for ref in ordered if ref not in found]
     if unknown:
         raise NotFound(
@@ -261,14 +254,14 @@ def _encoded_vectors(
             f"{_names(unknown)}; ingest them first.",
             unknown=[list(r) for r in unknown[:100]],
         )
-    waiting = [ref for ref, (status, blob, _) in found.items() if status != ENCODED or blob is None]
+    waiting = [ref for ref, row in found.items() if row.status != ENCODED or row.vector is None]
     if waiting:
         raise Conflict(
             f"{len(waiting)} pair record(s) are not encoded yet, e.g. {_names(sorted(waiting))}; "
             "retry once the encoder worker has processed them.",
             not_encoded=[list(r) for r in sorted(waiting)[:100]],
         )
-    return {ref: from_bytes(blob, dim) for ref, (_, blob, dim) in found.items()}
+    return {ref: from_bytes(row.vector, row.dim) for ref, row in found.items()}
 
 
 def _names(refs: list[tuple[str, str]]) -> str:
