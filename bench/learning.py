@@ -227,6 +227,7 @@ def curve(
             "version": job.get("version"),
             "job_seconds": job.get("seconds"),
             "holdout": job.get("metrics"),
+            "labelled": [[x["left_source"], x["left_id"], x["right_source"], x["right_id"], x["label"]] for x in labels],
             **figures,
         }
         print(

@@ -75,9 +75,9 @@ def check_enough(dataset: str, labels: list[StoredLabel]) -> None:
         raise TooFewLabels(dataset, matches, non_matches, MIN_MATCHES, MIN_NON_MATCHES)
 
 
-def assign_folds(session: Session, labels: list[StoredLabel], seed: int) -> list[StoredLabel]:
-    """Give every label without a fold one, so that each class holds out ``HOLDOUT_SHARE`` of its labels (rounded
-    up) as far as the new labels allow; labels keep a fold once given. Returns the labels with their folds."""
+def choose_folds(labels: list[StoredLabel], seed: int) -> dict[int, bool]:
+    """The fold (True: held out) of every label without one, so that each class holds out ``HOLDOUT_SHARE`` of its
+    labels (rounded up) as far as the new labels allow."""
     chosen: dict[int, bool] = {}
     rng = random.Random(seed)
     for value in (0, 1):
@@ -87,6 +87,13 @@ def assign_folds(session: Session, labels: list[StoredLabel], seed: int) -> list
         rng.shuffle(new)
         wanted = max(0, math.ceil(HOLDOUT_SHARE * len(of_class)) - held)
         chosen.update({label.label_id: i < wanted for i, label in enumerate(new)})
+    return chosen
+
+
+def assign_folds(session: Session, labels: list[StoredLabel], seed: int) -> list[StoredLabel]:
+    """Give every label without a fold one (``choose_folds``) and store it; labels keep a fold once given. Returns
+    the labels with their folds."""
+    chosen = choose_folds(labels, seed)
     for holdout in (True, False):
         ids = [label_id for label_id, fold in chosen.items() if fold is holdout]
         for start in range(0, len(ids), 500):

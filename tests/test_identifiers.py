@@ -29,12 +29,12 @@ from encoding.identifiers import (
     identifier_vectors,
 )
 from encoding.manifest import encoder_options, read_manifest
-from encoding.registry import EncoderPool, EncoderSpec, load_encoder
+from encoding.registry import EncoderPool, EncoderSpec, load_encoder, spec_from_options
 from llmatch.cli import main
 from llmatch.settings import Settings
 from training import data as training_data
 from training.options import StageOptions
-from training.stages import BaseEncoder, run_stage, select_identifier_weight
+from training.stages import BaseEncoder, run_stage, select_identifier_weight, validate_encoder
 
 
 def test_identifier_tokens_are_codes_mixing_letters_and_digits_with_hyphens_dropped() -> None:
@@ -200,6 +200,42 @@ def test_selection_on_valid_gives_identifiers_weight_where_model_numbers_decide(
     assert [row["weight"] for row in selection] == [0.0, 0.1, 0.3]
     by_weight = {row["weight"]: row["valid_f1"] for row in selection}
     assert by_weight[0.3] > by_weight[0.0]  # dense cosine alone prefers the near-identical wrong model
+
+
+def test_average_precision_selection_reports_both_scores_and_serves_the_best_ranking_weight(
+    pool: EncoderPool, tmp_path: Path
+) -> None:
+    data = training_data.load([write_model_number_benchmark(tmp_path / "models")], "plain", None)
+    weights = (0.0, 0.1, 0.3)
+    selection = select_identifier_weight(pool.spec("minilm"), data, "cpu", weights, "average_precision")
+    assert all(set(row) == {"weight", "valid_f1", "valid_average_precision"} for row in selection)
+    assert all(0.0 <= row["valid_average_precision"] <= 1.0 for row in selection)
+
+    options = StageOptions(
+        batch_size=1, learning_rate=0.0, identifier_weights=weights, selection_metric="average_precision"
+    )
+    run_stage("identifiers", BaseEncoder(pool.spec("minilm")), data, options, tmp_path / "out", "cpu")
+
+    manifest = read_manifest(tmp_path / "out")
+    best = max(selection, key=lambda row: row["valid_average_precision"])  # the smallest weight among equals
+    assert manifest["encoder"]["identifier_weight"] == best["weight"]
+    assert manifest["valid_f1"] == best["valid_f1"]  # the figure reported stays the F1 of what serves
+    assert manifest["stages"][-1]["options"]["selection_metric"] == "average_precision"
+
+
+def test_checkpoints_chosen_on_average_precision_keep_the_kept_folders_f1(pool: EncoderPool, tmp_path: Path) -> None:
+    data = training_data.load([write_model_number_benchmark(tmp_path / "models")], "plain", None)
+    options = StageOptions(batch_size=8, learning_rate=1e-5, max_steps=1, selection_metric="average_precision")
+    run_stage("supervised", BaseEncoder(pool.spec("minilm")), data, options, tmp_path / "out", "cpu")
+
+    manifest = read_manifest(tmp_path / "out")
+    stage = manifest["stages"][0]
+    assert [set(e) for e in stage["evaluations"]] == [{"step", "valid_average_precision"}] * 2
+    kept = max(stage["evaluations"], key=lambda e: e["valid_average_precision"])
+    assert stage["best_step"] == kept["step"]
+    assert stage["valid_average_precision"] == kept["valid_average_precision"]
+    served = validate_encoder(spec_from_options("out", tmp_path / "out"), data, "cpu")
+    assert manifest["valid_f1"] == pytest.approx(served, abs=1e-4)
 
 
 def test_the_service_matches_and_blocks_with_identifier_features(client, drain, counting_pool) -> None:

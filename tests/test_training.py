@@ -406,6 +406,7 @@ def test_stage_options_shrink_on_a_cpu(tmp_path: Path) -> None:
         mined_negatives=0,
         identifier_weights="0,0.2",
         train_identifier_weight=0.0,
+        selection_metric="f1",
     )
     cpu = stage_options("mntp", spec, args, "cpu")
     gpu = stage_options("mntp", spec, args, "cuda")

@@ -106,6 +106,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--eval-every", type=int, default=None, help="supervised: steps between valid evaluations")
     parser.add_argument(
+        "--selection-metric",
+        choices=("f1", "average_precision"),
+        default="f1",
+        help="supervised and identifiers: choose the checkpoint and the identifier weight on valid best-threshold F1 "
+        "or on average precision (steadier on a few hundred valid pairs; training jobs use it)",
+    )
+    parser.add_argument(
         "--no-validation",
         action="store_true",
         help="mntp/simcse: skip the valid-F1 measurement (it embeds every valid record; supervised always runs it)",
@@ -300,7 +307,11 @@ def stage_options(stage: str, spec: EncoderSpec, args: argparse.Namespace, devic
     """The user's choices, with defaults by stage, model kind and device (small settings on a CPU)."""
     if stage == "identifiers":  # trains nothing: only the candidate weights matter
         return StageOptions(
-            batch_size=1, learning_rate=0.0, seed=args.seed, identifier_weights=parse_weights(args.identifier_weights)
+            batch_size=1,
+            learning_rate=0.0,
+            seed=args.seed,
+            identifier_weights=parse_weights(args.identifier_weights),
+            selection_metric=args.selection_metric,
         )
     if (stage, spec.kind) not in DEFAULTS:
         require_llm2vec(stage, spec.name, spec.kind)
@@ -326,6 +337,7 @@ def stage_options(stage: str, spec: EncoderSpec, args: argparse.Namespace, devic
         eval_every=args.eval_every,
         mined_negatives=args.mined_negatives,
         train_identifier_weight=args.train_identifier_weight,
+        selection_metric=args.selection_metric,
         validate=not args.no_validation,
         gradient_checkpointing=not on_cpu and spec.kind == "llm2vec",
     )

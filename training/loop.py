@@ -30,6 +30,7 @@ class LoopSettings:
     max_grad_norm: float = 1.0
     checkpoint_every: int = 50  # steps; a run killed in between resumes from the last checkpoint
     eval_every: int | None = None  # steps between valid evaluations (selection); None: only at the end
+    metric: str = "valid_f1"  # the name of what ``validate`` returns, in the evaluations and the log
     on_step: Callable[[int, int], None] | None = None  # (steps done, steps in all), after each step
 
 
@@ -37,8 +38,8 @@ class LoopSettings:
 class LoopResult:
     losses: list[float]
     seconds: float
-    best_step: int | None = None  # the step whose weights were kept (best valid F1), when selecting
-    valid_f1: float | None = None
+    best_step: int | None = None  # the step whose weights were kept (best valid score), when selecting
+    valid_score: float | None = None  # the best of ``validate`` (``LoopSettings.metric``), when selecting
     evaluations: list[dict[str, float]] = field(default_factory=list)
 
 
@@ -67,7 +68,7 @@ def run(
     parameters = [p for p in module.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(parameters, lr=settings.learning_rate)
     scheduler = _warmup_then_linear(optimizer, settings)
-    state = {"step": 0, "losses": [], "best_f1": None, "best_step": None, "evaluations": [], "seconds": 0.0}
+    state = {"step": 0, "losses": [], "best_score": None, "best_step": None, "evaluations": [], "seconds": 0.0}
     checkpoint = folder / CHECKPOINT_FOLDER / "state.pt"
     if resume and checkpoint.is_file():
         state = _load_checkpoint(checkpoint, trainee, optimizer, scheduler)
@@ -75,7 +76,7 @@ def run(
     else:
         seed_everything(settings.seed)
         if validate is not None:
-            _evaluate(stage, trainee, validate, folder, state)
+            _evaluate(stage, trainee, validate, folder, state, settings.metric)
     started = time.perf_counter() - state["seconds"]
     module.train()
     with tqdm(total=settings.steps, initial=state["step"], desc=stage, unit=" steps") as bar:
@@ -93,7 +94,7 @@ def run(
             if settings.on_step is not None:
                 settings.on_step(state["step"], settings.steps)
             if validate is not None and _due(state["step"], settings.eval_every, settings.steps):
-                _evaluate(stage, trainee, validate, folder, state)
+                _evaluate(stage, trainee, validate, folder, state, settings.metric)
                 module.train()
             if state["step"] % settings.checkpoint_every == 0 and state["step"] < settings.steps:
                 state["seconds"] = time.perf_counter() - started
@@ -106,7 +107,7 @@ def run(
         losses=state["losses"],
         seconds=round(time.perf_counter() - started, 1),
         best_step=state["best_step"],
-        valid_f1=state["best_f1"],
+        valid_score=state["best_score"],
         evaluations=state["evaluations"],
     )
 
@@ -115,16 +116,19 @@ def _due(step: int, every: int | None, total: int) -> bool:
     return step == total or bool(every and step % every == 0)
 
 
-def _evaluate(stage: str, trainee: Trainee, validate: Callable[[], float], folder: Path, state: dict) -> None:
+def _evaluate(
+    stage: str, trainee: Trainee, validate: Callable[[], float], folder: Path, state: dict, metric: str
+) -> None:
     """Score the current weights on valid; save them into ``folder`` when they are the best so far."""
     trainee.module.train(False)
     with torch.no_grad():
-        f1 = float(validate())
-    state["evaluations"].append({"step": state["step"], "valid_f1": round(f1, 4)})
-    improved = state["best_f1"] is None or f1 > state["best_f1"]
-    log.info("%s: step %d valid F1 %.4f%s", stage, state["step"], f1, " (best so far: kept)" if improved else "")
+        score = float(validate())
+    state["evaluations"].append({"step": state["step"], metric: round(score, 4)})
+    improved = state["best_score"] is None or score > state["best_score"]
+    kept = " (best so far: kept)" if improved else ""
+    log.info("%s: step %d %s %.4f%s", stage, state["step"], metric.replace("_", " "), score, kept)
     if improved:
-        state["best_f1"], state["best_step"] = f1, state["step"]
+        state["best_score"], state["best_step"] = score, state["step"]
         trainee.save(folder)
 
 
@@ -169,4 +173,7 @@ def _load_checkpoint(path: Path, trainee: Trainee, optimizer, scheduler) -> dict
     torch.set_rng_state(payload["rng"]["torch"])
     np.random.set_state(payload["rng"]["numpy"])
     random.setstate(payload["rng"]["python"])
-    return payload["state"]
+    state = payload["state"]
+    if "best_f1" in state:  # a checkpoint written before selection scores were named
+        state["best_score"] = state.pop("best_f1")
+    return state

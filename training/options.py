@@ -38,6 +38,9 @@ class StageOptions:
     mined_negatives: int = 0  # supervised: tableB records nearest each match's left record, mined as extra negatives
     identifier_weights: tuple[float, ...] = (0.0,)  # identifiers: candidate identifier weights, chosen on valid F1
     train_identifier_weight: float = 0.0  # supervised: identifier weight of the cosines the losses see (0: dense)
+    # supervised and identifiers: what the checkpoint and the identifier weight are chosen on; "f1" (best-threshold
+    # F1) or "average_precision" (the whole ranking: steadier than F1 on a few hundred pairs, and rarely tied)
+    selection_metric: str = "f1"
     validate: bool = True  # mntp/simcse: measure valid F1 after training (supervised always does)
     checkpoint_every: int = 50
     gradient_checkpointing: bool = False

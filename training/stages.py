@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
+from sklearn.metrics import average_precision_score
 from tqdm import tqdm
 
 from encoding.encoder import EncoderInput
@@ -29,7 +30,18 @@ from training.losses import cosent, info_nce
 from training.options import StageError, StageOptions, require_llm2vec
 from training.trainees import EmbeddingTrainee, LLM2VecTrainee, MNTPTrainee, SentenceTransformerTrainee
 
-SUPERVISED_ONLY = ("eval_every", "pair_loss_weight", "mined_negatives", "train_identifier_weight")
+SUPERVISED_ONLY = (
+    "eval_every",
+    "pair_loss_weight",
+    "mined_negatives",
+    "train_identifier_weight",
+    "selection_metric",
+)
+# What a checkpoint or an identifier weight can be chosen on: each maps (scores, labels) of valid pairs to a number.
+SELECTION_METRICS: dict[str, Callable[[np.ndarray, np.ndarray], float]] = {
+    "f1": lambda scores, labels: best_f1_threshold(scores, labels).f1,
+    "average_precision": lambda scores, labels: float(average_precision_score(labels, scores)),
+}
 CHUNK = 256  # records embedded between progress-bar updates (validation, mining)
 log = logging.getLogger("llmatch.train")
 Embedder = Callable[[list[EncoderInput]], np.ndarray]  # inputs -> unit-length rows
@@ -84,10 +96,12 @@ def run_stage(
     }
     write_manifest(folder, manifest)
     spec = spec_from_options(folder.name, folder)
-    valid_f1 = result.valid_f1
+    valid_f1 = result.valid_score if options.selection_metric == "f1" else None
     if valid_f1 is None and options.validate:
         valid_f1 = validate_encoder(spec, data, device)
     record["valid_f1"] = manifest["valid_f1"] = round(valid_f1, 4) if valid_f1 is not None else None
+    if options.selection_metric != "f1" and result.valid_score is not None:
+        record[f"valid_{options.selection_metric}"] = round(result.valid_score, 4)
     write_manifest(folder, manifest)
     log.info("%s: wrote %s (valid F1 %s)", stage, folder, "not measured" if valid_f1 is None else f"{valid_f1:.4f}")
     return BaseEncoder(spec, tuple(manifest["stages"]), base_model)
@@ -96,15 +110,16 @@ def run_stage(
 def _identifiers(base: BaseEncoder, data: TrainingData, options: StageOptions, folder: Path, device: str):
     """No training: choose the identifier weight of ``base`` on valid and write a folder that serves it so."""
     started = time.perf_counter()
-    selection = select_identifier_weight(base.spec, data, device, options.identifier_weights)
-    best = max(selection, key=lambda row: row["valid_f1"])  # the first (smallest weight) among equals
-    log.info("identifiers: weight %s chosen on valid (F1 %.4f)", best["weight"], best["valid_f1"])
+    metric = options.selection_metric
+    selection = select_identifier_weight(base.spec, data, device, options.identifier_weights, metric)
+    best = max(selection, key=lambda row: row[f"valid_{metric}"])  # the first (smallest weight) among equals
+    log.info("identifiers: weight %s chosen on valid %s (F1 %.4f)", best["weight"], metric, best["valid_f1"])
     record = {
         "stage": "identifiers",
         "data": data.describe(),
         "steps": 0,
         "seed": options.seed,
-        "options": {"identifier_weights": list(options.identifier_weights)},
+        "options": {"identifier_weights": list(options.identifier_weights), "selection_metric": metric},
         "device": device,
         "seconds": round(time.perf_counter() - started, 1),
         "identifier_weights": selection,
@@ -307,7 +322,7 @@ def _supervised(base: BaseEncoder, data: TrainingData, options: StageOptions, fo
         step_loss,
         folder,
         settings,
-        validate=lambda: valid_f1(trainee, data, weight),
+        validate=lambda: valid_f1(trainee, data, weight, options.selection_metric),
         resume=resume,
     )
     return trainee, result, steps
@@ -360,9 +375,12 @@ def _embedder(trainee: EmbeddingTrainee, identifier_weight: float = 0.0, batch_s
     return embed
 
 
-def valid_f1(trainee: EmbeddingTrainee, data: TrainingData, identifier_weight: float = 0.0) -> float:
-    """Best-threshold F1 of cosine scores over valid.csv (mean over datasets), from the trainee's embeddings."""
-    return _valid_f1(data, _embedder(trainee, identifier_weight))
+def valid_f1(
+    trainee: EmbeddingTrainee, data: TrainingData, identifier_weight: float = 0.0, metric: str = "f1"
+) -> float:
+    """Best-threshold F1 (or another ``SELECTION_METRICS`` entry) of cosine scores over valid.csv (mean over
+    datasets), from the trainee's embeddings."""
+    return _valid_f1(data, _embedder(trainee, identifier_weight), metric)
 
 
 def validate_encoder(spec: EncoderSpec, data: TrainingData, device: str) -> float:
@@ -372,9 +390,10 @@ def validate_encoder(spec: EncoderSpec, data: TrainingData, device: str) -> floa
 
 
 def select_identifier_weight(
-    spec: EncoderSpec, data: TrainingData, device: str, weights: Sequence[float]
+    spec: EncoderSpec, data: TrainingData, device: str, weights: Sequence[float], metric: str = "f1"
 ) -> list[dict[str, float]]:
-    """Valid F1 of the trained encoder with each candidate identifier weight (identifiers.py), in order.
+    """Valid F1 (and ``metric`` when it is another) of the trained encoder with each candidate identifier weight
+    (identifiers.py), in order.
 
     The dense vectors are embedded once; each weight only recombines them with the identifier features, exactly
     as the serving encoder will.
@@ -391,23 +410,26 @@ def select_identifier_weight(
         valid.append((pairs, keys, dense, identifier_vectors([item.text for item in inputs], spec.identifier_dims)))
     selection = []
     for weight in sorted(set(weights)):
-        f1 = np.mean(
-            [
-                _pair_f1(pairs, keys, combine(dense, codes, weight) if weight else dense)
-                for pairs, keys, dense, codes in valid
-            ]
-        )
-        selection.append({"weight": weight, "valid_f1": round(float(f1), 4)})
+        row: dict[str, float] = {"weight": weight}
+        for name in dict.fromkeys(("f1", metric)):
+            value = np.mean(
+                [
+                    _pair_score(pairs, keys, combine(dense, codes, weight) if weight else dense, name)
+                    for pairs, keys, dense, codes in valid
+                ]
+            )
+            row[f"valid_{name}"] = round(float(value), 4)
+        selection.append(row)
     return selection
 
 
-def _valid_f1(data: TrainingData, embed: Embedder) -> float:
-    """Mean over datasets of the best-threshold F1 of cosine scores on valid.csv."""
+def _valid_f1(data: TrainingData, embed: Embedder, metric: str = "f1") -> float:
+    """Mean over datasets of the best-threshold F1 (or ``metric``) of cosine scores on valid.csv."""
     scores = []
     for dataset, pairs in data.splits["valid"].items():
         keys = sorted({key for pair in pairs for key in (pair.left, pair.right)})
         vectors = _embed_in_chunks(embed, [data.inputs[key] for key in keys], f"valid {dataset}")
-        scores.append(_pair_f1(pairs, keys, vectors))
+        scores.append(_pair_score(pairs, keys, vectors, metric))
     return float(np.mean(scores))
 
 
@@ -421,12 +443,13 @@ def _embed_in_chunks(embed: Embedder, inputs: list[EncoderInput], description: s
     return np.concatenate(chunks)
 
 
-def _pair_f1(pairs: Sequence[TextPair], keys: list[str], matrix: np.ndarray) -> float:
+def _pair_score(pairs: Sequence[TextPair], keys: list[str], matrix: np.ndarray, metric: str = "f1") -> float:
+    """``SELECTION_METRICS[metric]`` of the pairs' cosines, ``matrix`` holding the unit rows of ``keys``."""
     row = {key: i for i, key in enumerate(keys)}
     left = matrix[[row[p.left] for p in pairs]]
     right = matrix[[row[p.right] for p in pairs]]
     scores = np.sum(left * right, axis=1)
-    return best_f1_threshold(scores, np.array([p.label for p in pairs])).f1
+    return SELECTION_METRICS[metric](scores, np.array([p.label for p in pairs]))
 
 
 def _loop_settings(options: StageOptions, steps: int) -> loop.LoopSettings:
@@ -436,5 +459,6 @@ def _loop_settings(options: StageOptions, steps: int) -> loop.LoopSettings:
         seed=options.seed,
         checkpoint_every=options.checkpoint_every,
         eval_every=options.eval_every,
+        metric=f"valid_{options.selection_metric}",
         on_step=options.on_step,
     )
