@@ -39,6 +39,7 @@ from evaluation import deepmatcher
 
 NAME = "learning"
 PROBE_EVERY = 0.05  # seconds between the probe's GET /match requests
+LABEL_FIELDS = ("left_source", "left_id", "right_source", "right_id", "label")  # a row's labels, in this order
 PAGE = 20  # review pairs asked for at a time (plus those passed over)
 
 
@@ -227,7 +228,7 @@ def curve(
             "version": job.get("version"),
             "job_seconds": job.get("seconds"),
             "holdout": job.get("metrics"),
-            "labelled": [[x["left_source"], x["left_id"], x["right_source"], x["right_id"], x["label"]] for x in labels],
+            "labelled": [[x[k] for k in LABEL_FIELDS] for x in labels],
             **figures,
         }
         print(
