@@ -322,7 +322,7 @@ def _supervised(base: BaseEncoder, data: TrainingData, options: StageOptions, fo
         step_loss,
         folder,
         settings,
-        validate=lambda: valid_f1(trainee, data, weight, options.selection_metric),
+        validate=lambda: valid_score(trainee, data, weight, options.selection_metric),
         resume=resume,
     )
     return trainee, result, steps
@@ -375,18 +375,18 @@ def _embedder(trainee: EmbeddingTrainee, identifier_weight: float = 0.0, batch_s
     return embed
 
 
-def valid_f1(
+def valid_score(
     trainee: EmbeddingTrainee, data: TrainingData, identifier_weight: float = 0.0, metric: str = "f1"
 ) -> float:
     """Best-threshold F1 (or another ``SELECTION_METRICS`` entry) of cosine scores over valid.csv (mean over
     datasets), from the trainee's embeddings."""
-    return _valid_f1(data, _embedder(trainee, identifier_weight), metric)
+    return _valid_score(data, _embedder(trainee, identifier_weight), metric)
 
 
 def validate_encoder(spec: EncoderSpec, data: TrainingData, device: str) -> float:
     """Valid F1 through the serving encoder (what ``llmatch serve`` would load from the stage folder)."""
     encoder = load_encoder(spec, device)
-    return _valid_f1(data, lambda inputs: encoder.encode(inputs, batch_size=spec.batch_size))
+    return _valid_score(data, lambda inputs: encoder.encode(inputs, batch_size=spec.batch_size))
 
 
 def select_identifier_weight(
@@ -423,7 +423,7 @@ def select_identifier_weight(
     return selection
 
 
-def _valid_f1(data: TrainingData, embed: Embedder, metric: str = "f1") -> float:
+def _valid_score(data: TrainingData, embed: Embedder, metric: str = "f1") -> float:
     """Mean over datasets of the best-threshold F1 (or ``metric``) of cosine scores on valid.csv."""
     scores = []
     for dataset, pairs in data.splits["valid"].items():
