@@ -135,6 +135,13 @@ class Settings(BaseSettings):
         description="Sources per dataset (each one is searched by every candidates query); a batch of records for "
         "a new source past it gets 422.",
     )
+    max_dataset_labels: int = Field(
+        default=100_000,
+        ge=1,
+        le=10_000_000,
+        description="Labelled pairs per dataset (GET /datasets/NAME/labels lists them all, a training job reads them "
+        "all); a PUT that would store more gets 422.",
+    )
     max_inline_encodes: int = Field(
         default=8, ge=1, description="Concurrent on-the-spot encodes (POST /match, POST /candidates); more get 429."
     )

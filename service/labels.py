@@ -9,6 +9,7 @@ from sqlalchemy.orm import Session
 
 from llmatch.models import ENCODED, Dataset, Label, Record
 from service.errors import Conflict
+from service.limits import check_label_count
 from service.record_refs import label_conditions, record_conditions
 from service.schemas import CalibrateIn, LabelledPair, LabelOut, LabelsOut, LabelsStored
 
@@ -21,12 +22,14 @@ def pair_key(left_source: str, left_id: str, right_source: str, right_id: str) -
     return (*left, *right)
 
 
-def put_labels(session: Session, dataset: Dataset, pairs: Sequence[LabelledPair]) -> LabelsStored:
-    """Store labels; a pair labelled again (in either order, or twice in one batch) keeps the latest label."""
+def put_labels(session: Session, dataset: Dataset, pairs: Sequence[LabelledPair], max_labels: int) -> LabelsStored:
+    """Store labels; a pair labelled again (in either order, or twice in one batch) keeps the latest label. 422
+    when the new pairs would bring the dataset past ``max_labels``."""
     latest: dict[PairKey, int] = {}
     for pair in pairs:
         latest[pair_key(pair.left_source, pair.left_id, pair.right_source, pair.right_id)] = pair.label
     existing = stored_labels(session, dataset, set(latest))
+    check_label_count(dataset, count_labels(session, dataset), len(latest) - len(existing), max_labels)
     for key, label in latest.items():
         row = existing.get(key)
         if row is None:

@@ -66,6 +66,16 @@ def check_attribute_names(dataset: Dataset, attribute_maps: Iterable[Mapping[str
         )
 
 
+def check_label_count(dataset: Dataset, stored: int, new: int, limit: int) -> None:
+    """422 when ``new`` labels of pairs not labelled yet would bring the dataset past ``limit`` labels."""
+    if stored + new > limit:
+        raise Unprocessable(
+            f"Dataset {dataset.name!r} holds {stored} labels and this request adds {new}; the limit is {limit} "
+            "(LLMATCH_MAX_DATASET_LABELS). Relabelling a pair does not count; DELETE the labels you no longer need, "
+            "or raise the limit."
+        )
+
+
 def check_source_count(session: Session, dataset: Dataset, source: str, limit: int) -> None:
     """422 when records of a new ``source`` would bring the dataset past ``limit`` sources (each one is searched
     by every candidates query)."""

@@ -155,6 +155,30 @@ def test_sources_per_dataset_are_capped(settings, counting_pool):
         assert set(client.get("/datasets/many").json()["records"]) == {"b", "c", "d"}
 
 
+def test_labels_per_dataset_are_capped_and_relabelling_does_not_count(settings, counting_pool):
+    def pair(left: str, right: str, label: int) -> dict:
+        return {"left_source": "a", "left_id": left, "right_source": "b", "right_id": right, "label": label}
+
+    with limited_client(settings, counting_pool, max_dataset_labels=3) as client:
+        assert client.put("/datasets/labelled", json={}).status_code == 201
+        url = "/datasets/labelled/labels"
+        assert client.put(url, json={"pairs": [pair("1", "1", 1), pair("2", "2", 0)]}).json()["total"] == 2
+        assert client.put(url, json={"pairs": [pair("1", "1", 0), pair("3", "3", 1)]}).json()["total"] == 3
+        too_many = {"pairs": [pair("2", "2", 1), pair("4", "4", 1)]}
+        detail = assert_refusal(client.put(url, json=too_many), 422, "LLMATCH_MAX_DATASET_LABELS", "3")
+        assert "adds 1" in detail
+        stored = client.get(url).json()
+        assert stored["total"] == 3 and {(p["left_id"], p["label"]) for p in stored["pairs"]} == {
+            ("1", 0),
+            ("2", 0),  # the refused request stored nothing, its relabel included
+            ("3", 1),
+        }
+        mirrored = {"left_source": "b", "left_id": "3", "right_source": "a", "right_id": "3", "label": 0}
+        assert client.put(url, json={"pairs": [mirrored]}).json()["total"] == 3
+        assert client.delete(url).status_code == 204
+        assert client.put(url, json=too_many).json()["total"] == 2
+
+
 # ------------------------------------------------------------------------------- concurrent inline encodes
 
 

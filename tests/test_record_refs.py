@@ -109,7 +109,7 @@ def test_put_labels_updates_only_the_pairs_named(store):
         dataset = session.query(Dataset).filter_by(name="small").one()
         pairs = [LabelledPair(left_source="a", left_id="3", right_source="b", right_id="5", label=0),
                  LabelledPair(left_source="a", left_id="4", right_source="b", right_id="5", label=0)]  # fmt: skip
-        put_labels(session, dataset, pairs)
+        put_labels(session, dataset, pairs, max_labels=10_000)
         session.flush()
         labels = {(r.left_id, r.right_id): r.label for r in session.query(Label).filter_by(dataset_id=dataset.id)}
         session.rollback()

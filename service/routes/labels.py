@@ -22,7 +22,7 @@ def put_labels(name: DatasetPath, body: LabelsIn, state: State, _: auth.Write) -
     """Store labels; the latest label of a pair wins, whichever record it names first."""
     with transaction(state.session_factory) as session:
         dataset = get_dataset(session, name, lock=True)
-        return logic.put_labels(session, dataset, body.pairs)
+        return logic.put_labels(session, dataset, body.pairs, state.settings.max_dataset_labels)
 
 
 @router.get("/{name}/labels", response_model=LabelsOut)
