@@ -65,7 +65,8 @@ class ServiceState:
         save_indexes: bool = True,
     ) -> ServiceState:
         """Connect, check the schema is migrated, and load (or rebuild) every index, unless ``loaded`` holds them
-        already (``llmatch serve --workers N``: loaded once by the parent process, inherited by each API process).
+        already (``llmatch serve --workers N``: loaded once by the parent process, inherited by each API process,
+        which applies the change log written since before it answers).
         ``save_indexes``: whether this process writes the index files (one of the processes is enough)."""
         engine = connect(settings)
         factory = make_session_factory(engine)
@@ -75,6 +76,7 @@ class ServiceState:
         else:
             synchronizer = loaded
             synchronizer.session_factory = factory  # the parent's connections were closed: this process's own
+            synchronizer.poll()  # what changed since the parent loaded (a replacement forked later): before serving
         registry = synchronizer.registry
         worker = EncoderWorker(factory, pool, settings) if run_worker else None
         trainer = JobRunner(factory, settings) if run_worker else None
