@@ -221,6 +221,7 @@ def test_average_precision_selection_reports_both_scores_and_serves_the_best_ran
     assert manifest["encoder"]["identifier_weight"] == best["weight"]
     assert manifest["valid_f1"] == best["valid_f1"]  # the figure reported stays the F1 of what serves
     assert manifest["stages"][-1]["options"]["selection_metric"] == "average_precision"
+    assert manifest["stages"][-1]["valid_average_precision"] == best["valid_average_precision"]
 
 
 def test_checkpoints_chosen_on_average_precision_keep_the_kept_folders_f1(pool: EncoderPool, tmp_path: Path) -> None:

@@ -124,6 +124,7 @@ def _identifiers(base: BaseEncoder, data: TrainingData, options: StageOptions, f
         "seconds": round(time.perf_counter() - started, 1),
         "identifier_weights": selection,
         "valid_f1": best["valid_f1"],
+        f"valid_{metric}": best[f"valid_{metric}"],  # what it was chosen on
     }
     base_model = base.base_model or base.spec.model
     manifest = {
