@@ -159,13 +159,17 @@ def key(dataset: str, source: str, record_id: str) -> str:
     return f"{dataset}/{source}/{record_id}"
 
 
+def held_out(labels: list[Label], seed: int) -> list[Label]:
+    """The labels a job with training seed ``seed`` holds out when it first reads these labels."""
+    stored = [StoredLabel(i, ("a", a), ("b", b), 0, 0, label, None) for i, (a, b, label) in enumerate(labels)]
+    return [labels[i] for i, holdout in choose_folds(stored, seed).items() if holdout]
+
+
 def choose(space: Space, spec, labels: list[Label], seed: int) -> list[dict[str, Any]]:
     """The weight each metric chooses on the job's held-out fold, and its valid.csv F1."""
     from training.stages import select_identifier_weight
 
-    stored = [StoredLabel(i, ("a", a), ("b", b), 0, 0, label, None) for i, (a, b, label) in enumerate(labels)]
-    folds = choose_folds(stored, seed * 1_000_003 + len(stored))  # as a job seeds it
-    held = [labels[i] for i, holdout in folds.items() if holdout]
+    held = held_out(labels, seed)
     data = TrainingData([space.name], "tagged", None)
     data.inputs = {k: space.inputs[k] for a, b, _ in held for k in (key(space.name, "a", a), key(space.name, "b", b))}
     data.splits["valid"][space.name] = [

@@ -75,11 +75,11 @@ def check_enough(dataset: str, labels: list[StoredLabel]) -> None:
         raise TooFewLabels(dataset, matches, non_matches, MIN_MATCHES, MIN_NON_MATCHES)
 
 
-def choose_folds(labels: list[StoredLabel], seed: int) -> dict[int, bool]:
+def choose_folds(labels: list[StoredLabel], training_seed: int) -> dict[int, bool]:
     """The fold (True: held out) of every label without one, so that each class holds out ``HOLDOUT_SHARE`` of its
-    labels (rounded up) as far as the new labels allow."""
+    labels (rounded up) as far as the new labels allow; drawn from the training seed and the number of labels."""
     chosen: dict[int, bool] = {}
-    rng = random.Random(seed)
+    rng = random.Random(training_seed * 1_000_003 + len(labels))
     for value in (0, 1):
         of_class = [label for label in labels if label.label == value]
         held = sum(1 for label in of_class if label.holdout)
@@ -90,10 +90,10 @@ def choose_folds(labels: list[StoredLabel], seed: int) -> dict[int, bool]:
     return chosen
 
 
-def assign_folds(session: Session, labels: list[StoredLabel], seed: int) -> list[StoredLabel]:
+def assign_folds(session: Session, labels: list[StoredLabel], training_seed: int) -> list[StoredLabel]:
     """Give every label without a fold one (``choose_folds``) and store it; labels keep a fold once given. Returns
     the labels with their folds."""
-    chosen = choose_folds(labels, seed)
+    chosen = choose_folds(labels, training_seed)
     for holdout in (True, False):
         ids = [label_id for label_id, fold in chosen.items() if fold is holdout]
         for start in range(0, len(ids), 500):

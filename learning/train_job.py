@@ -94,7 +94,7 @@ def run(factory: sessionmaker[Session], settings: Settings, handle: JobHandle) -
         dataset = session.get(Dataset, job.dataset_id)
         _forget_earlier_attempts(session, settings, handle.job_id)
         stored = usable_labels(session, dataset.id)
-        labels = assign_folds(session, stored, seed=settings.training_seed * 1_000_003 + len(stored))
+        labels = assign_folds(session, stored, settings.training_seed)
         check_enough(dataset.name, labels)
         data = training_data(session, dataset, labels, settings.max_text_chars)
         config, serving = DatasetConfig.of(dataset), dataset.serving_encoder

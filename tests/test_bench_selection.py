@@ -28,7 +28,8 @@ def test_each_metric_chooses_the_weight_that_scores_best_on_the_jobs_held_out_fo
     assert [row["metric"] for row in rows] == ["f1", "average_precision"]
     assert {row["holdout_matches"] for row in rows} == {math.ceil(0.3 * matches)}
     assert {row["holdout_pairs"] for row in rows} == {math.ceil(0.3 * matches) + math.ceil(0.3 * (40 - matches))}
-    held = _held_out(space, labels, rows[0]["holdout_pairs"])
+    held = selection.held_out(labels, seed=3)
+    assert len(held) == rows[0]["holdout_pairs"]
     weights = [float(w) for w in selection.WEIGHTS.split(",")]
     metrics = {
         "f1": lambda scores, truth: best_f1_threshold(scores, truth).f1,
@@ -42,17 +43,6 @@ def test_each_metric_chooses_the_weight_that_scores_best_on_the_jobs_held_out_fo
         assert row["valid_f1"] == pytest.approx(
             decision_metrics(*space.scores(space.valid, row["weight"]), threshold).f1
         )
-
-
-def _held_out(space: selection.Space, labels: list, count: int) -> list:
-    """The labels the job's fold holds out (the same seeding as ``selection.choose``)."""
-    from learning.labels import StoredLabel, choose_folds
-
-    stored = [StoredLabel(i, ("a", a), ("b", b), 0, 0, label, None) for i, (a, b, label) in enumerate(labels)]
-    folds = choose_folds(stored, 3 * 1_000_003 + len(stored))
-    held = [labels[i] for i, holdout in folds.items() if holdout]
-    assert len(held) == count
-    return held
 
 
 def test_the_table_pairs_the_metrics_by_seed() -> None:
