@@ -11,7 +11,9 @@ each budget in turn:
 - `POST /datasets/NAME/train`, waited for (its seconds, status, held-out metrics and whether it was adopted are
   kept). When it is refused (too few labels) or its version is not adopted, the threshold is fitted from the
   stored labels instead (`POST /calibrate {"from": "labels"}`), as a user would.
-- test F1 from the `/match` decisions (batch form) on every pair of `test.csv`.
+- test F1 from the `/match` decisions (batch form) on every pair of `test.csv`; and on `valid.csv` the F1 of the
+  same decisions, of the job's held-out labels' own best threshold on the same scores (the paired comparison that
+  chooses the threshold rule) and of valid's best threshold.
 
 While each job runs, a probe sends `GET /match` on one stored pair every 50 ms; its latencies during jobs are
 reported beside those of the same probe on the idle service before the first job.
@@ -110,7 +112,7 @@ def main() -> None:
             probes.append({"dataset": name, "seed": seed, "idle": probe.summary("idle"), "job": probe.summary("job")})
             common.write_report(args.out, {**report, "runs": runs, "probes": probes})
     report |= {"runs": runs, "probes": probes}
-    table = markdown(runs, args) + "\n\n" + timing_table(runs, args) + "\n\n" + probe_table(probes)
+    table = "\n\n".join([markdown(runs, args), valid_table(runs, args), timing_table(runs, args), probe_table(probes)])
     figure(runs, args)
     report["figure"] = str(args.figure)
     common.publish(args.out, report, table)
@@ -147,7 +149,7 @@ def merge(args: argparse.Namespace) -> None:
         probes += report["probes"]
     args.datasets = list(dict.fromkeys(r["dataset"] for r in runs))
     args.budgets = sorted({r["budget"] for r in runs})
-    print(markdown(runs, args) + "\n\n" + timing_table(runs, args) + "\n\n" + probe_table(probes))
+    print("\n\n".join([markdown(runs, args), valid_table(runs, args), timing_table(runs, args), probe_table(probes)]))
     figure(runs, args)
     print(f"\nwrote {args.figure}")
 
@@ -214,7 +216,7 @@ def curve(
             probe.phase = "between"
         if job.get("status") != "done" or not job.get("adopted"):
             client.post(f"/datasets/{dataset}/calibrate", json={"from": "labels", "objective": "f1"})
-        figures = test_f1(client, dataset, benchmark)
+        figures = valid_f1(client, dataset, benchmark, job) | test_f1(client, dataset, benchmark)
         row = {
             "dataset": benchmark.name,
             "strategy": strategy,
@@ -293,21 +295,50 @@ def train(client: httpx.Client, dataset: str, timeout: float) -> dict[str, Any]:
 
 def test_f1(client: httpx.Client, dataset: str, benchmark: deepmatcher.Benchmark) -> dict[str, float]:
     """Precision, recall and F1 of the service's decisions on every pair of test.csv."""
-    pairs = [
-        {"left": {"source": "a", "id": p.left_id}, "right": {"source": "b", "id": p.right_id}} for p in benchmark.test
-    ]
-    results = []
-    for start in range(0, len(pairs), 10_000):
-        body = {"dataset": dataset, "pairs": pairs[start : start + 10_000]}
-        results += common.check(client.post("/match", json=body)).json()["results"]
-    predicted = np.array([bool(r.get("match")) for r in results])
+    scores, predicted, threshold = match_answers(client, dataset, benchmark.test)
     truth = np.array([p.label == 1 for p in benchmark.test])
+    precision, recall, f1 = _metrics(predicted, truth)
+    return {"test_f1": f1, "test_precision": precision, "test_recall": recall, "threshold": threshold}
+
+
+def valid_f1(
+    client: httpx.Client, dataset: str, benchmark: deepmatcher.Benchmark, job: dict[str, Any]
+) -> dict[str, float | None]:
+    """F1 on valid.csv of the service's decisions, of the held-out labels' own best threshold (which a job chose
+    before the threshold was chosen for the candidate pairs; from the job's metrics) and of valid's best threshold:
+    what decides between threshold rules. Review labels may include valid pairs (only test pairs are passed over)."""
+    from matching.calibration import best_f1_threshold
+
+    scores, predicted, _ = match_answers(client, dataset, benchmark.valid)
+    truth = np.array([p.label == 1 for p in benchmark.valid])
+    chosen = ((job.get("metrics") or {}).get("calibration") or {}).get("held_out_best_threshold")
+    return {
+        "valid_f1": _metrics(predicted, truth)[2],
+        "valid_f1_held_out_threshold": None if chosen is None else _metrics(scores >= chosen, truth)[2],
+        "valid_best_f1": best_f1_threshold(scores, truth.astype(np.int64)).f1,
+    }
+
+
+def match_answers(
+    client: httpx.Client, dataset: str, pairs: list[deepmatcher.Pair]
+) -> tuple[np.ndarray, np.ndarray, float | None]:
+    """Scores, decisions and threshold of ``/match`` (batch form) on the pairs."""
+    body = [{"left": {"source": "a", "id": p.left_id}, "right": {"source": "b", "id": p.right_id}} for p in pairs]
+    results: list[dict[str, Any]] = []
+    for start in range(0, len(body), 10_000):
+        answer = client.post("/match", json={"dataset": dataset, "pairs": body[start : start + 10_000]})
+        results += common.check(answer).json()["results"]
+    scores = np.array([r.get("score", -np.inf) for r in results], dtype=np.float64)
+    predicted = np.array([bool(r.get("match")) for r in results])
+    return scores, predicted, next((r.get("threshold") for r in results if "threshold" in r), None)
+
+
+def _metrics(predicted: np.ndarray, truth: np.ndarray) -> tuple[float, float, float]:
+    """Precision, recall and F1 of the decisions."""
     tp = int(np.sum(predicted & truth))
     precision = tp / max(int(predicted.sum()), 1)
     recall = tp / max(int(truth.sum()), 1)
-    f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
-    threshold = next((r.get("threshold") for r in results if "threshold" in r), None)
-    return {"test_f1": f1, "test_precision": precision, "test_recall": recall, "threshold": threshold}
+    return precision, recall, 2 * precision * recall / (precision + recall) if precision + recall else 0.0
 
 
 def interval(values: np.ndarray) -> tuple[float, float]:
@@ -343,6 +374,39 @@ def markdown(runs: list[dict[str, Any]], args: argparse.Namespace) -> str:
                     f"{np.mean(minutes):.1f}" if minutes else "",
                 ]
             )
+    return common.markdown_table(headers, rows)
+
+
+def valid_table(runs: list[dict[str, Any]], args: argparse.Namespace) -> str:
+    """valid.csv F1 at the threshold the service chose (for the candidate pairs) against the held-out labels' own
+    best threshold, on the same versions: what decides the threshold rule."""
+    headers = ["benchmark", "labels", "strategy", "valid F1: served threshold", "held-out best threshold"]
+    headers += ["served − held-out (paired, 95% CI)", "valid best threshold", "versions"]
+    rows = []
+    for name in args.datasets:
+        for budget in sorted(args.budgets):
+            for strategy in ("review", "random"):
+                found = [
+                    r
+                    for r in _by_seed(runs, name, strategy, budget).values()
+                    if r.get("valid_f1_held_out_threshold") is not None
+                ]
+                if not found:
+                    continue
+                served = np.array([r["valid_f1"] for r in found])
+                held = np.array([r["valid_f1_held_out_threshold"] for r in found])
+                rows.append(
+                    [
+                        name,
+                        budget,
+                        strategy,
+                        "{:.3f} ± {:.3f}".format(*interval(served)),
+                        "{:.3f} ± {:.3f}".format(*interval(held)),
+                        "{:+.3f} ± {:.3f}".format(*interval(served - held)),
+                        f"{np.mean([r['valid_best_f1'] for r in found]):.3f}",
+                        len(found),
+                    ]
+                )
     return common.markdown_table(headers, rows)
 
 

@@ -2,11 +2,13 @@
 default target sources (every other source; its own in a single-source dataset), scored by cosine.
 
 ``indexed_candidate_pairs`` (review) searches through ``matching.neighbours``; ``candidate_pairs`` is for vectors
-held by no index or database (offline benchmarks), with the same target-source rule."""
+held by no index or database (offline benchmarks); ``sampled_candidate_pairs`` searches exactly over the stored
+vectors (a process without indexes: a training job choosing its threshold). All keep the same target-source rule."""
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import math
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
 import faiss
@@ -16,8 +18,10 @@ from sqlalchemy.orm import Session
 
 from llmatch.models import ENCODED, Embedding, Record
 from llmatch.vectors import stack
-from matching.neighbours import neighbours, target_sources
+from matching.neighbours import dataset_sources, neighbours, target_sources
 from matching.registry import IndexRegistry
+
+SCAN_CELLS = 10_000_000  # scores ``sampled_candidate_scores`` holds at once (queries x chunk of records)
 
 
 @dataclass(frozen=True)
@@ -53,6 +57,10 @@ def load_encoded(session: Session, dataset_id: int, record_ids: Iterable[int] | 
         for start in range(0, len(wanted), 500):
             rows += session.execute(query.where(Record.id.in_(wanted[start : start + 500]))).all()
         rows.sort(key=lambda row: row[0])
+    return _encoded(rows)
+
+
+def _encoded(rows) -> EncodedRecords:
     dim = rows[0][5] if rows else 0
     return EncodedRecords(
         ids=np.array([r[0] for r in rows], dtype=np.int64),
@@ -161,3 +169,57 @@ def indexed_candidate_pairs(
             names[hit.record_id] = (hit.source, hit.external_id)
             scores[(min(query_id, hit.record_id), max(query_id, hit.record_id))] = hit.score
     return IndexedPairs(scores, names)
+
+
+def iter_encoded(session: Session, dataset_id: int, chunk: int) -> Iterator[EncodedRecords]:
+    """Every encoded record of a dataset, by id, ``chunk`` records at a time (vectors and all)."""
+    query = (
+        select(Record.id, Record.source, Record.external_id, Embedding.id, Embedding.vector, Embedding.dim)
+        .join(Embedding, Record.embedding_id == Embedding.id)
+        .where(Record.dataset_id == dataset_id, Record.status == ENCODED)
+        .order_by(Record.id)
+        .execution_options(yield_per=chunk)
+    )
+    for rows in session.execute(query).partitions(chunk):
+        yield _encoded(rows)
+
+
+def draw(ids: np.ndarray, limit: int, seed: int) -> np.ndarray:
+    """Up to ``limit`` of the ids, sorted: all of them when they are no more, else a repeatable draw by ``seed``."""
+    if ids.size <= limit:
+        return np.sort(ids)
+    return np.sort(ids[np.argsort(_shuffled_rank(ids, seed), kind="stable")[:limit]])
+
+
+def sampled_candidate_pairs(
+    session: Session, dataset_id: int, k: int, max_queries: int, seed: int
+) -> dict[tuple[int, int], float]:
+    """The candidate pairs (record ids, smaller first -> score) of a sample of the dataset's encoded records: each
+    of at most ``max_queries`` records (``draw``) with its ``k`` nearest records of its target sources, searched
+    exactly over every encoded record in chunks (one pass over the vectors; memory holds the sample and a chunk of
+    at most ``SCAN_CELLS`` scores)."""
+    queries = load_encoded(session, dataset_id, draw(encoded_ids(session, dataset_id)[0], max_queries, seed).tolist())
+    if len(queries) == 0:
+        return {}
+    known = dataset_sources(session, dataset_id)
+    code = {source: number for number, source in enumerate(known)}
+    searches = np.zeros((len(queries), len(known)), dtype=bool)  # query row x source code: searched or not
+    for row, source in enumerate(queries.sources):
+        searches[row, [code[t] for t in target_sources(known, source)]] = True
+    best_scores = np.full((len(queries), k), -np.inf, dtype=np.float32)
+    best_ids = np.full((len(queries), k), -1, dtype=np.int64)
+    for chunk in iter_encoded(session, dataset_id, max(1, SCAN_CELLS // len(queries))):
+        chunk_codes = np.array([code.get(source, -1) for source in chunk.sources], dtype=np.int64)
+        allowed = searches[:, chunk_codes] & (chunk_codes >= 0) & (queries.ids[:, None] != chunk.ids[None, :])
+        scores = np.where(allowed, queries.vectors @ chunk.vectors.T, -np.inf).astype(np.float32)
+        merged_scores = np.concatenate([best_scores, scores], axis=1)
+        merged_ids = np.concatenate([best_ids, np.broadcast_to(chunk.ids, scores.shape)], axis=1)
+        top = np.argpartition(-merged_scores, k - 1, axis=1)[:, :k]
+        best_scores = np.take_along_axis(merged_scores, top, axis=1)
+        best_ids = np.take_along_axis(merged_ids, top, axis=1)
+    pairs: dict[tuple[int, int], float] = {}
+    for query_id, row_scores, row_ids in zip(queries.ids.tolist(), best_scores, best_ids, strict=True):
+        for score, other in zip(row_scores.tolist(), row_ids.tolist(), strict=True):
+            if other >= 0 and math.isfinite(score):
+                pairs[(min(query_id, other), max(query_id, other))] = min(score, 1.0)
+    return pairs
