@@ -21,7 +21,7 @@ from llmatch.vectors import stack
 from matching.neighbours import dataset_sources, neighbours, target_sources
 from matching.registry import IndexRegistry
 
-SCAN_CELLS = 10_000_000  # scores ``sampled_candidate_scores`` holds at once (queries x chunk of records)
+SCAN_RECORDS = 20_000  # stored records whose vectors ``sampled_candidate_pairs`` reads at a time
 
 
 @dataclass(frozen=True)
@@ -196,30 +196,52 @@ def sampled_candidate_pairs(
 ) -> dict[tuple[int, int], float]:
     """The candidate pairs (record ids, smaller first -> score) of a sample of the dataset's encoded records: each
     of at most ``max_queries`` records (``draw``) with its ``k`` nearest records of its target sources, searched
-    exactly over every encoded record in chunks (one pass over the vectors; memory holds the sample and a chunk of
-    at most ``SCAN_CELLS`` scores)."""
+    exactly over every encoded record, ``SCAN_RECORDS`` at a time (one pass over the vectors; memory holds the
+    sample and one chunk)."""
     queries = load_encoded(session, dataset_id, draw(encoded_ids(session, dataset_id)[0], max_queries, seed).tolist())
     if len(queries) == 0:
         return {}
     known = dataset_sources(session, dataset_id)
-    code = {source: number for number, source in enumerate(known)}
-    searches = np.zeros((len(queries), len(known)), dtype=bool)  # query row x source code: searched or not
+    searching = {source: [] for source in known}  # source -> rows of the queries that search it
     for row, source in enumerate(queries.sources):
-        searches[row, [code[t] for t in target_sources(known, source)]] = True
-    best_scores = np.full((len(queries), k), -np.inf, dtype=np.float32)
-    best_ids = np.full((len(queries), k), -1, dtype=np.int64)
-    for chunk in iter_encoded(session, dataset_id, max(1, SCAN_CELLS // len(queries))):
-        chunk_codes = np.array([code.get(source, -1) for source in chunk.sources], dtype=np.int64)
-        allowed = searches[:, chunk_codes] & (chunk_codes >= 0) & (queries.ids[:, None] != chunk.ids[None, :])
-        scores = np.where(allowed, queries.vectors @ chunk.vectors.T, -np.inf).astype(np.float32)
-        merged_scores = np.concatenate([best_scores, scores], axis=1)
-        merged_ids = np.concatenate([best_ids, np.broadcast_to(chunk.ids, scores.shape)], axis=1)
-        top = np.argpartition(-merged_scores, k - 1, axis=1)[:, :k]
-        best_scores = np.take_along_axis(merged_scores, top, axis=1)
-        best_ids = np.take_along_axis(merged_ids, top, axis=1)
+        for target in target_sources(known, source):
+            searching[target].append(row)
+    best = _Nearest(len(queries), k)
+    for chunk in iter_encoded(session, dataset_id, SCAN_RECORDS):
+        chunk_sources = np.array(chunk.sources)
+        for source, rows in searching.items():
+            columns = np.flatnonzero(chunk_sources == source)
+            if not rows or columns.size == 0:
+                continue
+            asking = np.array(rows, dtype=np.int64)
+            scores, found = faiss.knn(
+                np.ascontiguousarray(queries.vectors[asking]),
+                np.ascontiguousarray(chunk.vectors[columns]),
+                min(k + 1, columns.size),  # one more: a query may find itself
+                metric=faiss.METRIC_INNER_PRODUCT,
+            )
+            hits = np.where(found >= 0, chunk.ids[columns][np.maximum(found, 0)], -1)
+            scores[(found < 0) | (hits == queries.ids[asking][:, None])] = -np.inf
+            best.merge(asking, scores, hits)
     pairs: dict[tuple[int, int], float] = {}
-    for query_id, row_scores, row_ids in zip(queries.ids.tolist(), best_scores, best_ids, strict=True):
+    for query_id, row_scores, row_ids in zip(queries.ids.tolist(), best.scores, best.ids, strict=True):
         for score, other in zip(row_scores.tolist(), row_ids.tolist(), strict=True):
             if other >= 0 and math.isfinite(score):
                 pairs[(min(query_id, other), max(query_id, other))] = min(score, 1.0)
     return pairs
+
+
+class _Nearest:
+    """The ``k`` best (score, record id) of each query row found so far."""
+
+    def __init__(self, rows: int, k: int) -> None:
+        self.k = k
+        self.scores = np.full((rows, k), -np.inf, dtype=np.float32)
+        self.ids = np.full((rows, k), -1, dtype=np.int64)
+
+    def merge(self, rows: np.ndarray, scores: np.ndarray, ids: np.ndarray) -> None:
+        merged_scores = np.concatenate([self.scores[rows], scores], axis=1)
+        merged_ids = np.concatenate([self.ids[rows], ids], axis=1)
+        top = np.argpartition(-merged_scores, self.k - 1, axis=1)[:, : self.k]
+        self.scores[rows] = np.take_along_axis(merged_scores, top, axis=1)
+        self.ids[rows] = np.take_along_axis(merged_ids, top, axis=1)

@@ -28,11 +28,9 @@ def by_ids(records, found: dict[tuple[int, int], float]) -> dict[tuple[int, int]
     return out
 
 
-@pytest.mark.parametrize("chunk_cells", [10_000_000, 3])
-def test_every_record_with_its_nearest_as_the_in_memory_search_finds_them(
-    client, products, monkeypatch, chunk_cells
-):
-    monkeypatch.setattr(pairs, "SCAN_CELLS", chunk_cells)  # 3 cells: a chunk of one record at a time
+@pytest.mark.parametrize("chunk", [20_000, 1, 2])
+def test_every_record_with_its_nearest_as_the_in_memory_search_finds_them(client, products, monkeypatch, chunk):
+    monkeypatch.setattr(pairs, "SCAN_RECORDS", chunk)  # 1: a record at a time, each chunk of one source
     session, dataset_id = stored(client, products)
     with session:
         records = load_encoded(session, dataset_id)
