@@ -11,9 +11,9 @@ each budget in turn:
 - `POST /datasets/NAME/train`, waited for (its seconds, status, held-out metrics and whether it was adopted are
   kept). When it is refused (too few labels) or its version is not adopted, the threshold is fitted from the
   stored labels instead (`POST /calibrate {"from": "labels"}`), as a user would.
-- test F1 from the `/match` decisions (batch form) on every pair of `test.csv`; and on `valid.csv` the F1 of the
-  same decisions, of the job's held-out labels' own best threshold on the same scores (the paired comparison that
-  chooses the threshold rule) and of valid's best threshold.
+- test F1 from the `/match` decisions (batch form) on every pair of `test.csv`; on `valid.csv`, the F1 of the
+  same decisions and of valid's own best threshold on the same scores (what the threshold costs, read where
+  choices may be made).
 
 While each job runs, a probe sends `GET /match` on one stored pair every 50 ms; its latencies during jobs are
 reported beside those of the same probe on the idle service before the first job.
@@ -216,7 +216,7 @@ def curve(
             probe.phase = "between"
         if job.get("status") != "done" or not job.get("adopted"):
             client.post(f"/datasets/{dataset}/calibrate", json={"from": "labels", "objective": "f1"})
-        figures = valid_f1(client, dataset, benchmark, job) | test_f1(client, dataset, benchmark)
+        figures = valid_f1(client, dataset, benchmark) | test_f1(client, dataset, benchmark)
         row = {
             "dataset": benchmark.name,
             "strategy": strategy,
@@ -301,22 +301,15 @@ def test_f1(client: httpx.Client, dataset: str, benchmark: deepmatcher.Benchmark
     return {"test_f1": f1, "test_precision": precision, "test_recall": recall, "threshold": threshold}
 
 
-def valid_f1(
-    client: httpx.Client, dataset: str, benchmark: deepmatcher.Benchmark, job: dict[str, Any]
-) -> dict[str, float | None]:
-    """F1 on valid.csv of the service's decisions, of the held-out labels' own best threshold (which a job chose
-    before the threshold was chosen for the candidate pairs; from the job's metrics) and of valid's best threshold:
-    what decides between threshold rules. Review labels may include valid pairs (only test pairs are passed over)."""
+def valid_f1(client: httpx.Client, dataset: str, benchmark: deepmatcher.Benchmark) -> dict[str, float]:
+    """F1 on valid.csv of the service's decisions and of valid's own best threshold on the same scores: the
+    threshold's cost, read where choices may be made. Review labels may include valid pairs (only test pairs are
+    passed over)."""
     from matching.calibration import best_f1_threshold
 
     scores, predicted, _ = match_answers(client, dataset, benchmark.valid)
     truth = np.array([p.label == 1 for p in benchmark.valid])
-    chosen = ((job.get("metrics") or {}).get("calibration") or {}).get("held_out_best_threshold")
-    return {
-        "valid_f1": _metrics(predicted, truth)[2],
-        "valid_f1_held_out_threshold": None if chosen is None else _metrics(scores >= chosen, truth)[2],
-        "valid_best_f1": best_f1_threshold(scores, truth.astype(np.int64)).f1,
-    }
+    return {"valid_f1": _metrics(predicted, truth)[2], "valid_best_f1": best_f1_threshold(scores, truth.astype(int)).f1}
 
 
 def match_answers(
@@ -378,32 +371,26 @@ def markdown(runs: list[dict[str, Any]], args: argparse.Namespace) -> str:
 
 
 def valid_table(runs: list[dict[str, Any]], args: argparse.Namespace) -> str:
-    """valid.csv F1 at the threshold the service chose (for the candidate pairs) against the held-out labels' own
-    best threshold, on the same versions: what decides the threshold rule."""
-    headers = ["benchmark", "labels", "strategy", "valid F1: served threshold", "held-out best threshold"]
-    headers += ["served − held-out (paired, 95% CI)", "valid best threshold", "versions"]
+    """valid.csv F1 of the served decisions against valid's own best threshold on the same versions."""
+    headers = ["benchmark", "labels", "strategy", "valid F1: served threshold", "valid's best threshold"]
+    headers += ["served − best (paired, 95% CI)", "versions"]
     rows = []
     for name in args.datasets:
         for budget in sorted(args.budgets):
             for strategy in ("review", "random"):
-                found = [
-                    r
-                    for r in _by_seed(runs, name, strategy, budget).values()
-                    if r.get("valid_f1_held_out_threshold") is not None
-                ]
+                found = [r for r in _by_seed(runs, name, strategy, budget).values() if "valid_f1" in r]
                 if not found:
                     continue
                 served = np.array([r["valid_f1"] for r in found])
-                held = np.array([r["valid_f1_held_out_threshold"] for r in found])
+                best = np.array([r["valid_best_f1"] for r in found])
                 rows.append(
                     [
                         name,
                         budget,
                         strategy,
                         "{:.3f} ± {:.3f}".format(*interval(served)),
-                        "{:.3f} ± {:.3f}".format(*interval(held)),
-                        "{:+.3f} ± {:.3f}".format(*interval(served - held)),
-                        f"{np.mean([r['valid_best_f1'] for r in found]):.3f}",
+                        "{:.3f} ± {:.3f}".format(*interval(best)),
+                        "{:+.3f} ± {:.3f}".format(*interval(served - best)),
                         len(found),
                     ]
                 )

@@ -1,7 +1,6 @@
 """The switch: in one transaction, every record of the dataset takes its vector of the new version, the change
 log tells every API process (each applies one transaction's entries in one poll), the dataset names the version,
-its calibration is fitted again (probabilities on labels the version did not train on, the threshold for the
-dataset's candidate pairs), and the old vectors go."""
+its calibration is fitted again on labels the version did not train on, and the old vectors go."""
 
 from __future__ import annotations
 
@@ -20,7 +19,6 @@ from llmatch.models import ENCODED, PENDING, Calibration, Dataset, EncoderVersio
 from llmatch.requeue import delete_orphans, requeue
 from llmatch.vectors import find_embeddings
 from matching import calibration as calib
-from matching.pairs import sampled_candidate_pairs
 
 log = logging.getLogger("llmatch.learning")
 
@@ -37,24 +35,8 @@ class Switched:
     calibration: dict | None  # threshold and metrics fitted on held-out labels; None when they lack a class
 
 
-@dataclass(frozen=True)
-class Population:
-    """The candidate pairs the threshold is chosen for: those of at most ``max_records`` records (a repeatable
-    draw by ``seed``) with their ``k`` nearest, as /review reads them."""
-
-    k: int
-    max_records: int
-    seed: int = 0
-
-
 def switch_version(
-    session: Session,
-    dataset_id: int,
-    version: str,
-    encoder_key: str,
-    config: DatasetConfig,
-    max_chars: int,
-    population: Population,
+    session: Session, dataset_id: int, version: str, encoder_key: str, config: DatasetConfig, max_chars: int
 ) -> Switched:
     dataset = session.scalar(select(Dataset).where(Dataset.id == dataset_id).with_for_update())
     if dataset is None or DatasetConfig.of(dataset) != config:
@@ -102,7 +84,7 @@ def switch_version(
     dataset.encoder_version = version
     retire_serving_version(session, dataset_id)
     session.execute(update(EncoderVersion).where(EncoderVersion.name == version).values(status="serving"))
-    calibration = refit_calibration(session, dataset, encoder_key, population)
+    calibration = refit_calibration(session, dataset, encoder_key)
     delete_orphans(session, sorted({row.embedding_id for row in moved if row.embedding_id is not None}))
     log.info(
         "dataset %r now served by %s: %d records switched, %d re-queued", dataset.name, version, len(moved), len(again)
@@ -119,12 +101,9 @@ def retire_serving_version(session: Session, dataset_id: int) -> None:
     )
 
 
-def refit_calibration(session: Session, dataset: Dataset, encoder_key: str, population: Population) -> dict | None:
-    """Fit the probabilities on the labels the serving version did not train on, with the vectors the records hold
-    now (call after they took the version's), and choose the threshold of the best expected F1 over the dataset's
-    candidate pairs (``calib.expected_f1_threshold``) where the labelled classes meet (else the held-out labels'
-    best-F1 threshold); without both classes the dataset is uncalibrated. Its precision, recall and F1 are those of
-    the held-out labels at that threshold."""
+def refit_calibration(session: Session, dataset: Dataset, encoder_key: str) -> dict | None:
+    """Fit the threshold and probabilities on the labels the serving version did not train on, with the vectors
+    the records hold now (call after they took the version's); without both classes the dataset is uncalibrated."""
     labels = not_trained_on(usable_labels(session, dataset.id))
     vectors = served_vectors(session, dataset.id, labels)
     kept = [x for x in labels if x.left_record in vectors and x.right_record in vectors]
@@ -134,34 +113,19 @@ def refit_calibration(session: Session, dataset: Dataset, encoder_key: str, popu
     if not kept or truth.sum() in (0, len(truth)):
         return None
     scores = pair_scores(kept, vectors)
-    mapping = calib.fit_probability(scores, truth)
-    found = sampled_candidate_pairs(session, dataset.id, population.k, population.max_records, population.seed)
-    candidates = np.fromiter(found.values(), dtype=np.float64, count=len(found))
-    held_out_best = calib.best_f1_threshold(scores, truth)
-    expected = calib.expected_f1_threshold(mapping, candidates, calib.labelled_bounds(scores, truth))
-    threshold = held_out_best.threshold if expected is None else expected.threshold
-    choice = calib.decision_metrics(scores, truth, threshold)
+    choice = calib.best_f1_threshold(scores, truth)
     row = Calibration(
         dataset_id=dataset.id,
         encoder_key=encoder_key,
         objective="f1",
-        threshold=threshold,
+        threshold=choice.threshold,
         precision=choice.precision,
         recall=choice.recall,
         f1=choice.f1,
         pairs=len(kept),
         positives=int(truth.sum()),
-        probability_model=mapping,
+        probability_model=calib.fit_probability(scores, truth),
     )
     session.add(row)
     session.flush()
-    return {
-        "threshold": round(threshold, 4),
-        "rule": "held-out best F1" if expected is None else "expected F1 over candidate pairs",
-        "f1": round(choice.f1, 4),
-        "pairs": len(kept),
-        "candidate_pairs": len(candidates),
-        "expected_f1": None if expected is None else round(expected.f1, 4),
-        "held_out_best_threshold": round(held_out_best.threshold, 4),
-        "held_out_best_f1": round(held_out_best.f1, 4),
-    }
+    return {"threshold": round(choice.threshold, 4), "f1": round(choice.f1, 4), "pairs": len(kept)}

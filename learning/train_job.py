@@ -24,7 +24,7 @@ from learning.errors import LearningError
 from learning.judge import judge, served_vectors
 from learning.labels import StoredLabel, assign_folds, check_enough, not_trained_on, usable_labels
 from learning.reencode import encode_records
-from learning.switch import ConfigurationChanged, Population, switch_version
+from learning.switch import ConfigurationChanged, switch_version
 from llmatch.db import make_engine, make_session_factory, transaction
 from llmatch.models import DONE, ENCODING, JOB_FAILED, Dataset, EncoderVersion, TrainingJob
 from llmatch.settings import Settings
@@ -36,8 +36,7 @@ TRAINED, JUDGED, ENCODED = 0.7, 0.8, 0.98
 STAGES = ("supervised", SERVING_STAGE)
 SELECTION = (
     "hold-out fold: 30% of each class of labels, fixed per label the first time a job reads it and never trained on "
-    "by any version; the checkpoint, identifier weight, probabilities and adoption are all chosen on it, and the "
-    "threshold from its probabilities for the dataset's candidate pairs"
+    "by any version; the checkpoint, identifier weight, threshold, probabilities and adoption are all chosen on it"
 )
 # The checkpoint and the identifier weight are chosen on the held-out fold's average precision: with tens of
 # held-out pairs, best-threshold F1 ties across most candidates and its ties go to the smallest weight.
@@ -155,8 +154,7 @@ def run(factory: sessionmaker[Session], settings: Settings, handle: JobHandle) -
     )
     handle.report(force=True, progress=ENCODED)  # still held: the switch below is this job's to make
     with transaction(factory) as session:
-        population = Population(settings.review_candidates, settings.review_max_records, settings.training_seed)
-        switched = switch_version(session, dataset_id, name, spec.key, config, settings.max_text_chars, population)
+        switched = switch_version(session, dataset_id, name, spec.key, config, settings.max_text_chars)
         metrics |= {
             "encode_seconds": round(time.monotonic() - encode_started, 1),
             "switched_records": switched.records,

@@ -45,49 +45,6 @@ def best_f1_threshold(scores: np.ndarray, labels: np.ndarray) -> ThresholdChoice
     return ThresholdChoice(threshold, float(precision[best]), float(recall[best]), float(f1[best]))
 
 
-def expected_f1_threshold(
-    mapping: dict[str, Any], population: np.ndarray, bounds: tuple[float, float] | None = None
-) -> ThresholdChoice | None:
-    """The threshold maximising the expected F1 of ``score >= threshold`` over a population of unlabelled pairs,
-    each a match with the probability ``mapping`` gives its score (plug-in: expected true positives over the mean
-    of accepted pairs and expected matches), among the cuts within ``bounds`` (``labelled_bounds``); precision,
-    recall and F1 are those expectations. None without a population pair within the bounds.
-
-    Labels chosen for what they teach (near the threshold) are not distributed like the pairs a dataset is asked
-    about, so F1 maximised on them puts the threshold where their mix of easy and hard pairs wants it. The
-    probability of a match given a score is what such labels still estimate fairly (they were chosen by score),
-    and the population supplies the mix. Far outside the labelled scores that probability is extrapolated, hence
-    the bounds.
-    """
-    scores = np.sort(np.asarray(population, dtype=np.float64))[::-1]
-    if scores.size == 0:
-        return None
-    chances = probabilities(mapping, scores)
-    expected_matches = float(chances.sum())
-    true_positives = np.cumsum(chances)
-    accepted = np.arange(1, len(scores) + 1)
-    lower = np.append(scores[1:], scores[-1] - 1e-6)
-    cuts = (scores + lower) / 2  # the threshold that accepts the pairs down to this one
-    usable = np.append(scores[1:] != scores[:-1], True)
-    if bounds is not None:
-        usable &= (cuts >= bounds[0]) & (cuts <= bounds[1])
-    if not usable.any():
-        return None
-    f1 = np.where(usable, 2 * true_positives / (accepted + expected_matches), -1.0)
-    best = int(np.argmax(f1))
-    recall = float(true_positives[best] / expected_matches) if expected_matches > 0 else 0.0
-    return ThresholdChoice(float(cuts[best]), float(true_positives[best] / accepted[best]), recall, float(f1[best]))
-
-
-def labelled_bounds(scores: np.ndarray, labels: np.ndarray) -> tuple[float, float]:
-    """The scores between the lowest-scoring match and the highest-scoring non-match of labelled pairs (both
-    classes present): a threshold below it accepts pairs scored under every known match, one above it refuses
-    pairs scored over every known non-match."""
-    lowest_match = float(np.min(scores[labels == 1]))
-    highest_non_match = float(np.max(scores[labels == 0]))
-    return min(lowest_match, highest_non_match), max(lowest_match, highest_non_match)
-
-
 def decision_metrics(scores: np.ndarray, labels: np.ndarray, threshold: float) -> ThresholdChoice:
     """Precision, recall and F1 of ``score >= threshold`` against the labels."""
     predicted = scores >= threshold

@@ -2,13 +2,11 @@
 default target sources (every other source; its own in a single-source dataset), scored by cosine.
 
 ``indexed_candidate_pairs`` (review) searches through ``matching.neighbours``; ``candidate_pairs`` is for vectors
-held by no index or database (offline benchmarks); ``sampled_candidate_pairs`` searches exactly over the stored
-vectors (a process without indexes: a training job choosing its threshold). All keep the same target-source rule."""
+held by no index or database (offline benchmarks), with the same target-source rule."""
 
 from __future__ import annotations
 
-import math
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 import faiss
@@ -18,10 +16,8 @@ from sqlalchemy.orm import Session
 
 from llmatch.models import ENCODED, Embedding, Record
 from llmatch.vectors import stack
-from matching.neighbours import dataset_sources, neighbours, target_sources
+from matching.neighbours import neighbours, target_sources
 from matching.registry import IndexRegistry
-
-SCAN_RECORDS = 20_000  # stored records whose vectors ``sampled_candidate_pairs`` reads at a time
 
 
 @dataclass(frozen=True)
@@ -57,10 +53,6 @@ def load_encoded(session: Session, dataset_id: int, record_ids: Iterable[int] | 
         for start in range(0, len(wanted), 500):
             rows += session.execute(query.where(Record.id.in_(wanted[start : start + 500]))).all()
         rows.sort(key=lambda row: row[0])
-    return _encoded(rows)
-
-
-def _encoded(rows) -> EncodedRecords:
     dim = rows[0][5] if rows else 0
     return EncodedRecords(
         ids=np.array([r[0] for r in rows], dtype=np.int64),
@@ -169,79 +161,3 @@ def indexed_candidate_pairs(
             names[hit.record_id] = (hit.source, hit.external_id)
             scores[(min(query_id, hit.record_id), max(query_id, hit.record_id))] = hit.score
     return IndexedPairs(scores, names)
-
-
-def iter_encoded(session: Session, dataset_id: int, chunk: int) -> Iterator[EncodedRecords]:
-    """Every encoded record of a dataset, by id, ``chunk`` records at a time (vectors and all)."""
-    query = (
-        select(Record.id, Record.source, Record.external_id, Embedding.id, Embedding.vector, Embedding.dim)
-        .join(Embedding, Record.embedding_id == Embedding.id)
-        .where(Record.dataset_id == dataset_id, Record.status == ENCODED)
-        .order_by(Record.id)
-        .execution_options(yield_per=chunk)
-    )
-    for rows in session.execute(query).partitions(chunk):
-        yield _encoded(rows)
-
-
-def draw(ids: np.ndarray, limit: int, seed: int) -> np.ndarray:
-    """Up to ``limit`` of the ids, sorted: all of them when they are no more, else a repeatable draw by ``seed``."""
-    if ids.size <= limit:
-        return np.sort(ids)
-    return np.sort(ids[np.argsort(_shuffled_rank(ids, seed), kind="stable")[:limit]])
-
-
-def sampled_candidate_pairs(
-    session: Session, dataset_id: int, k: int, max_queries: int, seed: int
-) -> dict[tuple[int, int], float]:
-    """The candidate pairs (record ids, smaller first -> score) of a sample of the dataset's encoded records: each
-    of at most ``max_queries`` records (``draw``) with its ``k`` nearest records of its target sources, searched
-    exactly over every encoded record, ``SCAN_RECORDS`` at a time (one pass over the vectors; memory holds the
-    sample and one chunk)."""
-    queries = load_encoded(session, dataset_id, draw(encoded_ids(session, dataset_id)[0], max_queries, seed).tolist())
-    if len(queries) == 0:
-        return {}
-    known = dataset_sources(session, dataset_id)
-    searching = {source: [] for source in known}  # source -> rows of the queries that search it
-    for row, source in enumerate(queries.sources):
-        for target in target_sources(known, source):
-            searching[target].append(row)
-    best = _Nearest(len(queries), k)
-    for chunk in iter_encoded(session, dataset_id, SCAN_RECORDS):
-        chunk_sources = np.array(chunk.sources)
-        for source, rows in searching.items():
-            columns = np.flatnonzero(chunk_sources == source)
-            if not rows or columns.size == 0:
-                continue
-            asking = np.array(rows, dtype=np.int64)
-            scores, found = faiss.knn(
-                np.ascontiguousarray(queries.vectors[asking]),
-                np.ascontiguousarray(chunk.vectors[columns]),
-                min(k + 1, columns.size),  # one more: a query may find itself
-                metric=faiss.METRIC_INNER_PRODUCT,
-            )
-            hits = np.where(found >= 0, chunk.ids[columns][np.maximum(found, 0)], -1)
-            scores[(found < 0) | (hits == queries.ids[asking][:, None])] = -np.inf
-            best.merge(asking, scores, hits)
-    pairs: dict[tuple[int, int], float] = {}
-    for query_id, row_scores, row_ids in zip(queries.ids.tolist(), best.scores, best.ids, strict=True):
-        for score, other in zip(row_scores.tolist(), row_ids.tolist(), strict=True):
-            if other >= 0 and math.isfinite(score):
-                pairs[(min(query_id, other), max(query_id, other))] = min(score, 1.0)
-    return pairs
-
-
-class _Nearest:
-    """The ``k`` best (score, record id) of each query row found so far."""
-
-    def __init__(self, rows: int, k: int) -> None:
-        self.k = k
-        self.scores = np.full((rows, k), -np.inf, dtype=np.float32)
-        self.ids = np.full((rows, k), -1, dtype=np.int64)
-
-    def merge(self, rows: np.ndarray, scores: np.ndarray, ids: np.ndarray) -> None:
-        merged_scores = np.concatenate([self.scores[rows], scores], axis=1)
-        merged_ids = np.concatenate([self.ids[rows], ids], axis=1)
-        top = np.argpartition(-merged_scores, self.k - 1, axis=1)[:, : self.k]
-        self.scores[rows] = np.take_along_axis(merged_scores, top, axis=1)
-        self.ids[rows] = np.take_along_axis(merged_ids, top, axis=1)

@@ -13,10 +13,8 @@ from matching.calibration import (
     calibration_bins,
     decision_metrics,
     expected_calibration_error,
-    expected_f1_threshold,
     fit_platt,
     fit_probability,
-    labelled_bounds,
     probabilities,
     probability,
 )
@@ -110,65 +108,3 @@ def test_platt_scaling_is_kept_where_the_match_rate_is_logistic():
     labels = (rng.uniform(0, 1, scores.size) < 1 / (1 + np.exp(-12 * (scores - 0.7)))).astype(int)
     mapping = fit_probability(scores, labels)
     assert mapping["method"] == "platt" and mapping["coef"] == pytest.approx(12, rel=0.25)
-
-
-def expected_f1_at(mapping: dict, population: np.ndarray, threshold: float) -> float:
-    chances = probabilities(mapping, population)
-    accepted = population >= threshold
-    return 2 * chances[accepted].sum() / (accepted.sum() + chances.sum())
-
-
-@pytest.mark.parametrize("seed", range(10))
-def test_expected_f1_threshold_is_the_best_cut_of_the_population(seed):
-    rng = np.random.default_rng(seed)
-    population = np.round(rng.uniform(-0.2, 1.0, 300), 2)  # rounding makes ties
-    mapping = {"method": "platt", "coef": float(rng.uniform(5, 30)), "intercept": float(rng.uniform(-20, -3))}
-    choice = expected_f1_threshold(mapping, population)
-    best = max(expected_f1_at(mapping, population, float(t)) for t in np.unique(population))
-    assert choice.f1 == pytest.approx(best)
-    assert expected_f1_at(mapping, population, choice.threshold) == pytest.approx(best)
-    assert expected_f1_threshold(mapping, np.empty(0)) is None
-
-
-def review_pick(rng: np.random.Generator, scores: np.ndarray, around: float, count: int) -> np.ndarray:
-    """Pairs chosen as a review queue chooses them: four in five nearest a guess at the threshold, one in five
-    anywhere."""
-    near = np.argsort(np.abs(scores - around) + rng.uniform(0, 0.02, len(scores)))[: count * 4 // 5]
-    anywhere = rng.choice(np.setdiff1d(np.arange(len(scores)), near), count - len(near), replace=False)
-    return np.concatenate([near, anywhere])
-
-
-def test_labels_chosen_near_a_threshold_choose_worse_thresholds_than_the_population_rule():
-    """Candidate pairs: many clear non-matches, few matches, P(match | score) logistic. Labels taken mostly near a
-    guess at the threshold are mostly hard pairs, and F1 maximised on them sets the threshold where their mix wants
-    it. The probabilities they give, applied to the candidate pairs, choose thresholds nearer the population's best
-    (on average over draws: a single draw of 100 labels can go either way)."""
-    truth_of = {"method": "platt", "coef": 25.0, "intercept": -18.0}  # P = 0.5 at 0.72
-    by_labels, by_population, best = [], [], []
-    for seed in range(10):
-        rng = np.random.default_rng(seed)
-        population = np.clip(np.concatenate([rng.normal(0.45, 0.12, 4000), rng.normal(0.85, 0.07, 400)]), -1, 1)
-        truth = (rng.uniform(size=population.size) < probabilities(truth_of, population)).astype(int)
-        picked = review_pick(rng, population, 0.68, 100)
-        scores, labels = population[picked], truth[picked]
-        rule = expected_f1_threshold(fit_probability(scores, labels), population, labelled_bounds(scores, labels))
-        by_labels.append(decision_metrics(population, truth, best_f1_threshold(scores, labels).threshold).f1)
-        by_population.append(decision_metrics(population, truth, rule.threshold).f1)
-        best.append(best_f1_threshold(population, truth).f1)
-    assert np.mean(by_population) > np.mean(by_labels) + 0.005
-    assert np.mean(by_population) > np.mean(best) - 0.015
-
-
-def test_the_population_rule_keeps_within_the_labelled_scores():
-    """Labels from a narrow band with few matches extrapolate badly: without bounds the threshold could fall below
-    every labelled match (accepting nearly everything); within them it cannot."""
-    mapping = {"method": "platt", "coef": 4.0, "intercept": -3.0}  # a shallow curve, as few labels may give
-    population = np.linspace(-0.2, 1.0, 2000)
-    scores = np.array([0.58, 0.6, 0.61, 0.62, 0.63, 0.64, 0.66])
-    labels = np.array([0, 1, 0, 0, 1, 0, 0])
-    unbounded = expected_f1_threshold(mapping, population)
-    bounded = expected_f1_threshold(mapping, population, labelled_bounds(scores, labels))
-    assert unbounded.threshold < 0.6
-    assert labelled_bounds(scores, labels) == (0.6, 0.66)
-    assert 0.6 <= bounded.threshold <= 0.66
-    assert labelled_bounds(np.array([0.2, 0.3, 0.8]), np.array([0, 0, 1])) == (0.3, 0.8), "separable: the gap"
