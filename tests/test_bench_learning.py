@@ -1,0 +1,59 @@
+"""``bench/learning.py``'s valid.csv figures: F1 of the served decisions against valid's own best threshold, read
+from a real service (the small benchmark, calibrated from stored labels) and compared with a direct count."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from bench import learning
+from evaluation import deepmatcher
+from matching.calibration import best_f1_threshold, decision_metrics
+
+SMALL = Path(__file__).parent / "data" / "abt_buy_small"
+
+
+def test_valid_f1_reads_the_served_decisions_and_valid_s_best_threshold(client, drain) -> None:
+    benchmark = deepmatcher.load(SMALL)
+    learning.ingest(client, "small", benchmark)
+    drain()
+    labels = [learning._pair_body(p) for p in benchmark.splits["train"]]
+    assert client.put("/datasets/small/labels", json={"pairs": labels}).status_code == 200
+    assert client.post("/datasets/small/calibrate", json={"from": "labels", "objective": "f1"}).status_code == 200
+    threshold = client.get("/datasets/small").json()["calibration"]["threshold"]
+
+    figures = learning.valid_f1(client, "small", benchmark)
+
+    scores = []
+    for p in benchmark.valid:
+        answer = client.get(
+            "/match",
+            params={
+                "dataset": "small",
+                "left_source": "a",
+                "left_id": p.left_id,
+                "right_source": "b",
+                "right_id": p.right_id,
+            },
+        ).json()
+        scores.append(answer["score"])
+    scores, truth = np.array(scores), np.array([p.label for p in benchmark.valid])
+    assert figures["valid_f1"] == pytest.approx(decision_metrics(scores, truth, threshold).f1)
+    assert figures["valid_best_f1"] == pytest.approx(best_f1_threshold(scores, truth).f1)
+    assert figures["valid_best_f1"] >= figures["valid_f1"]
+
+
+def test_the_valid_table_pairs_each_version_with_its_own_best_threshold() -> None:
+    runs = [
+        {"dataset": "d", "strategy": "review", "seed": s, "budget": 100, "valid_f1": f, "valid_best_f1": b}
+        for s, (f, b) in enumerate([(0.70, 0.75), (0.60, 0.62), (0.80, 0.80)])
+    ]
+    runs.append({"dataset": "d", "strategy": "random", "seed": 0, "budget": 100, "test_f1": 0.5})  # an older row
+    table = learning.valid_table(runs, argparse.Namespace(datasets=["d"], budgets=[100]))
+    lines = table.splitlines()
+    assert len(lines) == 3, "one row: the random arm has no valid figures"
+    assert "| d | 100 | review | 0.700 ± " in lines[2]
+    assert f"| {np.mean([-0.05, -0.02, 0.0]):+.3f} ± " in lines[2] and lines[2].endswith("| 3 |")
