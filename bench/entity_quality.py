@@ -30,7 +30,7 @@ except ModuleNotFoundError:
     import labelled  # type: ignore[no-redef]
 
 from encoding.render import RenderConfig, render
-from matching.calibration import best_f1_threshold, decision_metrics
+from matching.calibration import best_f1_threshold, decision_metrics, precision_recall_f1
 from matching.grouping import Guard, group
 from matching.pairs import EncodedRecords, candidate_pairs
 
@@ -139,10 +139,7 @@ def _embed(pool: Any, texts: list[str]) -> np.ndarray:
 def _pairwise(entity: dict[int, int], row: dict, labels: dict) -> dict[str, float]:
     predicted = np.array([entity[row[a]] == entity[row[b]] for a, b in labels])
     truth = np.array(list(labels.values())) == 1
-    tp = int(np.sum(predicted & truth))
-    precision = tp / max(int(predicted.sum()), 1)
-    recall = tp / max(int(truth.sum()), 1)
-    f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
+    precision, recall, f1 = precision_recall_f1(predicted, truth)
     return {"precision": precision, "recall": recall, "f1": f1}
 
 

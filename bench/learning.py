@@ -38,6 +38,7 @@ from scipy import stats
 
 from bench import common
 from evaluation import deepmatcher
+from matching.calibration import best_f1_threshold, precision_recall_f1
 
 NAME = "learning"
 PROBE_EVERY = 0.05  # seconds between the probe's GET /match requests
@@ -297,7 +298,7 @@ def test_f1(client: httpx.Client, dataset: str, benchmark: deepmatcher.Benchmark
     """Precision, recall and F1 of the service's decisions on every pair of test.csv."""
     scores, predicted, threshold = match_answers(client, dataset, benchmark.test)
     truth = np.array([p.label == 1 for p in benchmark.test])
-    precision, recall, f1 = _metrics(predicted, truth)
+    precision, recall, f1 = precision_recall_f1(predicted, truth)
     return {"test_f1": f1, "test_precision": precision, "test_recall": recall, "threshold": threshold}
 
 
@@ -305,11 +306,10 @@ def valid_f1(client: httpx.Client, dataset: str, benchmark: deepmatcher.Benchmar
     """F1 on valid.csv of the service's decisions and of valid's own best threshold on the same scores: the
     threshold's cost, read where choices may be made. Review labels may include valid pairs (only test pairs are
     passed over)."""
-    from matching.calibration import best_f1_threshold
-
     scores, predicted, _ = match_answers(client, dataset, benchmark.valid)
     truth = np.array([p.label == 1 for p in benchmark.valid])
-    return {"valid_f1": _metrics(predicted, truth)[2], "valid_best_f1": best_f1_threshold(scores, truth.astype(int)).f1}
+    served = precision_recall_f1(predicted, truth)[2]
+    return {"valid_f1": served, "valid_best_f1": best_f1_threshold(scores, truth.astype(int)).f1}
 
 
 def match_answers(
@@ -324,14 +324,6 @@ def match_answers(
     scores = np.array([r.get("score", -np.inf) for r in results], dtype=np.float64)
     predicted = np.array([bool(r.get("match")) for r in results])
     return scores, predicted, next((r.get("threshold") for r in results if "threshold" in r), None)
-
-
-def _metrics(predicted: np.ndarray, truth: np.ndarray) -> tuple[float, float, float]:
-    """Precision, recall and F1 of the decisions."""
-    tp = int(np.sum(predicted & truth))
-    precision = tp / max(int(predicted.sum()), 1)
-    recall = tp / max(int(truth.sum()), 1)
-    return precision, recall, 2 * precision * recall / (precision + recall) if precision + recall else 0.0
 
 
 def interval(values: np.ndarray) -> tuple[float, float]:

@@ -47,12 +47,16 @@ def best_f1_threshold(scores: np.ndarray, labels: np.ndarray) -> ThresholdChoice
 
 def decision_metrics(scores: np.ndarray, labels: np.ndarray, threshold: float) -> ThresholdChoice:
     """Precision, recall and F1 of ``score >= threshold`` against the labels."""
-    predicted = scores >= threshold
-    true_positives = int(np.sum(predicted & (labels == 1)))
+    return ThresholdChoice(threshold, *precision_recall_f1(scores >= threshold, labels == 1))
+
+
+def precision_recall_f1(predicted: np.ndarray, truth: np.ndarray) -> tuple[float, float, float]:
+    """Precision, recall and F1 of match decisions against the truth (both boolean arrays, pair by pair)."""
+    true_positives = int(np.sum(predicted & truth))
     precision = true_positives / max(int(predicted.sum()), 1)
-    recall = true_positives / max(int(labels.sum()), 1)
+    recall = true_positives / max(int(truth.sum()), 1)
     f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
-    return ThresholdChoice(threshold, precision, recall, f1)
+    return precision, recall, f1
 
 
 def fit_probability(scores: np.ndarray, labels: np.ndarray) -> dict[str, Any]:
