@@ -112,15 +112,7 @@ class Space:
 
     @classmethod
     def of(cls, benchmark: deepmatcher.Benchmark, pool, review: dict[int, list[Label]]) -> Space:
-        dataset = types.SimpleNamespace(
-            serialization="tagged", attributes=benchmark.attributes, instruction=None, seen_attributes=None
-        )
-        recipe = Recipe.of_dataset(dataset)  # as the service renders a dataset created with these attributes
-        inputs = {
-            key(benchmark.name, source, row["id"]): record_input(row["attributes"], recipe).item
-            for source, table in (("a", benchmark.table_a), ("b", benchmark.table_b))
-            for row in table
-        }
+        inputs = rendered_inputs(benchmark)
         valid = [(p.left_id, p.right_id, p.label) for p in benchmark.valid]
         wanted = sorted(
             {key(benchmark.name, "a", a) for a, _, _ in valid}
@@ -153,6 +145,20 @@ class Space:
     def _rows(self, keys: list[str], weight: float) -> np.ndarray:
         dense = np.stack([self.dense[k] for k in keys])
         return combine(dense, np.stack([self.codes[k] for k in keys]), weight) if weight else dense
+
+
+def rendered_inputs(benchmark: deepmatcher.Benchmark) -> dict[str, Any]:
+    """Every record's encoder input keyed ``dataset/source/id``, as the service renders a dataset created with the
+    benchmark's attributes."""
+    dataset = types.SimpleNamespace(
+        serialization="tagged", attributes=benchmark.attributes, instruction=None, seen_attributes=None
+    )
+    recipe = Recipe.of_dataset(dataset)
+    return {
+        key(benchmark.name, source, row["id"]): record_input(row["attributes"], recipe).item
+        for source, table in (("a", benchmark.table_a), ("b", benchmark.table_b))
+        for row in table
+    }
 
 
 def key(dataset: str, source: str, record_id: str) -> str:

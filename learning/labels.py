@@ -1,9 +1,10 @@
 """The stored labels a training job reads: those whose two records exist, their folds, and the minimum counts.
 
 Folds are fixed per label the first time a job reads it: a share of each class (``HOLDOUT_SHARE``) is held out and
-no version ever trains on it. Checkpoint, identifier weight, threshold, probabilities and adoption are all judged
-on the held-out labels (a hold-out fold, not cross-fitting: one training per job keeps a job within minutes on a
-CPU, and a fold that never moves keeps every version's judgement free of labels any version trained on)."""
+no version ever trains on it. Checkpoint, threshold, probabilities and adoption are judged on the held-out labels
+(a hold-out fold, not cross-fitting: one training per job keeps a job within minutes on a CPU, and a fold that never
+moves keeps every version's judgement free of labels any version trained on); the identifier weight is chosen
+before training, on every label scored by the base encoder (``learning/train_job.py``)."""
 
 from __future__ import annotations
 

@@ -12,6 +12,7 @@ import shutil
 import time
 from dataclasses import replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session, sessionmaker
@@ -28,6 +29,10 @@ from learning.switch import ConfigurationChanged, switch_version
 from llmatch.db import make_engine, make_session_factory, transaction
 from llmatch.models import DONE, ENCODING, JOB_FAILED, Dataset, EncoderVersion, TrainingJob
 from llmatch.settings import Settings
+from training.data import TrainingData
+
+if TYPE_CHECKING:
+    from training.stages import BaseEncoder
 
 log = logging.getLogger("llmatch.learning")
 
@@ -36,10 +41,11 @@ TRAINED, JUDGED, ENCODED = 0.7, 0.8, 0.98
 STAGES = ("supervised", SERVING_STAGE)
 SELECTION = (
     "hold-out fold: 30% of each class of labels, fixed per label the first time a job reads it and never trained on "
-    "by any version; the checkpoint, identifier weight, threshold, probabilities and adoption are all chosen on it"
+    "by any version; the checkpoint, threshold, probabilities and adoption are chosen on it. The identifier weight "
+    "is chosen before training, on every label scored by the base encoder, which trained on none of them"
 )
-# The checkpoint and the identifier weight are chosen on the held-out fold's average precision: with tens of
-# held-out pairs, best-threshold F1 ties across most candidates and its ties go to the smallest weight.
+# The checkpoint and the identifier weight are chosen on average precision: with tens of pairs, best-threshold F1
+# ties across most candidates and its ties go to the smallest weight.
 SELECTION_METRIC = "average_precision"
 
 
@@ -170,11 +176,14 @@ def run(factory: sessionmaker[Session], settings: Settings, handle: JobHandle) -
 
 def train_version(base_name: str, data, folder: Path, settings: Settings, device: str, handle: JobHandle) -> dict:
     """Run the recipe's stages into ``folder``; returns what the selection chose."""
-    from training.command import resolve_base, stage_options
+    from training.command import parse_weights, resolve_base, stage_options
     from training.stages import run_stage
 
     base = resolve_base(base_name, settings)
     args = recipe_arguments(settings.training_seed)
+    weight, by_weight = choose_identifier_weight(base, data, parse_weights(args.identifier_weights), device)
+    args.identifier_weights = str(weight)  # the serving stage serves it and records its held-out figures
+    handle.report(force=True, progress=0.05)
     supervised = stage_options("supervised", base.spec, args, device)
     supervised = replace(supervised, on_step=handle.progress(0.05, TRAINED - 0.05))
     base = run_stage("supervised", base, data, supervised, folder / "supervised", device)
@@ -188,10 +197,27 @@ def train_version(base_name: str, data, folder: Path, settings: Settings, device
         "best_step": stages[0].get("best_step"),
         "steps": stages[0].get("steps"),
         "identifier_weight": chosen.spec.identifier_weight,
+        "labels_average_precision_by_identifier_weight": by_weight,
         "selection_metric": SELECTION_METRIC,
         "holdout_f1_at_selection": stages[-1].get("valid_f1"),
         "holdout_average_precision_at_selection": stages[-1].get(f"valid_{SELECTION_METRIC}"),
     }
+
+
+def choose_identifier_weight(
+    base: BaseEncoder, data: TrainingData, weights: tuple[float, ...], device: str
+) -> tuple[float, dict[str, float]]:
+    """The identifier weight of the best average precision over every label (both folds) scored by the base
+    encoder, and each candidate weight's average precision. The base encoder trained on none of the labels, so all
+    of them can choose: a held-out fold of tens of pairs picks the weight by chance."""
+    from training.stages import select_identifier_weight
+
+    every = TrainingData(data.names, data.serialization, data.instruction, data.inputs)
+    for name in data.names:
+        every.splits["valid"][name] = data.splits["train"].get(name, []) + data.splits["valid"].get(name, [])
+    selection = select_identifier_weight(base.spec, every, device, weights, SELECTION_METRIC)
+    best = max(selection, key=lambda row: row[f"valid_{SELECTION_METRIC}"])  # the smallest weight among equals
+    return best["weight"], {f"{row['weight']:g}": row[f"valid_{SELECTION_METRIC}"] for row in selection}
 
 
 def recipe_arguments(seed: int) -> argparse.Namespace:

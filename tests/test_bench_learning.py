@@ -1,5 +1,6 @@
 """``bench/learning.py``'s valid.csv figures: F1 of the served decisions against valid's own best threshold, read
-from a real service (the small benchmark, calibrated from stored labels) and compared with a direct count."""
+from a real service (the small benchmark, calibrated from stored labels) and compared with a direct count; and
+``bench/weight_choice.py``'s folds and table."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from bench import learning
+from bench import learning, weight_choice
 from evaluation import deepmatcher
 from matching.calibration import best_f1_threshold, decision_metrics
 
@@ -57,3 +58,23 @@ def test_the_valid_table_pairs_each_version_with_its_own_best_threshold() -> Non
     assert len(lines) == 3, "one row: the random arm has no valid figures"
     assert "| d | 100 | review | 0.700 ± " in lines[2]
     assert f"| {np.mean([-0.05, -0.02, 0.0]):+.3f} ± " in lines[2] and lines[2].endswith("| 3 |")
+
+
+def test_weight_choice_holds_labels_as_a_job_does_and_pairs_its_arms_by_seed() -> None:
+    labels = [("a1", "b1", 1), ("a2", "b2", 0), ("a3", "b3", 1), ("a4", "b4", 0)]
+    inputs = {f"d/{side}/{side}{i}": f"{side}{i}" for side in "ab" for i in range(1, 6)}
+    data = weight_choice.job_data("d", inputs, labels, held=[labels[1], labels[2]])
+    assert [(p.left, p.right) for p in data.pairs("train")] == [("d/a/a1", "d/b/b1"), ("d/a/a4", "d/b/b4")]
+    held = [(p.left, p.right, p.label) for p in data.pairs("valid")]
+    assert held == [("d/a/a2", "d/b/b2", 0), ("d/a/a3", "d/b/b3", 1)]
+    assert set(data.inputs) == {f"d/{side}/{side}{i}" for side in "ab" for i in range(1, 5)}, "labelled records only"
+
+    rows = [
+        {"dataset": "d", "budget": 100, "strategy": "review", "seed": seed, "arm": arm, "weight": weight,
+         "valid_f1": f1, "valid_best_f1": f1 + 0.01}
+        for seed, arm, weight, f1 in [(1, "fold", 0.1, 0.6), (0, "fold", 0.05, 0.5), (0, "labels", 0.4, 0.7),
+                                      (1, "labels", 0.5, 0.6)]
+    ]  # fmt: skip
+    line = weight_choice.markdown(rows).splitlines()[2]
+    assert "| d | 100 | review | 2 | 0.05,0.1 / 0.4,0.5 | 0.550 ± " in line
+    assert f"| {np.mean([0.2, 0.0]):+.3f} ± " in line and line.endswith("| 0.560 / 0.660 |")

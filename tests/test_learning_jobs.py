@@ -123,6 +123,9 @@ def test_a_job_trains_judges_on_held_out_labels_reencodes_and_switches(client, l
     assert metrics["holdout_pairs"] == held_out and metrics["train_pairs"] == trained_on
     assert 0.25 <= held_out / job.labels <= 0.35
     assert set(metrics["candidate"]) == {"threshold", "precision", "recall", "f1"}
+    by_weight = metrics["labels_average_precision_by_identifier_weight"]
+    best = max(by_weight, key=lambda weight: (by_weight[weight], -float(weight)))
+    assert metrics["identifier_weight"] == float(best), "the weight is chosen before training, on every label"
     assert job.adopted is (metrics["candidate"]["f1"] >= metrics["current"]["f1"])
     assert job.adopted, f"training on 84 labels of the small benchmark should beat the untrained encoder: {metrics}"
 
