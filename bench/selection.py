@@ -173,7 +173,7 @@ def held_out(labels: list[Label], seed: int) -> list[Label]:
 
 def choose(space: Space, spec, labels: list[Label], seed: int) -> list[dict[str, Any]]:
     """The weight each metric chooses on the job's held-out fold, and its valid.csv F1."""
-    from training.stages import select_identifier_weight
+    from training.stages import best_identifier_weight, select_identifier_weight
 
     held = held_out(labels, seed)
     data = TrainingData([space.name], "tagged", None)
@@ -184,7 +184,7 @@ def choose(space: Space, spec, labels: list[Label], seed: int) -> list[dict[str,
     rows = []
     for metric in METRICS:
         selection = select_identifier_weight(spec, data, "cpu", parse_weights(WEIGHTS), metric)
-        weight = max(selection, key=lambda row: row[f"valid_{metric}"])["weight"]
+        weight = best_identifier_weight(selection, metric)["weight"]
         threshold = best_f1_threshold(*space.scores(held, weight)).threshold
         valid_scores, valid_truth = space.scores(space.valid, weight)
         rows.append(

@@ -38,7 +38,7 @@ from llmatch.settings import Settings
 from matching.calibration import best_f1_threshold, decision_metrics
 from training.command import parse_weights, resolve_base, stage_options
 from training.data import TextPair, TrainingData
-from training.stages import run_stage, select_identifier_weight
+from training.stages import best_identifier_weight, run_stage, select_identifier_weight
 
 NAME = "weight_choice"
 ARMS = ("fold", "labels")
@@ -106,7 +106,7 @@ def measure(
         options = stage_options("supervised", base.spec, args, "cpu")
         trained = run_stage("supervised", base, data, options, Path(folder) / "supervised", "cpu")
         selection = select_identifier_weight(trained.spec, data, "cpu", weights, SELECTION_METRIC)
-        chosen["fold"] = max(selection, key=lambda row: row[f"valid_{SELECTION_METRIC}"])["weight"]
+        chosen["fold"] = best_identifier_weight(selection, SELECTION_METRIC)["weight"]
         encoder = load_encoder(replace(trained.spec, identifier_weight=0.0), "cpu")
         dense = encoder.encode([inputs[k] for k in keys], batch_size=trained.spec.batch_size)
     codes = identifier_vectors([inputs[k].text for k in keys])

@@ -210,13 +210,13 @@ def choose_identifier_weight(
     """The identifier weight of the best average precision over every label (both folds) scored by the base
     encoder, and each candidate weight's average precision. The base encoder trained on none of the labels, so all
     of them can choose: a held-out fold of tens of pairs picks the weight by chance."""
-    from training.stages import select_identifier_weight
+    from training.stages import best_identifier_weight, select_identifier_weight
 
     every = TrainingData(data.names, data.serialization, data.instruction, data.inputs)
     for name in data.names:
         every.splits["valid"][name] = data.splits["train"].get(name, []) + data.splits["valid"].get(name, [])
     selection = select_identifier_weight(base.spec, every, device, weights, SELECTION_METRIC)
-    best = max(selection, key=lambda row: row[f"valid_{SELECTION_METRIC}"])  # the smallest weight among equals
+    best = best_identifier_weight(selection, SELECTION_METRIC)
     return best["weight"], {f"{row['weight']:g}": row[f"valid_{SELECTION_METRIC}"] for row in selection}
 
 

@@ -112,7 +112,7 @@ def _identifiers(base: BaseEncoder, data: TrainingData, options: StageOptions, f
     started = time.perf_counter()
     metric = options.selection_metric
     selection = select_identifier_weight(base.spec, data, device, options.identifier_weights, metric)
-    best = max(selection, key=lambda row: row[f"valid_{metric}"])  # the first (smallest weight) among equals
+    best = best_identifier_weight(selection, metric)
     log.info("identifiers: weight %s chosen on valid %s (F1 %.4f)", best["weight"], metric, best["valid_f1"])
     record = {
         "stage": "identifiers",
@@ -137,6 +137,12 @@ def _identifiers(base: BaseEncoder, data: TrainingData, options: StageOptions, f
     folder.mkdir(parents=True, exist_ok=True)
     write_manifest(folder, manifest)
     return BaseEncoder(spec_from_options(folder.name, folder), tuple(manifest["stages"]), base_model)
+
+
+def best_identifier_weight(selection: list[dict[str, float]], metric: str) -> dict[str, float]:
+    """The row of ``select_identifier_weight``'s answer with the best valid ``metric``; among equals the first, the
+    smallest weight."""
+    return max(selection, key=lambda row: row[f"valid_{metric}"])
 
 
 def _encoder_block(spec: EncoderSpec, folder: Path) -> dict[str, Any]:
