@@ -106,7 +106,8 @@ def main() -> None:
     runs: list[dict[str, Any]] = []
     probes: list[dict[str, Any]] = []
     benchmarks = {name: deepmatcher.load(args.data / name) for name in args.datasets}
-    for seed in range(args.seeds):  # seeds outermost: a run stopped early still covers every benchmark
+    # seeds outermost: a run stopped early still covers every benchmark
+    for seed in range(args.first_seed, args.first_seed + args.seeds):
         for name, benchmark in benchmarks.items():
             found, probe = run_seed(benchmark, seed, args)
             runs += found
@@ -125,6 +126,9 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--data", type=Path, default=common.DATASETS_DIR)
     parser.add_argument("--budgets", type=int, nargs="+", default=[50, 100, 200, 400])
     parser.add_argument("--seeds", type=int, default=5)
+    parser.add_argument(
+        "--first-seed", type=int, default=0, help="run seeds FIRST_SEED to FIRST_SEED+SEEDS-1 (--merge joins runs)"
+    )
     parser.add_argument("--strategies", nargs="+", choices=("review", "random"), default=["review", "random"])
     parser.add_argument("--job-timeout", type=float, default=1800.0, help="seconds to wait for one training job")
     parser.add_argument("--out", type=Path, default=common.default_out(NAME))
