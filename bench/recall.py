@@ -1,9 +1,10 @@
 """Index recall on data that is not shaped like the index: recall@10 against exact search, one-query latency,
-build rate and bytes per vector of the service's inverted file (its own ``nlist_for``) over a sweep of
-``nprobe``, and of HNSW32 over a sweep of ``efSearch``.
+build rate and bytes per vector of the service's inverted file (its own ``nlist_for``, at each ``--lists-per-sqrt``
+and ``--storage``) over a sweep of ``nprobe``, and of HNSW32 over a sweep of ``efSearch``.
 
     python -m bench.recall                                     # all sets below
     python -m bench.recall --sets real skewed:100000           # some of them
+    python -m bench.recall --sets skewed:1000000 --lists-per-sqrt 1 2 --storage float16   # list counts compared
 
 A set is ``real`` (MiniLM vectors of every record of the shared tables, cached in ``bench/out``) or
 ``SPACE:SIZE`` with a space of ``bench.scale.SPACES``. Queries are held aside from the same data: ``--queries``
@@ -17,6 +18,7 @@ import argparse
 import sys
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
@@ -71,21 +73,22 @@ def measure_exact(label: str, base: np.ndarray, queries: np.ndarray) -> dict[str
 
 
 def measure_ivf(
-    label: str, base: np.ndarray, queries: np.ndarray, truth: np.ndarray, nprobes: Sequence[int]
+    label: str, base: np.ndarray, queries: np.ndarray, truth: np.ndarray, nprobes: Sequence[int], policy: IndexPolicy
 ) -> list[dict[str, Any]]:
-    """The service's inverted file (forced, whatever the size) at each ``nprobe``."""
+    """The service's inverted file under ``policy`` (forced, whatever the size) at each ``nprobe``."""
     ids = np.arange(len(base), dtype=np.int64)
     began = time.perf_counter()
-    ivf = VectorIndex.build(ids, ids, base, policy=IndexPolicy(kind="ivf"))
+    ivf = VectorIndex.build(ids, ids, base, policy=replace(policy, kind="ivf"))
     build = time.perf_counter() - began
     if ivf.structure != "ivf":  # too few vectors to train lists: the service keeps it exact
         return []
     size, nlist, rows = faiss_bytes(ivf.cpu), ivf.cpu.nlist, []
+    codes = "Flat" if policy.storage == "float32" else "SQfp16"
     for nprobe in (p for p in nprobes if p <= nlist):
         ivf.cpu.nprobe = nprobe
         latency, recall, cpu_ms = timed(lambda q: ivf.search(q, 10)[1], queries, truth)
-        entry = row(label, len(base), f"IVF{nlist},Flat nprobe={nprobe}", build, size, latency, recall)
-        rows.append(entry | {"cpu_ms_per_query": cpu_ms, "nprobe": nprobe, "nlist": nlist})
+        entry = row(label, len(base), f"IVF{nlist},{codes} nprobe={nprobe}", build, size, latency, recall)
+        rows.append(entry | {"cpu_ms_per_query": cpu_ms, "nprobe": nprobe, "nlist": nlist, **asdict(policy)})
     return rows
 
 
@@ -112,7 +115,10 @@ def measure_set(name: str, args: argparse.Namespace) -> list[dict[str, Any]]:
     print(f"{label}: {len(base):,} vectors, {len(queries):,} queries", flush=True)
     truth = exact_top(base, queries, 10)
     rows = [measure_exact(label, base, queries)] if len(base) <= args.exact_max else []
-    rows += measure_ivf(label, base, queries, truth, args.nprobe)
+    for per_sqrt in args.lists_per_sqrt:
+        for storage in args.storage:
+            policy = IndexPolicy(lists_per_sqrt=per_sqrt, storage=storage)
+            rows += measure_ivf(label, base, queries, truth, args.nprobe, policy)
     if len(base) <= args.hnsw_max:
         rows += measure_hnsw(label, base, queries, truth, args.ef_search)
     for entry in rows:
@@ -135,6 +141,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--queries", type=int, default=1000, help="held-aside queries per set")
     parser.add_argument("--nprobe", type=int, nargs="+", default=[8, 16, 32, 64, 128, 256])
+    parser.add_argument(
+        "--lists-per-sqrt", type=float, nargs="+", default=[IndexPolicy().lists_per_sqrt], help="lists/sqrt(n)"
+    )
+    parser.add_argument("--storage", nargs="+", choices=("float32", "float16"), default=["float32"])
     parser.add_argument("--ef-search", type=int, nargs="+", default=[64, 128, 256, 512])
     parser.add_argument("--hnsw-max", type=int, default=100_000, help="largest base HNSW is built for")
     parser.add_argument("--exact-max", type=int, default=1_000_000, help="largest base the exact index is timed on")

@@ -38,6 +38,7 @@ from matching.index import VectorIndex, single_threaded  # noqa: E402
 from matching.index_policy import IndexPolicy  # noqa: E402
 
 REAL_CACHE = common.OUT_DIR / "real_minilm.npy"
+DEFAULTS = Settings.model_fields
 INGEST_TABLE = common.DATASETS_DIR / "dirty_walmart_amazon" / "tableB.csv"
 # Recall depends on the data: two synthetic distributions, one with tight topical clusters (as product catalogues
 # have), one diffuse (neighbours barely closer than strangers), and MiniLM vectors of real records (--real).
@@ -327,6 +328,8 @@ def run_service(args: argparse.Namespace) -> int:
         "LLMATCH_INDEX_SAVE_SECONDS": "0",
         "LLMATCH_INDEX_NPROBE": str(args.nprobe),
         "LLMATCH_INDEX_STORAGE": args.storage,
+        "LLMATCH_INDEX_TARGET_RECALL": str(args.target_recall),
+        "LLMATCH_INDEX_LISTS_PER_SQRT": str(args.lists_per_sqrt),
     }
     report: dict[str, Any] = {"config": config(args), "machine": common.machine()}
     with tempfile.TemporaryDirectory(prefix="llmatch-scale-") as tmp, common.fresh_database(args.database_url) as url:
@@ -469,9 +472,10 @@ def measure_requests(server: Serve, args: argparse.Namespace, space: Space) -> d
     results["recall_at_10"] = recall_at(np.array(found), truth)
 
     # in-process baseline: the same structure the service chose, searched directly
-    # the service's defaults for the rest: its target recall tunes nprobe as the server's build did
-    target = Settings.model_fields["index_target_recall"].default
-    policy = IndexPolicy(nprobe=args.nprobe, storage=args.storage, target_recall=target)
+    # the server's policy: its target recall tunes nprobe as the server's build did
+    policy = IndexPolicy(
+        nprobe=args.nprobe, storage=args.storage, target_recall=args.target_recall, lists_per_sqrt=args.lists_per_sqrt
+    )
     index = VectorIndex.build(np.arange(n), np.arange(n), base, policy=policy)
     latency, _ = time_queries(lambda x: index.search(x, 10)[1], queries[sample])
     results["faiss_in_process"] = {**latency, "structure": index.structure, "nprobe": getattr(index.cpu, "nprobe", 0)}
@@ -567,6 +571,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     service.add_argument("--nprobe", type=int, default=IndexPolicy().nprobe)
     service.add_argument("--space", choices=sorted(SPACES), default="clustered", help="synthetic distribution")
     service.add_argument("--storage", choices=("float32", "float16"), default="float32", help="LLMATCH_INDEX_STORAGE")
+    service.add_argument(
+        "--target-recall",
+        type=float,
+        default=DEFAULTS["index_target_recall"].default,
+        help="LLMATCH_INDEX_TARGET_RECALL",
+    )
+    service.add_argument(
+        "--lists-per-sqrt",
+        type=float,
+        default=DEFAULTS["index_lists_per_sqrt"].default,
+        help="LLMATCH_INDEX_LISTS_PER_SQRT",
+    )
     service.add_argument("--database-url", default=None, help="PostgreSQL URL (a fresh database is made); None: SQLite")
     service.add_argument(
         "--workers",

@@ -82,6 +82,13 @@ class Settings(BaseSettings):
         description="An IVF's nprobe is raised at build time until recall@10 on 100 of its own vectors reaches this; "
         "0: exactly index_nprobe.",
     )
+    index_lists_per_sqrt: float = Field(
+        default=1.0,
+        gt=0,
+        le=64,
+        description="An IVF of n vectors has about this many times sqrt(n) lists: more lists, shorter scans at a "
+        "given recall, longer training (docs/performance.md compares 1 and 2).",
+    )
     index_storage: Literal["float32", "float16"] = Field(
         default="float32", description="float16 halves index memory (scalar-quantised vectors) at a small recall cost."
     )

@@ -190,7 +190,7 @@ class VectorIndex:
             record_ids, embedding_ids, vectors = record_ids[order], embedding_ids[order], vectors[order]
         structure = self.policy.structure(len(record_ids))
         started = time.perf_counter()
-        train = training_sample(vectors) if structure == "ivf" else None
+        train = training_sample(vectors, self.policy) if structure == "ivf" else None
         index = new_faiss_index(self.dim, structure, self.policy, train, len(record_ids))
         trained = time.perf_counter()
         add_in_bulk(index, record_ids, vectors)
@@ -313,10 +313,10 @@ class VectorIndex:
         return index
 
 
-def training_sample(vectors: np.ndarray) -> np.ndarray:
+def training_sample(vectors: np.ndarray, policy: IndexPolicy) -> np.ndarray:
     """The rows an inverted file for all of ``vectors`` is trained on: 64 per list, drawn at random."""
     n = len(vectors)
-    sample = min(n, nlist_for(n) * 64)
+    sample = min(n, nlist_for(n, policy.lists_per_sqrt) * 64)
     return vectors[np.sort(np.random.default_rng(0).choice(n, sample, replace=False))]
 
 

@@ -26,6 +26,7 @@ class IndexPolicy:
     nprobe: int = 32  # the fewest inverted lists a search visits
     storage: str = "float32"  # or float16: half the memory, scalar-quantised vectors
     target_recall: float = 0.0  # > 0: nprobe raised at build time until recall@10 on a sample reaches it
+    lists_per_sqrt: float = 1.0  # an inverted file of n vectors has about lists_per_sqrt * sqrt(n) lists
 
     @classmethod
     def from_settings(cls, settings: Any) -> IndexPolicy:
@@ -35,6 +36,7 @@ class IndexPolicy:
             nprobe=settings.index_nprobe,
             storage=settings.index_storage,
             target_recall=settings.index_target_recall,
+            lists_per_sqrt=settings.index_lists_per_sqrt,
         )
 
     def with_options(self, options: dict[str, Any] | None) -> IndexPolicy:
@@ -64,9 +66,10 @@ def storage_of(index: faiss.Index) -> str:
     return "float16" if isinstance(inner, faiss.IndexScalarQuantizer | faiss.IndexIVFScalarQuantizer) else "float32"
 
 
-def nlist_for(size: int) -> int:
-    """Inverted lists for ``size`` vectors: about sqrt(size), so a search scans nprobe * sqrt(size) vectors."""
-    return int(np.clip(round(np.sqrt(max(size, 1))), 64, 65536))
+def nlist_for(size: int, lists_per_sqrt: float) -> int:
+    """Inverted lists for ``size`` vectors: about ``lists_per_sqrt`` * sqrt(size). More lists make each list shorter,
+    so a search at a given recall reads fewer vectors; training costs grow with the square of the list count."""
+    return int(np.clip(round(lists_per_sqrt * np.sqrt(max(size, 1))), 64, 65536))
 
 
 def new_faiss_index(
@@ -79,7 +82,7 @@ def new_faiss_index(
         inner = faiss.IndexScalarQuantizer(dim, faiss.ScalarQuantizer.QT_fp16, ip) if half else faiss.IndexFlatIP(dim)
         return faiss.IndexIDMap(inner)
     assert train is not None, "an inverted file needs training vectors"
-    nlist = min(nlist_for(size), max(len(train) // 39, 1))
+    nlist = min(nlist_for(size, policy.lists_per_sqrt), max(len(train) // 39, 1))
     quantizer = faiss.IndexFlatIP(dim)
     if half:
         index = faiss.IndexIVFScalarQuantizer(quantizer, dim, nlist, faiss.ScalarQuantizer.QT_fp16, ip, False)

@@ -9,8 +9,9 @@ import numpy as np
 import pytest
 
 from bench.vectors import Space
+from llmatch.settings import Settings
 from matching.index import VectorIndex
-from matching.index_policy import IndexPolicy
+from matching.index_policy import IndexPolicy, nlist_for
 
 SIZE = 20_000
 
@@ -56,3 +57,18 @@ def test_the_tuned_nprobe_survives_the_index_files(data, tmp_path):
     # without a target recall, a policy searches exactly its own nprobe
     more = VectorIndex.load(tmp_path / "index", built.fingerprint(), policy=IndexPolicy(kind="ivf", nprobe=40))
     assert more is not None and more.cpu.nprobe == 40
+
+
+def test_the_list_count_follows_the_setting_and_either_count_is_tuned_to_the_target(data):
+    """``LLMATCH_INDEX_LISTS_PER_SQRT`` sets an inverted file's list count; with either count the tuning raises
+    nprobe until the target is met, and queries it never saw find as many neighbours."""
+    ids, vectors, queries = data
+    built = {}
+    for per_sqrt in (1.0, 2.0):
+        settings = Settings(index_kind="ivf", index_nprobe=2, index_target_recall=0.95, index_lists_per_sqrt=per_sqrt)
+        built[per_sqrt] = VectorIndex.build(ids, ids, vectors, policy=IndexPolicy.from_settings(settings))
+    one, two = built[1.0].cpu, built[2.0].cpu
+    assert (one.nlist, two.nlist) == (nlist_for(SIZE, 1.0), nlist_for(SIZE, 2.0)) == (141, 283)
+    assert one.nprobe > 2 and two.nprobe > 2
+    recalls = [_held_out_recall(built[p], ids, vectors, queries) for p in (1.0, 2.0)]
+    assert min(recalls) >= 0.93, recalls
