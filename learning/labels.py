@@ -3,8 +3,9 @@
 Folds are fixed per label the first time a job reads it: a share of each class (``HOLDOUT_SHARE``) is held out and
 no version ever trains on it. Checkpoint, threshold, probabilities and adoption are judged on the held-out labels
 (a hold-out fold, not cross-fitting: one training per job keeps a job within minutes on a CPU, and a fold that never
-moves keeps every version's judgement free of labels any version trained on); the identifier weight is chosen
-before training, on every label scored by the base encoder (``learning/train_job.py``)."""
+moves keeps every version's judgement free of labels any version trained on); the identifier weight too once the
+held-out labels hold enough matches, before that on every label scored by the base encoder
+(``learning/train_job.py``)."""
 
 from __future__ import annotations
 

@@ -42,8 +42,14 @@ STAGES = ("supervised", SERVING_STAGE)
 SELECTION = (
     "hold-out fold: 30% of each class of labels, fixed per label the first time a job reads it and never trained on "
     "by any version; the checkpoint, threshold, probabilities and adoption are chosen on it. The identifier weight "
-    "is chosen before training, on every label scored by the base encoder, which trained on none of them"
+    "is chosen on it too, after training, once it holds 30 matches; with fewer, before training, on every label "
+    "scored by the base encoder, which trained on none of them"
 )
+# From this many held-out matches on, the held-out fold chooses the identifier weight after training (as the lab's
+# `llmatch train` does on valid.csv); below it, every label scored by the base encoder does. A fold of tens of pairs
+# chose the weight by chance, while from about 1,000 labels the trained dense part wants a smaller weight than the
+# base encoder's scores pick (docs/learning.md, "The identifier weight").
+FOLD_CHOOSES_WEIGHT_FROM_MATCHES = 30
 # The checkpoint and the identifier weight are chosen on average precision: with tens of pairs, best-threshold F1
 # ties across most candidates and its ties go to the smallest weight.
 SELECTION_METRIC = "average_precision"
@@ -181,8 +187,11 @@ def train_version(base_name: str, data, folder: Path, settings: Settings, device
 
     base = resolve_base(base_name, settings)
     args = recipe_arguments(settings.training_seed)
-    weight, by_weight = choose_identifier_weight(base, data, parse_weights(args.identifier_weights), device)
-    args.identifier_weights = str(weight)  # the serving stage serves it and records its held-out figures
+    chosen_on = weight_chosen_on(sum(p.label for p in data.pairs("valid")))
+    by_weight: dict[str, float] | None = None
+    if chosen_on == "labels":
+        weight, by_weight = choose_identifier_weight(base, data, parse_weights(args.identifier_weights), device)
+        args.identifier_weights = str(weight)  # the serving stage serves it and records its held-out figures
     handle.report(force=True, progress=0.05)
     supervised = stage_options("supervised", base.spec, args, device)
     supervised = replace(supervised, on_step=handle.progress(0.05, TRAINED - 0.05))
@@ -197,11 +206,18 @@ def train_version(base_name: str, data, folder: Path, settings: Settings, device
         "best_step": stages[0].get("best_step"),
         "steps": stages[0].get("steps"),
         "identifier_weight": chosen.spec.identifier_weight,
+        "identifier_weight_chosen_on": chosen_on,
         "labels_average_precision_by_identifier_weight": by_weight,
         "selection_metric": SELECTION_METRIC,
         "holdout_f1_at_selection": stages[-1].get("valid_f1"),
         "holdout_average_precision_at_selection": stages[-1].get(f"valid_{SELECTION_METRIC}"),
     }
+
+
+def weight_chosen_on(holdout_matches: int) -> str:
+    """Where a job chooses the identifier weight: ``fold`` (the held-out fold, after training) once the fold holds
+    ``FOLD_CHOOSES_WEIGHT_FROM_MATCHES`` matches, else ``labels`` (every label, the base encoder, before training)."""
+    return "fold" if holdout_matches >= FOLD_CHOOSES_WEIGHT_FROM_MATCHES else "labels"
 
 
 def choose_identifier_weight(

@@ -22,6 +22,7 @@ from encoding.versions import version_root
 from evaluation import deepmatcher
 from learning import jobs
 from learning.runner import JobRunner
+from learning.train_job import FOLD_CHOOSES_WEIGHT_FROM_MATCHES
 from llmatch.db import transaction
 from llmatch.models import (
     CANCELLED,
@@ -123,6 +124,8 @@ def test_a_job_trains_judges_on_held_out_labels_reencodes_and_switches(client, l
     assert metrics["holdout_pairs"] == held_out and metrics["train_pairs"] == trained_on
     assert 0.25 <= held_out / job.labels <= 0.35
     assert set(metrics["candidate"]) == {"threshold", "precision", "recall", "f1"}
+    assert metrics["holdout_matches"] < FOLD_CHOOSES_WEIGHT_FROM_MATCHES
+    assert metrics["identifier_weight_chosen_on"] == "labels"
     by_weight = metrics["labels_average_precision_by_identifier_weight"]
     best = max(by_weight, key=lambda weight: (by_weight[weight], -float(weight)))
     assert metrics["identifier_weight"] == float(best), "the weight is chosen before training, on every label"
