@@ -39,17 +39,17 @@ log = logging.getLogger("llmatch.learning")
 # Share of the job's progress each phase ends at.
 TRAINED, JUDGED, ENCODED = 0.7, 0.8, 0.98
 STAGES = ("supervised", SERVING_STAGE)
-SELECTION = (
-    "hold-out fold: 30% of each class of labels, fixed per label the first time a job reads it and never trained on "
-    "by any version; the checkpoint, threshold, probabilities and adoption are chosen on it. The identifier weight "
-    "is chosen on it too, after training, once it holds 30 matches; with fewer, before training, on every label "
-    "scored by the base encoder, which trained on none of them"
-)
 # From this many held-out matches on, the held-out fold chooses the identifier weight after training (as the lab's
 # `llmatch train` does on valid.csv); below it, every label scored by the base encoder does. A fold of tens of pairs
 # chose the weight by chance, while from about 1,000 labels the trained dense part wants a smaller weight than the
 # base encoder's scores pick (docs/learning.md, "The identifier weight").
 FOLD_CHOOSES_WEIGHT_FROM_MATCHES = 30
+SELECTION = (
+    "hold-out fold: 30% of each class of labels, fixed per label the first time a job reads it and never trained on "
+    "by any version; the checkpoint, threshold, probabilities and adoption are chosen on it. The identifier weight "
+    f"is chosen on it too, after training, once it holds {FOLD_CHOOSES_WEIGHT_FROM_MATCHES} matches; with fewer, "
+    "before training, on every label scored by the base encoder, which trained on none of them"
+)
 # The checkpoint and the identifier weight are chosen on average precision: with tens of pairs, best-threshold F1
 # ties across most candidates and its ties go to the smallest weight.
 SELECTION_METRIC = "average_precision"
