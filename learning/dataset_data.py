@@ -1,5 +1,6 @@
 """A dataset's stored labels and records as training data: the train fold to train on, the held-out fold (labels
-no version trained on) to choose the checkpoint on, rendered as the service renders them."""
+no version trained on) to choose the checkpoint on (and the identifier weight, once it holds enough matches),
+rendered as the service renders them."""
 
 from __future__ import annotations
 
