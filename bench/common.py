@@ -401,3 +401,12 @@ def add_server_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--worker-batch-size", type=int, default=None, help="LLMATCH_WORKER_BATCH_SIZE; None: the service default"
     )
+
+
+def interval(values: np.ndarray) -> tuple[float, float]:
+    """The mean and the half-width of its 95% t-interval (0 for one value)."""
+    from scipy import stats
+
+    if len(values) < 2:
+        return float(values.mean()), 0.0
+    return float(values.mean()), float(stats.t.ppf(0.975, len(values) - 1) * values.std(ddof=1) / np.sqrt(len(values)))

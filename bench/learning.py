@@ -15,6 +15,11 @@ each budget in turn:
   same decisions and of valid's own best threshold on the same scores (what the threshold costs, read where
   choices may be made).
 
+Each job's adoption is audited on valid.csv (`bench/judge_audit.py`): the serving version's valid scores are read
+before the job, the candidate's after it (from its folder when it was not adopted: the server keeps rejected
+versions, and the benchmark deletes each once read), and the table says how often the held-out F1 rule and the
+held-out average-precision rule chose the version valid.csv prefers.
+
 While each job runs, a probe sends `GET /match` on one stored pair every 50 ms; its latencies during jobs are
 reported beside those of the same probe on the idle service before the first job.
 
@@ -34,10 +39,12 @@ from typing import Any
 
 import httpx
 import numpy as np
-from scipy import stats
 
-from bench import common
+from bench import common, judge_audit
+from bench.common import interval
+from encoding.versions import remove_version
 from evaluation import deepmatcher
+from llmatch.settings import Settings
 from matching.calibration import best_f1_threshold, precision_recall_f1
 
 NAME = "learning"
@@ -114,7 +121,7 @@ def main() -> None:
             probes.append({"dataset": name, "seed": seed, "idle": probe.summary("idle"), "job": probe.summary("job")})
             common.write_report(args.out, {**report, "runs": runs, "probes": probes})
     report |= {"runs": runs, "probes": probes}
-    table = "\n\n".join([markdown(runs, args), valid_table(runs, args), timing_table(runs, args), probe_table(probes)])
+    table = tables(runs, probes, args)
     figure(runs, args)
     report["figure"] = str(args.figure)
     common.publish(args.out, report, table)
@@ -154,7 +161,7 @@ def merge(args: argparse.Namespace) -> None:
         probes += report["probes"]
     args.datasets = list(dict.fromkeys(r["dataset"] for r in runs))
     args.budgets = sorted({r["budget"] for r in runs})
-    print("\n\n".join([markdown(runs, args), valid_table(runs, args), timing_table(runs, args), probe_table(probes)]))
+    print(tables(runs, probes, args))
     figure(runs, args)
     print(f"\nwrote {args.figure}")
 
@@ -163,7 +170,7 @@ def run_seed(benchmark: deepmatcher.Benchmark, seed: int, args: argparse.Namespa
     """Every strategy's curve for one seed, on one fresh server; returns the rows and the latency probe."""
     oracle = Oracle.of(benchmark)
     rows: list[dict[str, Any]] = []
-    env = {"LLMATCH_TRAINING_SEED": str(seed)}
+    env = {"LLMATCH_TRAINING_SEED": str(seed), "LLMATCH_KEEP_REJECTED_VERSIONS": "1"}  # judge_audit reads them
     log = args.logs / f"{benchmark.name}-{seed}.log" if args.logs else None
     server = common.Server(extra_env=env, log_copy=log)
     with server, server.client() as client, server.client() as probe_client:
@@ -181,7 +188,8 @@ def run_seed(benchmark: deepmatcher.Benchmark, seed: int, args: argparse.Namespa
         try:
             for strategy, dataset in datasets.items():
                 probe.query["dataset"] = dataset
-                rows += curve(client, dataset, strategy, benchmark, oracle, seed, probe, args)
+                models = server.data_dir / "models"
+                rows += curve(client, dataset, strategy, benchmark, oracle, seed, probe, args, models)
         finally:
             probe.stop.set()
             thread.join()
@@ -203,8 +211,10 @@ def curve(
     seed: int,
     probe: Probe,
     args: argparse.Namespace,
+    models_dir: Path,
 ) -> list[dict[str, Any]]:
     rows = []
+    checked = False  # the first adopted version's kept-folder scores are checked against the served ones
     shuffled = list(benchmark.splits["train"])
     random.Random(seed).shuffle(shuffled)
     for budget in sorted(args.budgets):
@@ -214,6 +224,7 @@ def curve(
             pairs = [_pair_body(p) for p in shuffled[:budget]]
             common.check(client.put(f"/datasets/{dataset}/labels", json={"pairs": pairs}))
         labels = common.check(client.get(f"/datasets/{dataset}/labels")).json()["pairs"]
+        before = match_answers(client, dataset, benchmark.valid)[0]
         probe.phase = "job"
         try:
             job = train(client, dataset, args.job_timeout)
@@ -222,6 +233,8 @@ def curve(
         if job.get("status") != "done" or not job.get("adopted"):
             client.post(f"/datasets/{dataset}/calibrate", json={"from": "labels", "objective": "f1"})
         figures = valid_f1(client, dataset, benchmark) | test_f1(client, dataset, benchmark)
+        audited = audit_job(client, dataset, benchmark, job, before, models_dir, check=not checked)
+        checked = checked or bool(audited and "score_check_max_abs_diff" in audited)
         row = {
             "dataset": benchmark.name,
             "strategy": strategy,
@@ -236,6 +249,7 @@ def curve(
             "job_seconds": job.get("seconds"),
             "holdout": job.get("metrics"),
             "labelled": [[x[k] for k in LABEL_FIELDS] for x in labels],
+            "judge_audit": audited,
             **figures,
         }
         print(
@@ -246,6 +260,38 @@ def curve(
         )
         rows.append(row)
     return rows
+
+
+def audit_job(
+    client: httpx.Client,
+    dataset: str,
+    benchmark: deepmatcher.Benchmark,
+    job: dict[str, Any],
+    before: np.ndarray,
+    models_dir: Path,
+    check: bool,
+) -> dict[str, Any] | None:
+    """valid.csv against the job's held-out judgement (``bench/judge_audit.py``); a rejected version's kept folder
+    is read, then deleted. ``check``: an adopted version's scores from its folder must equal the served ones."""
+    metrics = job.get("metrics") or {}
+    if job.get("status") != "done" or not metrics.get("candidate", {}).get("f1"):
+        return None  # refused, failed, or nothing to judge on
+    rendering = common.check(client.get(f"/datasets/{dataset}")).json()
+    max_chars = Settings().max_text_chars
+
+    def kept() -> np.ndarray:
+        return judge_audit.kept_version_scores(models_dir, job["version"], benchmark, rendering, max_chars)
+
+    truth = np.array([p.label for p in benchmark.valid])
+    if not job.get("adopted"):
+        candidate = kept()
+        remove_version(models_dir, job["version"])
+        return judge_audit.audit(metrics, before, candidate, truth)
+    served = match_answers(client, dataset, benchmark.valid)[0]
+    row = judge_audit.audit(metrics, before, served, truth)
+    if check:
+        row["score_check_max_abs_diff"] = float(np.max(np.abs(kept() - served)))
+    return row
 
 
 def label_review_pairs(client: httpx.Client, dataset: str, oracle: Oracle, budget: int) -> None:
@@ -330,11 +376,9 @@ def match_answers(
     return scores, predicted, next((r.get("threshold") for r in results if "threshold" in r), None)
 
 
-def interval(values: np.ndarray) -> tuple[float, float]:
-    """Half-width of the 95% t-interval of the mean (0 for one value)."""
-    if len(values) < 2:
-        return float(values.mean()), 0.0
-    return float(values.mean()), float(stats.t.ppf(0.975, len(values) - 1) * values.std(ddof=1) / np.sqrt(len(values)))
+def tables(runs: list[dict[str, Any]], probes: list[dict[str, Any]], args: argparse.Namespace) -> str:
+    parts = [markdown(runs, args), valid_table(runs, args), timing_table(runs, args), probe_table(probes)]
+    return "\n\n".join([*parts, judge_audit.markdown(runs, args.datasets, args.budgets)])
 
 
 def markdown(runs: list[dict[str, Any]], args: argparse.Namespace) -> str:

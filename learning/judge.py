@@ -1,5 +1,6 @@
 """Whether a trained version serves: its best-threshold F1 on the held-out labels against the current encoder's
-on the same pairs (those whose two records the current encoder has vectors for)."""
+on the same pairs (those whose two records the current encoder has vectors for). Both encoders' average precision
+on those pairs is reported beside it."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 
 import numpy as np
+from sklearn.metrics import average_precision_score
 from sqlalchemy.orm import Session
 
 from learning.labels import StoredLabel
@@ -22,6 +24,8 @@ class Verdict:
     matches: int
     candidate: ThresholdChoice
     current: ThresholdChoice
+    candidate_average_precision: float = 0.0
+    current_average_precision: float = 0.0
 
     def as_metrics(self) -> dict:
         return {
@@ -29,6 +33,8 @@ class Verdict:
             "holdout_matches": self.matches,
             "candidate": _rounded(asdict(self.candidate)),
             "current": _rounded(asdict(self.current)),
+            "candidate_average_precision": round(self.candidate_average_precision, 4),
+            "current_average_precision": round(self.current_average_precision, 4),
             "reason": self.reason,
         }
 
@@ -57,14 +63,23 @@ def judge(labels: Sequence[StoredLabel], current: dict[int, np.ndarray], candida
             empty,
             empty,
         )
-    new = best_f1_threshold(pair_scores(shared, candidate), truth)
-    now = best_f1_threshold(pair_scores(shared, current), truth)
+    new_scores, now_scores = pair_scores(shared, candidate), pair_scores(shared, current)
+    new, now = best_f1_threshold(new_scores, truth), best_f1_threshold(now_scores, truth)
     adopted = new.f1 >= now.f1
     reason = (
         f"held-out F1 {new.f1:.3f} against {now.f1:.3f} for the current encoder on the same {len(shared)} pairs"
         + ("" if adopted else ": the new version does worse and is not adopted")
     )
-    return Verdict(adopted, reason, len(shared), int(truth.sum()), new, now)
+    return Verdict(
+        adopted,
+        reason,
+        len(shared),
+        int(truth.sum()),
+        new,
+        now,
+        float(average_precision_score(truth, new_scores)),
+        float(average_precision_score(truth, now_scores)),
+    )
 
 
 def _rounded(values: dict) -> dict:

@@ -150,7 +150,8 @@ def run(factory: sessionmaker[Session], settings: Settings, handle: JobHandle) -
             )
         )
     if not verdict.adopted:
-        remove_version(settings.models_dir, name)
+        if not settings.keep_rejected_versions:
+            remove_version(settings.models_dir, name)
         _finish(factory, handle, adopted=False, metrics=metrics)
         return
     handle.report(force=True, status=ENCODING, progress=JUDGED, metrics=metrics)

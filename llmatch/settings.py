@@ -65,6 +65,10 @@ class Settings(BaseSettings):
         default=2, ge=1, description="Runs a training job gets before it fails (its process or worker died each time)."
     )
     training_seed: int = Field(default=42, description="Seed of the training stages a job runs.")
+    keep_rejected_versions: bool = Field(
+        default=False,
+        description="Keep the folder of a version its job did not adopt (for inspection); by default it is deleted.",
+    )
     index_sync_seconds: float = Field(default=0.5, gt=0)
     index_kind: Literal["auto", "flat", "ivf"] = Field(
         default="auto", description="FAISS structure per (dataset, source); auto: exact below index_approximate_above."

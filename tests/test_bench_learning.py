@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from bench import learning, weight_choice
+from bench import judge_audit, learning, weight_choice
 from evaluation import deepmatcher
 from matching.calibration import best_f1_threshold, decision_metrics
 
@@ -78,3 +78,28 @@ def test_weight_choice_holds_labels_as_a_job_does_and_pairs_its_arms_by_seed() -
     line = weight_choice.markdown(rows).splitlines()[2]
     assert "| d | 100 | review | 2 | 0.05,0.1 / 0.4,0.5 | 0.550 ± " in line
     assert f"| {np.mean([0.2, 0.0]):+.3f} ± " in line and line.endswith("| 0.560 / 0.660 |")
+
+
+def test_the_judge_audit_reads_each_version_at_its_held_out_threshold_and_follows_each_rule() -> None:
+    truth = np.array([1, 1, 0, 0])
+    current = np.array([0.9, 0.4, 0.5, -np.inf])  # a pair without a vector is no match
+    candidate = np.array([0.8, 0.7, 0.6, 0.1])
+    metrics = {
+        "current": {"threshold": 0.45, "f1": 0.8},
+        "candidate": {"threshold": 0.65, "f1": 0.7},
+        "current_average_precision": 0.70,
+        "candidate_average_precision": 0.75,
+    }
+    row = judge_audit.audit(metrics, current, candidate, truth)
+    assert row["current_valid_f1"] == pytest.approx(decision_metrics(np.array([0.9, 0.4, 0.5, -2.0]), truth, 0.45).f1)
+    assert row["candidate_valid_f1"] == 1.0 and row["candidate_valid_average_precision"] == 1.0
+    assert row["adopts"] == {"f1": False, "average_precision": True}
+    assert judge_audit.followed(row, "f1") == row["current_valid_f1"] < judge_audit.followed(row, "average_precision")
+
+    runs = [
+        {"dataset": "d", "budget": 200, "strategy": "review", "judge_audit": row},
+        {"dataset": "d", "budget": 200, "strategy": "review", "judge_audit": None},  # a refused job
+    ]
+    lines = judge_audit.markdown(runs, ["d"], [100, 200]).splitlines()
+    assert len(lines) == 3
+    assert lines[2].startswith("| d | 200 | review | 1 | 1 | 0 / 1 | 0 / 1 | ")

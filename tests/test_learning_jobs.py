@@ -8,6 +8,7 @@ import os
 import signal
 import threading
 import time
+from dataclasses import replace
 from datetime import timedelta
 from pathlib import Path
 
@@ -17,10 +18,12 @@ from conftest import records_body
 from fastapi.testclient import TestClient
 from sqlalchemy import func, select, update
 
+from bench import judge_audit
 from encoding.registry import EncoderPool
-from encoding.versions import version_root
+from encoding.versions import SERVING_STAGE, version_root
 from evaluation import deepmatcher
-from learning import jobs
+from learning import jobs, train_job
+from learning.judge import judge
 from learning.runner import JobRunner
 from learning.train_job import FOLD_CHOOSES_WEIGHT_FROM_MATCHES
 from llmatch.db import transaction
@@ -124,6 +127,7 @@ def test_a_job_trains_judges_on_held_out_labels_reencodes_and_switches(client, l
     assert metrics["holdout_pairs"] == held_out and metrics["train_pairs"] == trained_on
     assert 0.25 <= held_out / job.labels <= 0.35
     assert set(metrics["candidate"]) == {"threshold", "precision", "recall", "f1"}
+    assert 0.0 < metrics["current_average_precision"] <= 1.0 and 0.0 < metrics["candidate_average_precision"] <= 1.0
     assert metrics["holdout_matches"] < FOLD_CHOOSES_WEIGHT_FROM_MATCHES
     assert metrics["identifier_weight_chosen_on"] == "labels"
     by_weight = metrics["labels_average_precision_by_identifier_weight"]
@@ -163,6 +167,11 @@ def test_a_job_trains_judges_on_held_out_labels_reencodes_and_switches(client, l
     assert (version_root(settings.models_dir, job.version) / "identifiers" / "llmatch_encoder.json").exists() or any(
         version_root(settings.models_dir, job.version).rglob("*.json")
     )
+    rendering = client.get("/datasets/abt").json()
+    cut = settings.max_text_chars
+    read = judge_audit.kept_version_scores(settings.models_dir, job.version, benchmark, rendering, cut)
+    stored = [float(vectors[("a", p.left_id)] @ vectors[("b", p.right_id)]) for p in benchmark.valid]
+    assert read == pytest.approx(stored, abs=1e-4), "bench.judge_audit renders and encodes as the service does"
     state.synchronizer.poll()
     answer = client.get(query).json()
     expected = float(vectors[("a", probe.left_id)] @ vectors[("b", probe.right_id)])
@@ -234,6 +243,34 @@ def test_a_killed_training_process_is_run_again_while_attempts_remain(client, la
     assert job.status == QUEUED and job.attempts == 1 and job.claim_token is None
     again = jobs.claim_job(state.session_factory, settings.training_lease_seconds, settings.training_max_attempts)
     assert again is not None and again.id == job_id and again.attempts == 2  # a run to the end: the switch test
+
+
+@SQLITE_ONLY
+@pytest.mark.parametrize("keep", [False, True])
+def test_a_version_not_adopted_is_recorded_and_its_folder_deleted_unless_kept(
+    client, labelled, settings, monkeypatch, keep
+):
+    """The job runs in this process, with a judge that rejects whatever it is shown."""
+    state = client.app.state.service
+    job_id = start(client, labelled)
+    claimed = jobs.claim_job(state.session_factory, settings.training_lease_seconds, settings.training_max_attempts)
+    assert claimed is not None and claimed.id == job_id
+
+    def rejecting(labels, current, candidate):
+        return replace(judge(labels, current, candidate), adopted=False, reason="rejected by the test")
+
+    monkeypatch.setattr(train_job, "judge", rejecting)
+    handle = train_job.JobHandle(state.session_factory, job_id, claimed.token, os.getppid())
+    train_job.run(state.session_factory, settings.model_copy(update={"keep_rejected_versions": keep}), handle)
+
+    job = job_row(client, job_id)
+    assert job.status == DONE and job.adopted is False and job.metrics["reason"] == "rejected by the test"
+    assert 0.0 <= job.metrics["candidate_average_precision"] <= 1.0
+    assert (version_root(settings.models_dir, job.version) / SERVING_STAGE).is_dir() is keep
+    with state.session_factory() as session:
+        version = session.scalar(select(EncoderVersion).where(EncoderVersion.name == job.version))
+        assert version.status == "rejected"
+        assert session.scalar(select(Dataset.encoder_version).where(Dataset.name == labelled)) is None
 
 
 @pytest.mark.parametrize("attempts, outcome", [(0, TRAINING), (2, JOB_FAILED)])
