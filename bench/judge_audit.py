@@ -67,9 +67,10 @@ def followed(row: dict[str, Any], rule: str) -> float:
 
 def markdown(runs: list[dict[str, Any]], datasets: list[str], budgets: list[int]) -> str:
     """Per benchmark, budget and strategy: how often each rule adopted the version valid.csv prefers, and the valid
-    F1 of following each rule (mean ± 95% t half-width over the jobs, paired)."""
+    F1 of following each rule, and of adopting every version (mean ± 95% t half-width over the jobs, paired)."""
     headers = ["benchmark", "labels", "strategy", "jobs", "candidate better on valid", "adopted: F1 / AP"]
     headers += ["valid's choice: F1 / AP", "valid F1 following F1", "following AP", "AP − F1 (paired)"]
+    headers += ["adopting every version − F1 (paired)"]
     rows = []
     for name in datasets:
         for budget in sorted(budgets):
@@ -84,6 +85,7 @@ def markdown(runs: list[dict[str, Any]], datasets: list[str], budgets: list[int]
                 better = [a["candidate_valid_f1"] >= a["current_valid_f1"] for a in found]
                 f1 = np.array([followed(a, "f1") for a in found])
                 ap = np.array([followed(a, "average_precision") for a in found])
+                every = np.array([a["candidate_valid_f1"] for a in found])
                 rows.append(
                     [
                         name,
@@ -99,6 +101,7 @@ def markdown(runs: list[dict[str, Any]], datasets: list[str], budgets: list[int]
                         "{:.3f} ± {:.3f}".format(*common.interval(f1)),
                         "{:.3f} ± {:.3f}".format(*common.interval(ap)),
                         "{:+.3f} ± {:.3f}".format(*common.interval(ap - f1)),
+                        "{:+.3f} ± {:.3f}".format(*common.interval(every - f1)),
                     ]
                 )
     return common.markdown_table(headers, rows)

@@ -103,3 +103,4 @@ def test_the_judge_audit_reads_each_version_at_its_held_out_threshold_and_follow
     lines = judge_audit.markdown(runs, ["d"], [100, 200]).splitlines()
     assert len(lines) == 3
     assert lines[2].startswith("| d | 200 | review | 1 | 1 | 0 / 1 | 0 / 1 | ")
+    assert lines[2].endswith("| +0.500 ± 0.000 | +0.500 ± 0.000 |")
